@@ -1,0 +1,147 @@
+"""The one interface every pixel codec implements, and the pixel format it is judged on.
+
+Modelled on pydicom 3's encoder backends: a codec declares the Python modules it needs,
+answers `is_available()`, says which pixel formats it can take (and why not, so that
+`compacs rules explain` can tell an administrator), and has one small encode and one
+small decode function for a single frame. The shared runner (`compacs.service.compress`)
+does the rest: frame iteration, verification, encapsulation, fallback.
+
+Frame convention, shared by encoders and decoders so that verification is a plain
+`numpy.array_equal`: one frame is the array pydicom's `iter_pixels(..., raw=True)` yields,
+shape (rows, columns) or (rows, columns, samples), dtype from BitsAllocated and
+PixelRepresentation, signed values sign-extended from BitsStored.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    """The image attributes that decide whether a codec can take an image losslessly."""
+
+    rows: int
+    columns: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int  # 0 unsigned, 1 two's complement
+    photometric_interpretation: str
+    number_of_frames: int = 1
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> PixelFormat:
+        return cls(
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            samples_per_pixel=int(ds.get("SamplesPerPixel", 1)),
+            bits_allocated=int(ds.BitsAllocated),
+            bits_stored=int(ds.get("BitsStored", ds.BitsAllocated)),
+            pixel_representation=int(ds.get("PixelRepresentation", 0)),
+            photometric_interpretation=str(ds.get("PhotometricInterpretation", "")),
+            number_of_frames=int(ds.get("NumberOfFrames", 1) or 1),
+        )
+
+    @property
+    def signed(self) -> bool:
+        return self.pixel_representation == 1
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        if self.samples_per_pixel == 1:
+            return (self.rows, self.columns)
+        return (self.rows, self.columns, self.samples_per_pixel)
+
+    @property
+    def dtype(self) -> np.dtype:
+        kind = "i" if self.signed else "u"
+        return np.dtype(f"<{kind}{max(1, self.bits_allocated // 8)}")
+
+
+def to_unsigned_bits(frame: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """Signed samples as their BitsStored-bit two's complement pattern, as unsigned integers.
+
+    JPEG-LS, JPEG 2000 in DICOM and RLE code unsigned sample values; PS3.5 has signed
+    data encoded as its bit pattern, which decoders sign-extend from BitsStored again.
+    """
+    if not fmt.signed:
+        return frame
+    unsigned = frame.view(frame.dtype.str.replace("i", "u"))
+    return unsigned & np.array((1 << fmt.bits_stored) - 1, dtype=unsigned.dtype)
+
+
+def from_unsigned_bits(frame: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """Inverse of `to_unsigned_bits`: sign-extend a BitsStored-bit pattern into `fmt.dtype`."""
+    out = np.ascontiguousarray(frame).astype(fmt.dtype.str.replace("i", "u"), copy=False)
+    if not fmt.signed:
+        return out.astype(fmt.dtype, copy=False)
+    shift = fmt.bits_allocated - fmt.bits_stored
+    signed = out.view(fmt.dtype)
+    if shift:
+        signed = (signed << shift) >> shift  # arithmetic shift sign-extends
+    return signed
+
+
+class Codec:
+    """A lossless or lossy frame codec producing one DICOM transfer syntax.
+
+    Subclasses set the class attributes and implement `unsupported_reason`,
+    `encode_frame` and `decode_frame`. `params` are the per-rule parameters from the
+    config file (for example an effort level); a codec rejects the ones it does not know
+    in `check_params` so that a typo fails at start-up, not at the first image.
+    """
+
+    name: str = ""
+    transfer_syntax_uid: str = ""
+    lossless: bool = True
+    dependencies: tuple[str, ...] = ()
+    allowed_params: tuple[str, ...] = ()
+    description: str = ""
+
+    def is_available(self) -> bool:
+        return all(importlib.util.find_spec(mod) is not None for mod in self.dependencies)
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        unknown = sorted(set(params) - set(self.allowed_params))
+        if unknown:
+            allowed = ", ".join(self.allowed_params) or "none"
+            raise ValueError(
+                f"codec {self.name!r} has no parameter {', '.join(unknown)} (allowed: {allowed})"
+            )
+
+    def unsupported_reason(self, fmt: PixelFormat) -> str | None:
+        """Why this codec cannot take `fmt`, or None if it can."""
+        raise NotImplementedError
+
+    def encode_frame(self, frame: np.ndarray, fmt: PixelFormat, **params: Any) -> bytes:
+        raise NotImplementedError
+
+    def decode_frame(self, data: bytes, fmt: PixelFormat) -> np.ndarray:
+        raise NotImplementedError
+
+
+def common_unsupported_reason(
+    fmt: PixelFormat,
+    *,
+    max_bits: int,
+    photometric: tuple[str, ...] = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR"),
+) -> str | None:
+    """The checks every integer image codec here shares; codec modules add their own."""
+    if fmt.bits_allocated not in (8, 16):
+        return f"BitsAllocated {fmt.bits_allocated} (supports 8 or 16)"
+    if fmt.bits_stored > max_bits or fmt.bits_stored < 2:
+        return f"BitsStored {fmt.bits_stored} (supports 2..{max_bits})"
+    if fmt.samples_per_pixel not in (1, 3):
+        return f"SamplesPerPixel {fmt.samples_per_pixel} (supports 1 or 3)"
+    if fmt.photometric_interpretation not in photometric:
+        return (
+            f"PhotometricInterpretation {fmt.photometric_interpretation} "
+            f"(supports {', '.join(photometric)})"
+        )
+    return None

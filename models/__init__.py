@@ -1,0 +1,1 @@
+"""Learned codec (later issues): models, training, ONNX export."""

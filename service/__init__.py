@@ -1,0 +1,1 @@
+"""Network service: SCP handlers, ingest, rules, archive, index, retrieve, config, CLI."""

@@ -1,0 +1,131 @@
+"""The storage area: Part-10 blobs on disk, written atomically and durably, with checksums.
+
+Kept apart from the index as Orthanc keeps its storage area apart from its database: the
+archive knows files and bytes, the index knows DICOM. Paths are built from hashes of UIDs,
+so no string a peer sends ever becomes part of a path.
+
+Layout under the archive root:
+    incoming/<sop>.dcm                  objects as received, until compressed
+    <tier>/<ab>/<study>/<series>/<sop>.dcm   stored objects (tier: hot, later cold)
+    tmp/                                 temp files of writes in progress (wiped at start)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+HASH_CHARS = 32
+
+
+class ChecksumError(IOError):
+    """A blob's bytes no longer match the checksum recorded when it was written."""
+
+
+def uid_hash(uid: str) -> str:
+    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:HASH_CHARS]
+
+
+def checksum(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Archive:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        for sub in (self.root, self.tmp, self.root / "incoming"):
+            sub.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    # --- paths (relative to root, as the index records them) ---
+    @staticmethod
+    def incoming_path(sop_uid: str) -> str:
+        return f"incoming/{uid_hash(sop_uid)}.dcm"
+
+    @staticmethod
+    def stored_path(study_uid: str, series_uid: str, sop_uid: str, tier: str = "hot") -> str:
+        study = uid_hash(study_uid)
+        return f"{tier}/{study[:2]}/{study}/{uid_hash(series_uid)}/{uid_hash(sop_uid)}.dcm"
+
+    def abspath(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    # --- I/O ---
+    def write(self, relpath: str, data: bytes) -> str:
+        """Write `data` durably at `relpath` and return its checksum.
+
+        Temp file, fsync, rename, fsync of the directory: after this returns, a crash or
+        power loss leaves either the whole new blob or none; a reader never sees half.
+        """
+        final = self.abspath(relpath)
+        directory = final.parent
+        if directory not in self._known_dirs:
+            self._make_dirs(directory)
+        tmp = self.tmp / f"{final.name}.{os.getpid()}.{id(data)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(directory)
+        return checksum(data)
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create missing parents and fsync each new one's parent so the entry itself survives."""
+        missing = []
+        d = directory
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            d.mkdir(exist_ok=True)
+            _fsync_dir(d.parent)
+        self._known_dirs.add(directory)
+
+    def read(self, relpath: str, expected_checksum: str | None = None) -> bytes:
+        data = self.abspath(relpath).read_bytes()
+        if expected_checksum is not None and checksum(data) != expected_checksum:
+            raise ChecksumError(f"{relpath}: checksum mismatch (expected {expected_checksum})")
+        return data
+
+    def delete(self, relpath: str) -> None:
+        self.abspath(relpath).unlink(missing_ok=True)
+
+    def clean_tmp(self) -> int:
+        """Remove temp files left by writes a crash interrupted; they were never acknowledged."""
+        count = 0
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+            count += 1
+        return count
+
+    def incoming_files(self) -> list[str]:
+        return sorted(f"incoming/{p.name}" for p in (self.root / "incoming").iterdir())
+
+    def all_blobs(self) -> list[str]:
+        """Every blob on disk (relative paths), for verify's orphan check."""
+        found = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root)
+            if rel.parts[:1] == ("tmp",):
+                continue
+            found.extend(str(rel / name) for name in files if name.endswith(".dcm"))
+        return sorted(found)

@@ -1,0 +1,288 @@
+"""The `compacs` command: serve, stats, export, verify, codec, rules.
+
+Every mistake a user can make on the command line or in the config ends in one line on
+stderr saying what was wrong and what to do, and exit status 2; a check that finds
+problems (verify) exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from compacs.service.config import ConfigError, NodeConfig, load_config
+
+log = logging.getLogger("compacs")
+
+
+class UsageError(Exception):
+    """A mistake by the user, reported without a traceback."""
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> NodeConfig:
+    data = getattr(args, "data", None)
+    return load_config(getattr(args, "config", None), overrides={"data_dir": data, **overrides})
+
+
+def _open_store(args: argparse.Namespace):  # noqa: ANN202
+    from compacs.service.maintenance import Store
+
+    config = _config(args)
+    try:
+        return Store.open(config.data_dir, config.effective_index_url)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# --- commands ---------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from compacs.service.node import Node
+
+    config = _config(args, host=args.host, port=args.port, ae_title=args.ae_title)
+    Node(config).run_until_signalled()
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    stats = store.index.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"instances {stats['instances']}  studies {stats['studies']}  pending {stats['pending']}")
+    print(
+        f"received {_mb(stats['bytes_received'])}  stored {_mb(stats['bytes_stored'])}  "
+        f"ratio {stats['ratio'] or '-'}"
+    )
+    for title, key in (("modality", "by_modality"), ("codec", "by_codec")):
+        print(f"\n{title:<12} {'instances':>10} {'received':>12} {'stored':>12} {'ratio':>7}")
+        for name, row in stats[key].items():
+            print(
+                f"{name:<12} {row['instances']:>10} {_mb(row['bytes_received']):>12} "
+                f"{_mb(row['bytes_stored']):>12} {row['ratio'] or '-':>7}"
+            )
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from compacs.service.maintenance import export
+    from compacs.service.transcode import TranscodeError, can_produce
+
+    if not can_produce(args.transfer_syntax):
+        raise UsageError(
+            f"--transfer-syntax {args.transfer_syntax}: cannot produce it; "
+            "use 1.2.840.10008.1.2.1, 1.2.840.10008.1.2 or a lossless codec's syntax "
+            "(see `compacs codec list`)"
+        )
+    store = _open_store(args)
+    instances = store.index.instances(study_uid=args.study, series_uid=args.series)
+    if not instances:
+        raise UsageError(
+            "nothing to export: no instance matches"
+            if not args.all
+            else "nothing to export: the archive is empty"
+        )
+    try:
+        written = export(store, instances, args.out, args.transfer_syntax)
+    except TranscodeError as exc:
+        raise UsageError(f"export failed: {exc}") from exc
+    print(f"exported {len(written)} instance(s) to {args.out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from compacs.service.maintenance import verify
+
+    store = _open_store(args)
+    failures = verify(store)
+    for line in failures:
+        print(line)
+    count = len(store.index.instances())
+    print(f"verified {count} instance(s): {len(failures)} problem(s)")
+    return 1 if failures else 0
+
+
+def cmd_codec_list(args: argparse.Namespace) -> int:
+    from compacs.codecs import registry
+
+    print(f"{'name':<12} {'transfer syntax':<26} {'lossless':<9} {'available':<10} description")
+    for codec in registry.all_codecs():
+        print(
+            f"{codec.name:<12} {codec.transfer_syntax_uid or '(as received)':<26} "
+            f"{'yes' if codec.lossless else 'no':<9} {'yes' if codec.is_available() else 'no':<10} "
+            f"{codec.description}"
+        )
+    return 0
+
+
+def _read_dicom(path: Path):  # noqa: ANN202
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        raw = path.read_bytes()
+        return raw, dcmread(BytesIO(raw))
+    except (OSError, InvalidDicomError) as exc:
+        raise UsageError(f"{path}: cannot read a DICOM file: {exc}") from exc
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--param {item!r}: write it as key=value")
+        params[key] = int(value) if value.lstrip("-").isdigit() else value
+    return params
+
+
+def cmd_codec_encode(args: argparse.Namespace) -> int:
+    from compacs.codecs import registry
+    from compacs.service.compress import compress
+    from compacs.service.rules import CodecChoice
+
+    try:
+        codec = registry.get(args.codec)
+        params = _params(args.param)
+        codec.check_params(params)
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"--codec {args.codec}: {exc.args[0]}") from exc
+    raw, ds = _read_dicom(args.input)
+    outcome = compress(raw, ds, [CodecChoice(codec.name, params)])
+    if outcome.codec != codec.name and codec.transfer_syntax_uid:
+        raise UsageError(f"{args.input}: {codec.name} not applied: {'; '.join(outcome.notes)}")
+    args.output.write_bytes(outcome.data)
+    print(
+        f"{args.output}: {codec.name}, {len(raw)} -> {len(outcome.data)} bytes "
+        f"(ratio {len(raw) / len(outcome.data):.2f}), verified bit-exact"
+    )
+    return 0
+
+
+def cmd_codec_decode(args: argparse.Namespace) -> int:
+    from compacs.service.transcode import TranscodeError, transcode
+
+    raw, _ds = _read_dicom(args.input)
+    try:
+        out = transcode(raw, args.transfer_syntax)
+    except TranscodeError as exc:
+        raise UsageError(f"{args.input}: {exc}") from exc
+    args.output.write_bytes(out)
+    print(f"{args.output}: {len(out)} bytes, transfer syntax {args.transfer_syntax}")
+    return 0
+
+
+def cmd_rules_explain(args: argparse.Namespace) -> int:
+    from compacs.codecs.base import PixelFormat
+    from compacs.service.rules import explain, object_attributes
+
+    config = _config(args)
+    _raw, ds = _read_dicom(args.file)
+    fmt = PixelFormat.from_dataset(ds) if "PixelData" in ds else None
+    print(f"rules from {config.source}")
+    for line in explain(config.rules, object_attributes(ds, args.calling_ae), fmt):
+        print(line)
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compacs", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", type=Path, help="TOML config file (see deploy/compacs.example.toml)"
+        )
+        p.add_argument("--data", help="data folder (default ./compacs-data, or $COMPACS_DATA)")
+
+    p = sub.add_parser("serve", help="run the DICOM node (C-ECHO, C-STORE)")
+    data_options(p)
+    p.add_argument("--host", help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="DICOM port (default 11112, or $COMPACS_PORT)")
+    p.add_argument("--ae-title", help="our AE title (default COMPACS, or $COMPACS_AE_TITLE)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stats", help="instances, studies, bytes and ratios of the archive")
+    data_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("export", help="write stored objects as Part-10 files")
+    data_options(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", help="Study Instance UID")
+    which.add_argument("--series", help="Series Instance UID")
+    which.add_argument("--all", action="store_true", help="everything")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--transfer-syntax",
+        default="1.2.840.10008.1.2.1",
+        help="transfer syntax UID of the files (default explicit VR little endian)",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="check every blob's checksum and that it decodes")
+    data_options(p)
+    p.set_defaults(func=cmd_verify)
+
+    codec = sub.add_parser("codec", help="list codecs, or run one on a single file")
+    csub = codec.add_subparsers(dest="codec_command", required=True, metavar="ACTION")
+    p = csub.add_parser("list", help="registered codecs and whether they are available")
+    p.set_defaults(func=cmd_codec_list)
+    p = csub.add_parser("encode", help="encode IN.dcm with a codec (verified bit-exact)")
+    p.add_argument("--codec", required=True, help="codec name (see `compacs codec list`)")
+    p.add_argument("--param", action="append", default=[], metavar="K=V", help="codec parameter")
+    p.add_argument("input", type=Path, metavar="IN.dcm")
+    p.add_argument("output", type=Path, metavar="OUT.dcm")
+    p.set_defaults(func=cmd_codec_encode)
+    p = csub.add_parser("decode", help="decode IN.dcm to an uncompressed syntax")
+    p.add_argument("--transfer-syntax", default="1.2.840.10008.1.2.1", help="target syntax UID")
+    p.add_argument("input", type=Path, metavar="IN.dcm")
+    p.add_argument("output", type=Path, metavar="OUT.dcm")
+    p.set_defaults(func=cmd_codec_decode)
+
+    rules = sub.add_parser("rules", help="inspect the compression rules")
+    rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    p = rsub.add_parser("explain", help="which rule and codec a file would get, and why")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--calling-ae", default="", help="pretend the file came from this AE title")
+    p.add_argument("file", type=Path, metavar="FILE.dcm")
+    p.set_defaults(func=cmd_rules_explain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"compacs: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `compacs stats | head`
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The shared runner behind every codec: try a rule's codecs in order, verify, encapsulate.
+
+Invariant 2 lives here: every lossless encode is decoded and compared with the source
+frames before its result can be stored; a mismatch or an error falls through to the next
+codec of the rule and finally to storing the object exactly as received. Nothing in this
+module touches the index, so it runs in worker processes as easily as in the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from io import BytesIO
+
+import numpy as np
+from compacs.codecs import registry
+from compacs.codecs.base import Codec, PixelFormat
+from compacs.service.rules import CodecChoice
+from pydicom import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.filewriter import dcmwrite
+from pydicom.pixels import iter_pixels
+from pydicom.uid import UID
+
+log = logging.getLogger("compacs.compress")
+
+# Transfer syntaxes whose pixels may have been altered by a lossy process: such objects are
+# stored exactly as received, never decoded and re-encoded (PS3.3 C.7.6.1.1.5 would then
+# demand a new SOP Instance UID, and the loss would compound).
+LOSSY_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG extended
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy allowed)
+        "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy allowed)
+        "1.2.840.10008.1.2.4.100",  # MPEG2 and later video syntaxes
+        "1.2.840.10008.1.2.4.101",
+        "1.2.840.10008.1.2.4.102",
+        "1.2.840.10008.1.2.4.103",
+        "1.2.840.10008.1.2.4.104",
+        "1.2.840.10008.1.2.4.105",
+        "1.2.840.10008.1.2.4.106",
+        "1.2.840.10008.1.2.4.107",
+        "1.2.840.10008.1.2.4.108",
+    }
+)
+
+
+@dataclass
+class Outcome:
+    """What the runner decided for one object."""
+
+    data: bytes  # the Part-10 bytes to store
+    codec: str  # the codec that produced `data`; "passthrough" when stored as received
+    transfer_syntax: str
+    notes: list[str] = field(default_factory=list)  # why earlier codecs were not used
+    fallbacks: int = 0  # codec attempts that failed (error or verification mismatch)
+
+
+def is_lossy(ds: Dataset) -> bool:
+    return str(ds.file_meta.TransferSyntaxUID) in LOSSY_SYNTAXES or (
+        str(ds.get("LossyImageCompression", "")).strip() == "01"
+    )
+
+
+def source_frames(ds: Dataset) -> list[np.ndarray]:
+    """The object's frames in the shared frame convention (codecs/base.py).
+
+    An object in one of our own codecs' syntaxes is decoded by that codec, so that objects we
+    stored and objects that arrived in that syntax read alike; anything else by pydicom.
+    """
+    fmt = PixelFormat.from_dataset(ds)
+    codec = registry.by_transfer_syntax(str(ds.file_meta.TransferSyntaxUID))
+    if codec is not None:
+        from pydicom.encaps import generate_frames
+
+        frames = generate_frames(ds.PixelData, number_of_frames=fmt.number_of_frames)
+        return [codec.decode_frame(f, fmt) for f in frames]
+    return [
+        np.ascontiguousarray(f)
+        for f in iter_pixels(ds, raw=True, decoding_plugin=_pydicom_plugin(ds))
+    ]
+
+
+def _pydicom_plugin(ds: Dataset) -> str:
+    # gdcm mis-decodes signed data with BitsStored < BitsAllocated (DESIGN.md pitfalls).
+    return "pylibjpeg" if UID(ds.file_meta.TransferSyntaxUID).is_compressed else ""
+
+
+def encode_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params: dict) -> bytes:
+    """Encode, verify bit-exact, and return the Part-10 bytes in `codec`'s syntax.
+
+    Raises ValueError on a verification mismatch; the caller falls back.
+    """
+    fmt = PixelFormat.from_dataset(ds)
+    encoded = []
+    for i, frame in enumerate(frames):
+        data = codec.encode_frame(frame, fmt, **params)
+        decoded = codec.decode_frame(data, fmt)
+        if decoded.shape != frame.shape or not np.array_equal(decoded, frame):
+            raise ValueError(f"frame {i} does not decode bit-exact")
+        encoded.append(data)
+    out = Dataset(ds)  # shallow copy: the caller's dataset keeps its pixel data
+    out.file_meta = Dataset(ds.file_meta)
+    out.file_meta.TransferSyntaxUID = UID(codec.transfer_syntax_uid)
+    out.PixelData = encapsulate(encoded, has_bot=len(encoded) > 1)
+    out["PixelData"].VR = "OB"
+    out["PixelData"].is_undefined_length = True
+    if fmt.samples_per_pixel > 1:
+        out.PlanarConfiguration = 0  # compressed colour frames are always colour-by-pixel
+    buffer = BytesIO()
+    dcmwrite(buffer, out, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def compress(
+    raw: bytes, ds: Dataset, choices: list[CodecChoice] | tuple[CodecChoice, ...]
+) -> Outcome:
+    """Apply a rule's codec choices to one received Part-10 object (`ds` is `raw` parsed)."""
+    received_ts = str(ds.file_meta.TransferSyntaxUID)
+    passthrough = Outcome(raw, "passthrough", received_ts)
+    if "PixelData" not in ds:
+        passthrough.notes.append("no pixel data")
+        return passthrough
+    if is_lossy(ds):
+        passthrough.notes.append("lossy arrival: stored as received")
+        return passthrough
+    fmt = PixelFormat.from_dataset(ds)
+    frames: list[np.ndarray] | None = None
+    outcome = passthrough
+    for choice in choices:
+        codec = registry.get(choice.name)
+        if not codec.transfer_syntax_uid:  # passthrough: keep as received
+            break
+        if codec.transfer_syntax_uid == received_ts:
+            passthrough.notes.append(f"{codec.name}: arrived in that syntax already")
+            break
+        reason = codec.unsupported_reason(fmt) if codec.is_available() else "not available"
+        if reason:
+            passthrough.notes.append(f"{codec.name}: {reason}")
+            continue
+        try:
+            if frames is None:
+                frames = source_frames(ds)
+            data = encode_dataset(ds, codec, frames, choice.params)
+        except Exception as exc:  # any codec failure must fall back, never lose the object
+            passthrough.fallbacks += 1
+            passthrough.notes.append(f"{codec.name} failed: {exc}")
+            log.warning("codec %s failed on %s: %s", codec.name, ds.SOPInstanceUID, exc)
+            continue
+        if len(data) >= len(raw):
+            passthrough.notes.append(f"{codec.name}: no gain ({len(data)} >= {len(raw)} bytes)")
+            continue
+        outcome = Outcome(
+            data, codec.name, codec.transfer_syntax_uid, passthrough.notes, passthrough.fallbacks
+        )
+        break
+    return outcome

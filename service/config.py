@@ -1,0 +1,171 @@
+"""Loading and validating the node's one TOML configuration file.
+
+Precedence, lowest first: the embedded defaults (`defaults.toml` beside this module), the
+file given with --config, environment variables (for containers), command-line flags.
+Every mistake a user can make here is reported as a `ConfigError` naming the file, the key
+and what is allowed, before the node opens a port.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from compacs.service.rules import Rule, parse_rules
+
+DEFAULTS_NAME = "<embedded defaults>"
+
+# Environment variable -> [node] key; values are parsed like the TOML value would be.
+ENV_OVERRIDES = {
+    "COMPACS_INDEX_URL": "index_url",
+    "COMPACS_DATA": "data_dir",
+    "COMPACS_PORT": "port",
+    "COMPACS_AE_TITLE": "ae_title",
+}
+
+ON_DUPLICATE = ("keep_first", "replace")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, worded for the administrator who made it."""
+
+
+@dataclass
+class NodeConfig:
+    ae_title: str
+    host: str
+    port: int
+    data_dir: Path
+    index_url: str
+    workers: int
+    on_duplicate: str
+    max_pdu: int
+    extra_sop_classes: list[str]
+    rules: list[Rule] = field(default_factory=list)
+    source: str = DEFAULTS_NAME
+
+    @property
+    def effective_index_url(self) -> str:
+        if self.index_url:
+            return self.index_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+def _read_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+
+
+def _check_ae_title(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value.strip()) <= 16 or "\\" in value:
+        raise ConfigError(
+            f"{where}: AE title must be 1-16 characters without backslash, got {value!r}"
+        )
+    if not all(32 <= ord(c) < 127 for c in value):
+        raise ConfigError(f"{where}: AE title must be printable ASCII, got {value!r}")
+    return value.strip()
+
+
+def _int_in(value: Any, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{where}: must be an integer from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _build_node(raw: dict[str, Any], source: str) -> NodeConfig:
+    """Validate the merged [node] table; `source` names where each value may have come from."""
+    where = f"{source}: [node]"
+    on_dup = raw["on_duplicate"]
+    if on_dup not in ON_DUPLICATE:
+        raise ConfigError(
+            f"{where} on_duplicate = {on_dup!r}: allowed values are {', '.join(ON_DUPLICATE)}"
+        )
+    extra = raw["extra_sop_classes"]
+    if not isinstance(extra, list) or not all(isinstance(u, str) for u in extra):
+        raise ConfigError(f"{where} extra_sop_classes: must be a list of SOP Class UID strings")
+    for uid in extra:
+        from compacs.service.validate import is_valid_uid
+
+        if not is_valid_uid(uid):
+            raise ConfigError(f"{where} extra_sop_classes: {uid!r} is not a valid UID")
+    for key in ("host", "index_url", "data_dir"):
+        if not isinstance(raw[key], str):
+            raise ConfigError(f"{where} {key}: must be a string, got {raw[key]!r}")
+    return NodeConfig(
+        ae_title=_check_ae_title(raw["ae_title"], f"{where} ae_title"),
+        host=raw["host"],
+        port=_int_in(raw["port"], f"{where} port", 1, 65535),
+        data_dir=Path(raw["data_dir"]),
+        index_url=raw["index_url"],
+        workers=_int_in(raw["workers"], f"{where} workers", 0, 256),
+        on_duplicate=on_dup,
+        max_pdu=_int_in(raw["max_pdu"], f"{where} max_pdu", 0, 2**31 - 1),
+        extra_sop_classes=list(extra),
+        source=source,
+    )
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> NodeConfig:
+    """The node's configuration: defaults, then `path`, then `env`, then `overrides` (CLI)."""
+    defaults = _read_toml(
+        resources.files("compacs.service").joinpath("defaults.toml").read_text(), DEFAULTS_NAME
+    )
+    node = dict(defaults["node"])
+    rules_raw, rules_source = defaults["rules"], DEFAULTS_NAME
+    source = DEFAULTS_NAME
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+        user = _read_toml(text, source)
+        unknown = sorted(set(user) - {"node", "rules"})
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown table(s) {', '.join(unknown)}; allowed: [node], [[rules]]"
+            )
+        user_node = user.get("node", {})
+        if not isinstance(user_node, dict):
+            raise ConfigError(f"{source}: [node] must be a table")
+        bad = sorted(set(user_node) - set(node))
+        if bad:
+            raise ConfigError(
+                f"{source}: [node] has unknown key(s) {', '.join(bad)}; "
+                f"allowed keys: {', '.join(sorted(node))}"
+            )
+        node.update(user_node)
+        if "rules" in user:
+            rules_raw, rules_source = user["rules"], source
+    env = os.environ if env is None else env
+    used = [var for var in ENV_OVERRIDES if env.get(var)]
+    for var in used:
+        node[ENV_OVERRIDES[var]] = env[var]
+    if used:
+        source = f"{source} with {', '.join(used)} from the environment"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            node[key] = value
+    config = _build_node(node, source)
+    try:
+        config.rules = parse_rules(rules_raw)
+    except ValueError as exc:
+        raise ConfigError(f"{rules_source}: {exc}") from exc
+    return config

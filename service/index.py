@@ -1,0 +1,392 @@
+"""The SQL index: patients, studies, series, instances and an audit trail.
+
+SQLAlchemy 2 with portable types only, so the same code runs on SQLite (the embedded
+default, WAL) and PostgreSQL (at scale). The schema is owned by the Alembic migrations in
+`migrations/`; `Index.open` brings any database up to the newest revision.
+
+One node process is one writer: writes go through a lock, which on SQLite avoids the
+3-25 ms lock waits measured with concurrent writers, and on PostgreSQL avoids the
+duplicate-key races of two associations creating the same study at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, NamedTuple
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    joinedload,
+    mapped_column,
+    relationship,
+)
+
+STATE_PENDING = "pending"  # acknowledged, durable as received, compression not yet done
+STATE_STORED = "stored"  # in its final stored form
+
+
+class PendingObject(NamedTuple):
+    sop_instance_uid: str
+    blob_path: str
+    checksum: str
+    calling_ae: str | None
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_name: Mapped[str | None] = mapped_column(Text)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_id: Mapped[str | None] = mapped_column(String(64))
+    study_description: Mapped[str | None] = mapped_column(Text)
+    referring_physician_name: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(Text)
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    # As received: the syntax and a hash of the pixel data bytes, to recognise re-sends.
+    received_transfer_syntax: Mapped[str] = mapped_column(String(64))
+    received_size: Mapped[int] = mapped_column(BigInteger)
+    received_pixel_hash: Mapped[str | None] = mapped_column(String(80))
+    # As stored: while pending, the blob is the received object under incoming/.
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stored_transfer_syntax: Mapped[str] = mapped_column(String(64))
+    codec: Mapped[str | None] = mapped_column(String(32), index=True)
+    stored_size: Mapped[int] = mapped_column(BigInteger)
+    blob_path: Mapped[str] = mapped_column(String(255))
+    checksum: Mapped[str] = mapped_column(String(80))
+    tier: Mapped[str] = mapped_column(String(16), default="hot")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_event"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+def _text(ds: Any, keyword: str, limit: int | None = None) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    text = str(value).strip().replace("\x00", "")
+    return text[:limit] if limit else text
+
+
+def _int(ds: Any, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database schema to the newest Alembic revision."""
+    cfg = AlembicConfig()
+    cfg.set_main_option(
+        "script_location", str(resources.files("compacs.service").joinpath("migrations"))
+    )
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+
+class Index:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.write_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: str, *, upgrade: bool = True) -> Index:
+        engine = create_engine(url, pool_pre_ping=True)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        if upgrade:
+            migrate(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def writing(self) -> Iterator[Session]:
+        """One serialised write transaction, committed on success."""
+        with self.write_lock, Session(self.engine, expire_on_commit=False) as session:
+            yield session
+            session.commit()
+
+    def reading(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # --- ingest ---
+    def get_instance(self, sop_uid: str) -> Instance | None:
+        with self.reading() as s:
+            return s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+
+    def add_received(self, ds: Any, **fields: Any) -> None:
+        """Index a newly received object (state pending), creating its patient/study/series."""
+        with self.writing() as s:
+            series = self._series_for(s, ds)
+            s.add(
+                Instance(
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_pk=series.id,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    instance_number=_int(ds, "InstanceNumber"),
+                    rows=_int(ds, "Rows"),
+                    columns=_int(ds, "Columns"),
+                    bits_stored=_int(ds, "BitsStored"),
+                    number_of_frames=_int(ds, "NumberOfFrames"),
+                    state=STATE_PENDING,
+                    **fields,
+                )
+            )
+
+    def replace_received(self, sop_uid: str, **fields: Any) -> None:
+        """Point an existing instance at a newly received version (on_duplicate = replace)."""
+        with self.writing() as s:
+            inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            for key, value in fields.items():
+                setattr(inst, key, value)
+            inst.state, inst.codec, inst.stored_at = STATE_PENDING, None, None
+
+    def mark_stored(self, sop_uid: str, expected_blob: str, **fields: Any) -> bool:
+        """Record the compressed form; False if the instance changed meanwhile (replaced)."""
+        with self.writing() as s:
+            inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            if inst is None or inst.state != STATE_PENDING or inst.blob_path != expected_blob:
+                return False
+            for key, value in fields.items():
+                setattr(inst, key, value)
+            inst.state, inst.stored_at = STATE_STORED, utcnow()
+            return True
+
+    def pending(self) -> list[PendingObject]:
+        """Every object still waiting for compression, oldest first."""
+        with self.reading() as s:
+            rows = s.execute(
+                select(
+                    Instance.sop_instance_uid,
+                    Instance.blob_path,
+                    Instance.checksum,
+                    Instance.calling_ae,
+                    Study.study_instance_uid,
+                    Series.series_instance_uid,
+                )
+                .select_from(Instance)
+                .join(Series)
+                .join(Study)
+                .where(Instance.state == STATE_PENDING)
+                .order_by(Instance.id)
+            )
+            return [PendingObject(*r) for r in rows]
+
+    def audit(
+        self,
+        kind: str,
+        *,
+        sop_uid: str | None = None,
+        calling_ae: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        with self.writing() as s:
+            s.add(
+                AuditEvent(
+                    kind=kind, sop_instance_uid=sop_uid, calling_ae=calling_ae, detail=detail
+                )
+            )
+
+    def _series_for(self, s: Session, ds: Any) -> Series:
+        patient_id = _text(ds, "PatientID", 64) or ""
+        patient = s.scalar(select(Patient).where(Patient.patient_id == patient_id))
+        if patient is None:
+            patient = Patient(
+                patient_id=patient_id,
+                patient_name=_text(ds, "PatientName"),
+                patient_birth_date=_text(ds, "PatientBirthDate", 8),
+                patient_sex=_text(ds, "PatientSex", 16),
+            )
+            s.add(patient)
+            s.flush()
+        study_uid = str(ds.StudyInstanceUID)
+        study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        if study is None:
+            study = Study(
+                study_instance_uid=study_uid,
+                patient_pk=patient.id,
+                study_date=_text(ds, "StudyDate", 8),
+                study_time=_text(ds, "StudyTime", 16),
+                accession_number=_text(ds, "AccessionNumber", 64),
+                study_id=_text(ds, "StudyID", 64),
+                study_description=_text(ds, "StudyDescription"),
+                referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            )
+            s.add(study)
+            s.flush()
+        series_uid = str(ds.SeriesInstanceUID)
+        series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+        if series is None:
+            series = Series(
+                series_instance_uid=series_uid,
+                study_pk=study.id,
+                modality=_text(ds, "Modality", 16),
+                series_number=_int(ds, "SeriesNumber"),
+                series_description=_text(ds, "SeriesDescription"),
+                body_part_examined=_text(ds, "BodyPartExamined", 64),
+            )
+            s.add(series)
+            s.flush()
+        return series
+
+    # --- reading for export, verify, stats ---
+    def instances(
+        self, *, study_uid: str | None = None, series_uid: str | None = None
+    ) -> list[Instance]:
+        with self.reading() as s:
+            query = (
+                select(Instance)
+                .join(Series)
+                .join(Study)
+                .options(joinedload(Instance.series).joinedload(Series.study))
+            ).order_by(Study.id, Series.id, Instance.instance_number, Instance.id)
+            if study_uid:
+                query = query.where(Study.study_instance_uid == study_uid)
+            if series_uid:
+                query = query.where(Series.series_instance_uid == series_uid)
+            return list(s.scalars(query))
+
+    def stats(self) -> dict[str, Any]:
+        """Totals overall, per modality and per codec, computed in SQL."""
+        with self.reading() as s:
+            totals = s.execute(
+                select(
+                    func.count(Instance.id),
+                    func.coalesce(func.sum(Instance.received_size), 0),
+                    func.coalesce(func.sum(Instance.stored_size), 0),
+                )
+            ).one()
+            studies = s.scalar(select(func.count(Study.id)))
+            pending = s.scalar(
+                select(func.count(Instance.id)).where(Instance.state == STATE_PENDING)
+            )
+
+            def grouped(column: Any) -> dict[str, dict[str, Any]]:
+                rows = s.execute(
+                    select(
+                        column,
+                        func.count(Instance.id),
+                        func.sum(Instance.received_size),
+                        func.sum(Instance.stored_size),
+                    )
+                    .select_from(Instance)
+                    .join(Series)
+                    .group_by(column)
+                    .order_by(column)
+                )
+                return {str(key or "-"): _totals(n, rec, sto) for key, n, rec, sto in rows}
+
+            return {
+                **_totals(*totals),
+                "studies": studies,
+                "pending": pending,
+                "by_modality": grouped(Series.modality),
+                "by_codec": grouped(Instance.codec),
+            }
+
+
+def _totals(count: int, received: int, stored: int) -> dict[str, Any]:
+    received, stored = int(received or 0), int(stored or 0)
+    return {
+        "instances": int(count),
+        "bytes_received": received,
+        "bytes_stored": stored,
+        "ratio": round(received / stored, 3) if stored else None,
+    }
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL so readers never block the writer; FULL sync so a committed ack survives power loss."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,82 @@
+"""The running node: opens the archive and index, recovers, serves, and stops cleanly.
+
+SIGTERM and SIGINT stop the listener first, let in-flight associations finish their
+stores, let running compression jobs finish, and exit 0; objects still waiting for
+compression stay pending and resume at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from compacs.service import scp
+from compacs.service.archive import Archive
+from compacs.service.config import NodeConfig
+from compacs.service.index import Index
+from compacs.service.ingest import Ingest
+
+log = logging.getLogger("compacs.node")
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.archive = Archive(config.data_dir / "archive")
+        self.index = Index.open(config.effective_index_url)
+        self.ingest = Ingest(config, self.archive, self.index)
+        self.ae = scp.build_ae(config)
+        self.server = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.ingest.recover()
+        self.server = self.ae.start_server(
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=scp.handlers(self.ingest),
+        )
+        log.info(
+            "compacs %s listening on %s:%d, data in %s, index %s, %d compression worker(s)",
+            self.config.ae_title,
+            self.config.host,
+            self.config.port,
+            self.config.data_dir,
+            _redact(self.config.effective_index_url),
+            self.config.effective_workers,
+        )
+        log.info(
+            "rules: %s (from %s)", ", ".join(r.name for r in self.config.rules), self.config.source
+        )
+
+    def stop(self, grace: float = 60.0) -> None:
+        """Stop accepting, let in-flight stores finish (up to `grace` s), then shut down."""
+        if self.server is not None:
+            self.server.shutdown()  # listener closed; association threads carry on
+            deadline = time.monotonic() + grace
+            while self.server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.ingest.shutdown()
+        self.index.close()
+        log.info("compacs stopped")
+
+    def run_until_signalled(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: self._stop.set())
+        self.start()
+        while not self._stop.wait(0.5):
+            pass
+        log.info("stop requested: finishing in-flight stores")
+        self.stop()
+
+
+def _redact(url: str) -> str:
+    """Index URL for the log, without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url

@@ -1,0 +1,221 @@
+"""Test inputs made from REAL images (pydicom's test files and pydicom-data).
+
+Every file written here gets fresh Study/Series/SOP Instance UIDs: Orthanc answers a
+duplicate SOP Instance UID with Success without storing it, and many of pydicom's files
+share one UID, so untouched copies would make store/retrieve tests lie.
+Synthetic pixels are never used: ratios and codec paths must see real data.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+# Real 512x512 signed 16-bit CT slice, J2K reversible (693_UNCR was decoded from lossy J2K).
+CT_SERIES_SOURCE = "693_J2KR.dcm"
+
+# key -> pydicom test file; what each key stands for in the integration tests.
+SAMPLE_SOURCES: dict[str, str] = {
+    "ct": "CT_small.dcm",  # CT 128², signed 16-bit, explicit VR LE
+    "mr": "MR_small.dcm",  # MR 64², signed 16-bit
+    "cr15": "RG1_UNCR.dcm",  # CR 1955x1841, 15 bits stored, MONOCHROME1
+    "cr10": "RG3_UNCR.dcm",  # CR 1760², 10 bits stored
+    "multiframe": "emri_small.dcm",  # enhanced MR, 10 frames, 12 bits stored
+    "rgb": "SC_rgb.dcm",  # secondary capture RGB 8-bit
+    "us_rgb": "US1_UNCR.dcm",  # ultrasound RGB 640x480
+    "jpeg_ls": "emri_small_jpeg_ls_lossless.dcm",  # already compressed, .4.80
+    "j2k": "MR2_J2KR.dcm",  # MR 1024², J2K lossless .4.90
+    "rle": "emri_small_RLE.dcm",  # RLE .5, 10 frames
+    "jpeg_lossy": "SC_rgb_jpeg_lossy_gdcm.dcm",  # JPEG baseline .4.50, YBR_FULL
+    "jpeg_lossless": "JPEG-LL.dcm",  # JPEG lossless SV1 .4.70, 16-bit NM
+    "implicit": "MR_small_implicit.dcm",  # implicit VR little endian
+    "big_endian": "MR_small_bigendian.dcm",  # explicit VR big endian (retired TS)
+    "deflate": "image_dfl.dcm",  # deflated explicit VR LE
+}
+
+
+def testdata_path(name: str) -> Path:
+    """Path of a pydicom / pydicom-data test file; FileNotFoundError names what is missing."""
+    found = get_testdata_file(name)
+    if not found:
+        raise FileNotFoundError(f"{name} is in neither pydicom's test files nor pydicom-data")
+    return Path(found)
+
+
+def _refresh_uids(ds: Dataset, study_uid: str | None = None, series_uid: str | None = None) -> None:
+    """New Study/Series/SOP Instance UIDs (meta header kept in step)."""
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    if getattr(ds, "file_meta", None) is not None:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def _apply(ds: Dataset, overrides: Mapping[str, Any]) -> None:
+    for keyword, value in overrides.items():
+        setattr(ds, keyword, value)
+    if "SOPInstanceUID" in overrides and getattr(ds, "file_meta", None) is not None:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def _short(uid: str) -> str:
+    return uid.replace(".", "")[-10:]
+
+
+@functools.lru_cache(maxsize=1)
+def ct_slice_pixels() -> np.ndarray:
+    """The decoded pixels of the real CT slice (int16, 512x512), decoded once per process."""
+    ds = pydicom.dcmread(testdata_path(CT_SERIES_SOURCE))
+    arr = ds.pixel_array
+    arr.setflags(write=False)
+    return arr
+
+
+def _ct_template() -> Dataset:
+    """The CT slice as an uncompressed explicit VR little endian dataset."""
+    ds = pydicom.dcmread(testdata_path(CT_SERIES_SOURCE))
+    arr = ct_slice_pixels()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PixelData = arr.astype("<i2" if ds.PixelRepresentation else "<u2").tobytes()
+    ds["PixelData"].VR = "OW"
+    ds["PixelData"].is_undefined_length = False
+    ds.PatientName = "COMPACS^CTSERIES"
+    ds.PatientID = "COMPACS-CT"
+    return ds
+
+
+def ct_series(
+    out_dir: Path | str,
+    n: int,
+    study_uid: str | None = None,
+    *,
+    series_uid: str | None = None,
+    prefix: str = "ct",
+    **overrides: Any,
+) -> list[Path]:
+    """n Part-10 CT files (real 512² slice, uncompressed explicit VR LE) of one series.
+
+    One study and series for the batch, distinct SOP Instance UIDs, InstanceNumber 1..n
+    and increasing slice positions. Fast for n=500: the dataset is built once and only
+    the per-instance attributes change between writes. ``overrides`` set DICOM keywords
+    on all files (e.g. ``PatientID="P1"``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = _ct_template()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    _apply(ds, overrides)
+    x, y, z0 = (float(v) for v in ds.get("ImagePositionPatient", [0.0, 0.0, 0.0]))
+    step = float(ds.get("SliceThickness", 1.0) or 1.0)
+    tag = _short(ds.SeriesInstanceUID)
+    paths = []
+    for i in range(1, n + 1):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i
+        z = z0 + (i - 1) * step
+        ds.ImagePositionPatient = [x, y, round(z, 4)]
+        ds.SliceLocation = round(z, 4)
+        path = out / f"{prefix}_{tag}_{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def fresh_copy(
+    src: Path | str, out_dir: Path | str, name: str | None = None, **overrides: Any
+) -> Path:
+    """Copy a DICOM file (a path, or a pydicom test-file name) with fresh UIDs.
+
+    The transfer syntax and pixel data bytes are kept as they are. ``overrides`` set DICOM
+    keywords, e.g. ``StudyInstanceUID=...`` to put several copies in one study.
+    """
+    path = Path(src) if Path(src).exists() else testdata_path(str(src))
+    ds = pydicom.dcmread(path)
+    _refresh_uids(ds)
+    _apply(ds, overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / (name or f"{path.stem}_{_short(ds.SOPInstanceUID)}.dcm")
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def signed_ct_12bit(out_dir: Path | str, *, sign_extend: bool = True, **overrides: Any) -> Path:
+    """A real CT (CT_small) stored as signed 16-bit with BitsStored 12, HighBit 11.
+
+    Values are converted to Hounsfield units (stored + intercept, intercept 0 afterwards),
+    so air and fat really are negative, and clipped into -2048..2047. With
+    ``sign_extend=False`` the 4 unused high bits are zeroed instead of sign-extended (allowed
+    by DICOM, seen from some modalities; a decoder must mask and sign-extend itself).
+    """
+    ds = pydicom.dcmread(testdata_path("CT_small.dcm"))
+    arr = ds.pixel_array.astype(np.int32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    hu = np.rint(arr * slope + intercept).astype(np.int32)
+    hu = np.clip(hu, -2048, 2047).astype(np.int16)
+    assert hu.min() < 0 < hu.max(), "the slice should hold negative and positive HU"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    if "PixelPaddingValue" in ds:
+        ds.PixelPaddingValue = -2048
+    for kw in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if kw in ds:
+            del ds[kw]
+    raw = hu.astype("<i2")
+    if not sign_extend:
+        raw = (raw.view("<u2") & 0x0FFF).astype("<u2")
+    ds.PixelData = raw.tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    _refresh_uids(ds)
+    _apply(ds, overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if sign_extend else "_zerohigh"
+    target = out / f"ct_signed12{suffix}_{_short(ds.SOPInstanceUID)}.dcm"
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def signed_ct_12bit_values() -> np.ndarray:
+    """The HU values :func:`signed_ct_12bit` stores, for exact comparisons in tests."""
+    ds = pydicom.dcmread(testdata_path("CT_small.dcm"))
+    hu = ds.pixel_array.astype(np.int32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return np.clip(np.rint(hu), -2048, 2047).astype(np.int16)
+
+
+def sample_files(out_dir: Path | str, keys: list[str] | None = None) -> dict[str, Path]:
+    """Fresh-UID copies of real files covering the formats compacs must handle.
+
+    Keys: those of SAMPLE_SOURCES plus ``signed12`` (see signed_ct_12bit). A missing
+    source file raises, so a broken pydicom-data install is not mistaken for a pass.
+    """
+    out = Path(out_dir)
+    wanted = keys or [*SAMPLE_SOURCES, "signed12"]
+    files: dict[str, Path] = {}
+    for key in wanted:
+        if key == "signed12":
+            files[key] = signed_ct_12bit(out)
+        else:
+            files[key] = fresh_copy(SAMPLE_SOURCES[key], out, name=f"{key}.dcm")
+    return files
+
+
+def read_pixels(path: Path | str) -> np.ndarray:
+    """Decoded pixels of a file, for bit-exact comparisons after a round trip."""
+    return pydicom.dcmread(path).pixel_array

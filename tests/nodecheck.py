@@ -1,0 +1,50 @@
+"""Checks on a running node that several test modules share."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import peers
+import pydicom
+
+
+def wait_compressed(node: peers.CompacsProcess, expected: int, timeout: float = 120) -> dict:
+    """Poll `compacs stats` until `expected` instances exist and none is pending.
+
+    A deadline only so a broken node fails the test instead of hanging it; nothing here
+    asserts on how long it took.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = node.stats()
+        if stats["instances"] >= expected and stats["pending"] == 0:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not all compressed: {stats}\n{node.log_tail()}")
+        time.sleep(0.3)
+
+
+def store_all(node: peers.CompacsProcess, files: list[Path]) -> None:
+    """storescu the files, one association per transfer syntax proposal they need."""
+    groups: dict[str | None, list[Path]] = defaultdict(list)
+    for f in files:
+        groups[peers.storescu_ts_flag([f])].append(f)
+    for group in groups.values():
+        res = node.store(group)
+        assert peers.store_ok(res, group), res.stdout[-3000:]
+
+
+def exported_by_sop(out: Path) -> dict[str, Path]:
+    return {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.rglob("*.dcm")
+    }
+
+
+def raw_pixels(path: Path) -> np.ndarray:
+    """Pixels as stored values (no colour conversion), to compare without interpretation."""
+    from pydicom.pixels import pixel_array
+
+    return pixel_array(path, raw=True)
