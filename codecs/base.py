@@ -7,9 +7,13 @@ small decode function for a single frame. The shared runner (`compacs.service.co
 does the rest: frame iteration, verification, encapsulation, fallback.
 
 Frame convention, shared by encoders and decoders so that verification is a plain
-`numpy.array_equal`: one frame is the array pydicom's `iter_pixels(..., raw=True)` yields,
+`numpy.array_equal`: one frame is the array pydicom 3's `iter_pixels(..., raw=True)` yields,
 shape (rows, columns) or (rows, columns, samples), dtype from BitsAllocated and
-PixelRepresentation, signed values sign-extended from BitsStored.
+PixelRepresentation (never shrunk to BitsStored), samples as stored (raw=True does no
+YBR->RGB conversion), colour by pixel whatever the Planar Configuration. Bits above
+BitsStored are normalised, as pydicom does for native data: unsigned values are masked to
+BitsStored, signed values sign-extended from it. So garbage or overlay bits above HighBit
+are not part of a frame and do not survive compression (no DICOM codec keeps them either).
 """
 
 from __future__ import annotations
@@ -126,19 +130,32 @@ class Codec:
         raise NotImplementedError
 
 
+MONO_AND_COLOUR = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR")
+
+
 def common_unsupported_reason(
     fmt: PixelFormat,
     *,
     max_bits: int,
-    photometric: tuple[str, ...] = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR"),
+    photometric: tuple[str, ...] = MONO_AND_COLOUR,
+    bits_allocated: tuple[int, ...] = (8, 16),
 ) -> str | None:
-    """The checks every integer image codec here shares; codec modules add their own."""
-    if fmt.bits_allocated not in (8, 16):
-        return f"BitsAllocated {fmt.bits_allocated} (supports 8 or 16)"
+    """The checks every integer image codec here shares; codec modules add their own.
+
+    Subsampled or already-transformed colour (YBR_FULL_422, YBR_PARTIAL_*, YBR_RCT/ICT) is
+    outside the default `photometric`: the frame convention has no way to express it.
+    """
+    if fmt.bits_allocated not in bits_allocated:
+        allowed = ", ".join(str(b) for b in bits_allocated)
+        return f"BitsAllocated {fmt.bits_allocated} (supports {allowed})"
     if fmt.bits_stored > max_bits or fmt.bits_stored < 2:
         return f"BitsStored {fmt.bits_stored} (supports 2..{max_bits})"
+    if fmt.bits_stored > fmt.bits_allocated:
+        return f"BitsStored {fmt.bits_stored} > BitsAllocated {fmt.bits_allocated}"
     if fmt.samples_per_pixel not in (1, 3):
         return f"SamplesPerPixel {fmt.samples_per_pixel} (supports 1 or 3)"
+    if fmt.signed and fmt.samples_per_pixel != 1:
+        return "signed colour (PixelRepresentation 1 is only valid for one sample per pixel)"
     if fmt.photometric_interpretation not in photometric:
         return (
             f"PhotometricInterpretation {fmt.photometric_interpretation} "

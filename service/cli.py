@@ -31,7 +31,8 @@ def _setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> NodeConfig:
@@ -85,13 +86,13 @@ def _mb(n: int) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from compacs.service.maintenance import export
-    from compacs.service.transcode import TranscodeError, can_produce
+    from compacs.service.transcode import TranscodeError
+    from pydicom.uid import UID
 
-    if not can_produce(args.transfer_syntax):
+    if not UID(args.transfer_syntax).is_transfer_syntax:
         raise UsageError(
-            f"--transfer-syntax {args.transfer_syntax}: cannot produce it; "
-            "use 1.2.840.10008.1.2.1, 1.2.840.10008.1.2 or a lossless codec's syntax "
-            "(see `compacs codec list`)"
+            f"--transfer-syntax {args.transfer_syntax}: not a DICOM transfer syntax "
+            "UID; e.g. 1.2.840.10008.1.2.1 (explicit VR little endian)"
         )
     store = _open_store(args)
     instances = store.index.instances(study_uid=args.study, series_uid=args.series)

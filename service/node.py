@@ -57,7 +57,11 @@ class Node:
         if self.server is not None:
             self.server.shutdown()  # listener closed; association threads carry on
             deadline = time.monotonic() + grace
-            while self.server.active_associations and time.monotonic() < deadline:
+            # Only established associations can have stores in flight; a connection that
+            # never sent an A-ASSOCIATE-RQ (a port probe) would hold us for the ACSE timeout.
+            while time.monotonic() < deadline and any(
+                a.is_established for a in self.server.active_associations
+            ):
                 time.sleep(0.05)
         self.ingest.shutdown()
         self.index.close()

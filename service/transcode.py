@@ -27,13 +27,6 @@ class TranscodeError(ValueError):
     """The object cannot be given in the requested syntax (the message says why)."""
 
 
-def can_produce(target: str) -> bool:
-    codec = registry.by_transfer_syntax(target)
-    return target in NATIVE_SYNTAXES or (
-        codec is not None and codec.lossless and codec.is_available()
-    )
-
-
 def transcode(data: bytes, target: str) -> bytes:
     """`data` (Part-10 bytes) in transfer syntax `target`; unchanged if already in it."""
     ds = dcmread(BytesIO(data))
@@ -43,7 +36,7 @@ def transcode(data: bytes, target: str) -> bytes:
     has_pixels = "PixelData" in ds
     if target in NATIVE_SYNTAXES:
         if has_pixels and UID(current).is_compressed:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)
         elif has_pixels and current == "1.2.840.10008.1.2.2":
             raise TranscodeError("big endian pixel data is only given as received")
         ds.file_meta.TransferSyntaxUID = UID(target)

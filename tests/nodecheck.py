@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -11,7 +12,16 @@ import peers
 import pydicom
 
 
-def wait_compressed(node: peers.CompacsProcess, expected: int, timeout: float = 120) -> dict:
+def node_stats(node: peers.CompacsProcess, env: dict[str, str] | None = None) -> dict:
+    """`compacs stats --json` of the node's data folder (env: e.g. its COMPACS_INDEX_URL)."""
+    res = node.cli("stats", "--data", str(node.data_dir), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def wait_compressed(
+    node: peers.CompacsProcess, expected: int, timeout: float = 120, env: dict | None = None
+) -> dict:
     """Poll `compacs stats` until `expected` instances exist and none is pending.
 
     A deadline only so a broken node fails the test instead of hanging it; nothing here
@@ -19,11 +29,11 @@ def wait_compressed(node: peers.CompacsProcess, expected: int, timeout: float = 
     """
     deadline = time.monotonic() + timeout
     while True:
-        stats = node.stats()
-        if stats["instances"] >= expected and stats["pending"] == 0:
-            return stats
+        current = node_stats(node, env)
+        if current["instances"] >= expected and current["pending"] == 0:
+            return current
         if time.monotonic() > deadline:
-            raise AssertionError(f"not all compressed: {stats}\n{node.log_tail()}")
+            raise AssertionError(f"not all compressed: {current}\n{node.log_tail()}")
         time.sleep(0.3)
 
 
@@ -47,4 +57,4 @@ def raw_pixels(path: Path) -> np.ndarray:
     """Pixels as stored values (no colour conversion), to compare without interpretation."""
     from pydicom.pixels import pixel_array
 
-    return pixel_array(path, raw=True)
+    return pixel_array(pydicom.dcmread(path), raw=True)  # dcmread: also inflates deflate

@@ -1,0 +1,36 @@
+"""The codecs by name: one instance each, in a fixed order of general preference."""
+
+from __future__ import annotations
+
+from .base import Codec
+from .htj2k import HTJ2K
+from .j2k import J2K
+from .jpegls import JpegLS
+from .passthrough import Passthrough
+from .rle import RLE
+
+_CODECS: tuple[Codec, ...] = (JpegLS(), J2K(), HTJ2K(), RLE(), Passthrough())
+_BY_NAME: dict[str, Codec] = {codec.name: codec for codec in _CODECS}
+
+
+def names() -> list[str]:
+    return [codec.name for codec in _CODECS]
+
+
+def all_codecs() -> list[Codec]:
+    return list(_CODECS)
+
+
+def get(name: str) -> Codec:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown codec {name!r} (known: {', '.join(names())})") from None
+
+
+def by_transfer_syntax(uid: str) -> Codec | None:
+    """The first available codec producing `uid`; None for unknown or empty UIDs."""
+    for codec in _CODECS:
+        if uid and codec.transfer_syntax_uid == uid and codec.is_available():
+            return codec
+    return None
