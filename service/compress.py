@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 from io import BytesIO
 
 import numpy as np
-from compacs.codecs import registry
-from compacs.codecs.base import Codec, PixelFormat
-from compacs.service.rules import CodecChoice
 from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import dcmwrite
 from pydicom.pixels import iter_pixels
 from pydicom.uid import UID
+
+from compacs.codecs import registry
+from compacs.codecs.base import Codec, PixelFormat
+from compacs.service.rules import CodecChoice
 
 log = logging.getLogger("compacs.compress")
 

@@ -28,6 +28,39 @@ ENV_OVERRIDES = {
 }
 
 ON_DUPLICATE = ("keep_first", "replace")
+SERVICES = ("store", "query", "retrieve")
+
+
+@dataclass(frozen=True)
+class Access:
+    """Which callers may use which service: {service: [(AE title, host or None), ...]}.
+
+    A service missing from the table is open to every caller (the default, and the
+    start-up log says so); an empty list closes it.
+    """
+
+    rules: dict[str, tuple[tuple[str, str | None], ...]]
+
+    def allows(self, service: str, ae_title: str, host: str) -> bool:
+        if service not in self.rules:
+            return True
+        return any(
+            (ae == "*" or ae == ae_title.strip()) and (h is None or h == host)
+            for ae, h in self.rules[service]
+        )
+
+    def allows_any(self, ae_title: str, host: str) -> bool:
+        return any(self.allows(service, ae_title, host) for service in SERVICES)
+
+    def describe(self) -> str:
+        parts = []
+        for service in SERVICES:
+            if service not in self.rules:
+                parts.append(f"{service}: any caller")
+            else:
+                who = [ae if h is None else f"{ae}@{h}" for ae, h in self.rules[service]]
+                parts.append(f"{service}: {', '.join(who) or 'nobody'}")
+        return "; ".join(parts)
 
 
 class ConfigError(ValueError):
@@ -46,6 +79,8 @@ class NodeConfig:
     max_pdu: int
     extra_sop_classes: list[str]
     rules: list[Rule] = field(default_factory=list)
+    move_destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
+    access: Access = field(default_factory=lambda: Access({}))
     source: str = DEFAULTS_NAME
 
     @property
@@ -117,6 +152,40 @@ def _build_node(raw: dict[str, Any], source: str) -> NodeConfig:
     )
 
 
+def _parse_host_port(value: Any, where: str) -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f'{where}: must be "host:port" with a port 1-65535, got {value!r}')
+    return host, int(port)
+
+
+def _parse_tables(user: dict[str, Any], source: str) -> tuple[dict, Access]:
+    """[move_destinations] and [access], validated."""
+    moves_raw = user.get("move_destinations", {})
+    if not isinstance(moves_raw, dict):
+        raise ConfigError(f'{source}: [move_destinations] must be a table of AE = "host:port"')
+    moves = {}
+    for ae, value in moves_raw.items():
+        where = f"{source}: [move_destinations] {ae}"
+        moves[_check_ae_title(ae, where)] = _parse_host_port(value, where)
+    access_raw = user.get("access", {})
+    if not isinstance(access_raw, dict):
+        raise ConfigError(f"{source}: [access] must be a table")
+    rules: dict[str, tuple[tuple[str, str | None], ...]] = {}
+    for service, callers in access_raw.items():
+        where = f"{source}: [access] {service}"
+        if service not in SERVICES:
+            raise ConfigError(f"{where}: unknown service; allowed keys: {', '.join(SERVICES)}")
+        if not isinstance(callers, list) or not all(isinstance(c, str) for c in callers):
+            raise ConfigError(f'{where}: must be a list like ["MODALITY1", "PACS@10.0.0.5", "*"]')
+        entries = []
+        for caller in callers:
+            ae, _, host = caller.partition("@")
+            entries.append((ae if ae == "*" else _check_ae_title(ae, where), host or None))
+        rules[service] = tuple(entries)
+    return moves, Access(rules)
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -130,6 +199,7 @@ def load_config(
     node = dict(defaults["node"])
     rules_raw, rules_source = defaults["rules"], DEFAULTS_NAME
     source = DEFAULTS_NAME
+    user: dict[str, Any] = {}
     if path is not None:
         source = str(path)
         try:
@@ -137,10 +207,11 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
         user = _read_toml(text, source)
-        unknown = sorted(set(user) - {"node", "rules"})
+        unknown = sorted(set(user) - {"node", "rules", "move_destinations", "access"})
         if unknown:
             raise ConfigError(
-                f"{source}: unknown table(s) {', '.join(unknown)}; allowed: [node], [[rules]]"
+                f"{source}: unknown table(s) {', '.join(unknown)}; allowed: [node], [[rules]], "
+                "[move_destinations], [access]"
             )
         user_node = user.get("node", {})
         if not isinstance(user_node, dict):
@@ -164,6 +235,7 @@ def load_config(
         if value is not None:
             node[key] = value
     config = _build_node(node, source)
+    config.move_destinations, config.access = _parse_tables(user, source)
     try:
         config.rules = parse_rules(rules_raw)
     except ValueError as exc:

@@ -333,6 +333,34 @@ class Index:
                 query = query.where(Series.series_instance_uid == series_uid)
             return list(s.scalars(query))
 
+    def instances_where(
+        self,
+        *,
+        patient_ids: list[str] | None = None,
+        study_uids: list[str] | None = None,
+        series_uids: list[str] | None = None,
+        sop_uids: list[str] | None = None,
+    ) -> list[Instance]:
+        """Instances named by unique keys (C-GET/C-MOVE), in study/series/number order."""
+        with self.reading() as s:
+            query = (
+                select(Instance)
+                .join(Series)
+                .join(Study)
+                .join(Patient)
+                .options(joinedload(Instance.series).joinedload(Series.study))
+                .order_by(Study.id, Series.id, Instance.instance_number, Instance.id)
+            )
+            if patient_ids:
+                query = query.where(Patient.patient_id.in_(patient_ids))
+            if study_uids:
+                query = query.where(Study.study_instance_uid.in_(study_uids))
+            if series_uids:
+                query = query.where(Series.series_instance_uid.in_(series_uids))
+            if sop_uids:
+                query = query.where(Instance.sop_instance_uid.in_(sop_uids))
+            return list(s.scalars(query))
+
     def stats(self) -> dict[str, Any]:
         """Totals overall, per modality and per codec, computed in SQL."""
         with self.reading() as s:

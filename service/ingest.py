@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+from pydicom import Dataset, dcmread
+
 from compacs.service import rules as rules_mod
 from compacs.service.archive import Archive, ChecksumError, checksum
 from compacs.service.compress import compress
@@ -34,7 +36,6 @@ from compacs.service.validate import (
     BadInput,
     check_dataset,
 )
-from pydicom import Dataset, dcmread
 
 log = logging.getLogger("compacs.ingest")
 

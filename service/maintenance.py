@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+from pydicom import dcmread
+from tqdm import tqdm
+
 from compacs.service.archive import Archive
 from compacs.service.compress import source_frames
 from compacs.service.index import Index, Instance
 from compacs.service.transcode import transcode
-from pydicom import dcmread
-from tqdm import tqdm
 
 log = logging.getLogger("compacs.maintenance")
 

@@ -37,7 +37,7 @@ class Node:
         self.server = self.ae.start_server(
             (self.config.host, self.config.port),
             block=False,
-            evt_handlers=scp.handlers(self.ingest),
+            evt_handlers=scp.handlers(self.ingest, self.index),
         )
         log.info(
             "compacs %s listening on %s:%d, data in %s, index %s, %d compression worker(s)",
@@ -48,6 +48,7 @@ class Node:
             _redact(self.config.effective_index_url),
             self.config.effective_workers,
         )
+        log.info("access: %s", self.config.access.describe())
         log.info(
             "rules: %s (from %s)", ", ".join(r.name for r in self.config.rules), self.config.source
         )

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import Dataset
+
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
-from pydicom import Dataset
 
 # Match key -> type of its values. CallingAETitle is not a DICOM attribute: it is the
 # AE title of the sender, so that a rule can treat one modality or PACS differently.

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from io import BytesIO
 
-from compacs.codecs import registry
-from compacs.codecs.base import PixelFormat
-from compacs.service.compress import encode_dataset, is_lossy, source_frames
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID
+
+from compacs.codecs import registry
+from compacs.codecs.base import PixelFormat
+from compacs.service.compress import encode_dataset, is_lossy, source_frames
 
 NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian

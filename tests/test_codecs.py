@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from compacs.codecs import registry
-from compacs.codecs.base import Codec, PixelFormat
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import iter_pixels
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import get_j2k_parameters
+
+from compacs.codecs import registry
+from compacs.codecs.base import Codec, PixelFormat
 
 # Real files: (name, what makes it interesting).
 REAL_FILES = {

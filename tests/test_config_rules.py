@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
 from compacs.codecs.base import PixelFormat
 from compacs.service.config import ConfigError, load_config
 from compacs.service.rules import explain, object_attributes, select
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
 
 
 def write(tmp_path: Path, text: str) -> Path:

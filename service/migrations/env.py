@@ -6,8 +6,9 @@ a checkout, with `script_location` pointing here.
 """
 
 from alembic import context
-from compacs.service.index import Base
 from sqlalchemy import create_engine
+
+from compacs.service.index import Base
 
 target_metadata = Base.metadata
 connection = context.config.attributes.get("connection")
