@@ -106,14 +106,17 @@ def _refused(event: evt.Event, access: Access, service: str) -> bool:
 def handle_requested(event: evt.Event, access: Access) -> None:
     """EVT_REQUESTED: reject callers that the [access] table allows nothing at all."""
     requestor = event.assoc.requestor
-    if not access.allows_any(requestor.ae_title, requestor.address):
+    calling = str(requestor.primitive.calling_ae_title).strip()  # negotiation not done yet
+    if not access.allows_any(calling, requestor.address):
         log.warning(
             "association rejected: calling AE %s from %s is not in [access]",
-            requestor.ae_title,
+            calling,
             requestor.address,
         )
-        # rejected-permanent, service-user, calling AE title not recognised
+        # rejected-permanent, service-user, calling AE title not recognised; then kill() as
+        # pynetdicom's own rejections do, which lets the DUL send the A-ASSOCIATE-RJ
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.kill()
 
 
 # C-FIND SOP class -> query information model of service/query.py
