@@ -1,0 +1,80 @@
+"""The offline commands on single files, and user mistakes answered with a message, not a trace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dicomdata
+import numpy as np
+import pydicom
+import pytest
+
+
+def compacs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "compacs.service.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("codec", "ts"),
+    [
+        ("jpegls", "1.2.840.10008.1.2.4.80"),
+        ("j2k", "1.2.840.10008.1.2.4.90"),
+        ("htj2k", "1.2.840.10008.1.2.4.201"),
+        ("rle", "1.2.840.10008.1.2.5"),
+    ],
+)
+def test_codec_encode_then_decode_round_trips(codec: str, ts: str, tmp_path: Path) -> None:
+    src = dicomdata.signed_ct_12bit(tmp_path)
+    encoded, decoded = tmp_path / "enc.dcm", tmp_path / "dec.dcm"
+    res = compacs("codec", "encode", "--codec", codec, str(src), str(encoded))
+    assert res.returncode == 0, res.stderr
+    assert "verified bit-exact" in res.stdout
+    ds = pydicom.dcmread(encoded)
+    assert ds.file_meta.TransferSyntaxUID == ts
+    assert ds.SOPInstanceUID == pydicom.dcmread(src).SOPInstanceUID  # lossless: same instance
+    res = compacs("codec", "decode", str(encoded), str(decoded))
+    assert res.returncode == 0, res.stderr
+    assert np.array_equal(pydicom.dcmread(decoded).pixel_array, pydicom.dcmread(src).pixel_array)
+
+
+def test_codec_that_cannot_take_the_image_says_why(tmp_path: Path) -> None:
+    src = dicomdata.testdata_path("SC_rgb_32bit.dcm")
+    res = compacs("codec", "encode", "--codec", "jpegls", str(src), str(tmp_path / "o.dcm"))
+    assert res.returncode == 2
+    assert "jpegls not applied" in res.stderr and "BitsAllocated 32" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_user_mistakes_get_one_clear_line(tmp_path: Path) -> None:
+    res = compacs("codec", "encode", "--codec", "jpeg-xl", "a.dcm", "b.dcm")
+    assert res.returncode == 2 and "jpegls" in res.stderr  # lists the known names
+    res = compacs("codec", "decode", str(tmp_path / "missing.dcm"), str(tmp_path / "o.dcm"))
+    assert res.returncode == 2 and "cannot read a DICOM file" in res.stderr
+    res = compacs("stats", "--data", str(tmp_path / "nowhere"))
+    assert res.returncode == 2 and "no compacs archive here" in res.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\non_duplicate = "latest"\n')
+    res = compacs("serve", "--config", str(bad), "--data", str(tmp_path / "d"))
+    assert res.returncode == 2
+    assert str(bad) in res.stderr and "keep_first, replace" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_rules_explain_names_rule_and_codec(tmp_path: Path) -> None:
+    src = dicomdata.ct_series(tmp_path / "ct", 1)[0]
+    res = compacs("rules", "explain", str(src))
+    assert res.returncode == 0
+    assert "rule 'greyscale-images': MATCHES" in res.stdout
+    assert "codec jpegls: WOULD BE USED" in res.stdout
+    res = compacs(
+        "rules", "explain", "--calling-ae", "X", str(dicomdata.testdata_path("SC_rgb.dcm"))
+    )
+    assert "Modality is 'OT'" in res.stdout and "stored as received" not in res.stdout
