@@ -85,9 +85,10 @@ def _mb(n: int) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pydicom.uid import UID
+
     from compacs.service.maintenance import export
     from compacs.service.transcode import TranscodeError
-    from pydicom.uid import UID
 
     if not UID(args.transfer_syntax).is_transfer_syntax:
         raise UsageError(
@@ -205,6 +206,156 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- SCU commands: send, query, pull (the DICOM work is in service/scu.py) ---------------
+def _scu_peer(value: str, option: str):  # noqa: ANN202
+    from compacs.service.scu import AddressError, parse_peer
+
+    try:
+        return parse_peer(value, option)
+    except AddressError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _scu_calling_ae(args: argparse.Namespace, default: str | None = None) -> str:
+    from compacs.service.scu import AddressError, check_ae_title
+
+    value = args.from_ae or default or load_config(None).ae_title
+    try:
+        return check_ae_title(value, "--from-ae")
+    except AddressError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from compacs.service.scu import ScuError, send_files
+
+    peer = _scu_peer(args.to, "--to")
+    calling = _scu_calling_ae(args)
+    try:
+        report = send_files(args.paths, peer, calling)
+    except ScuError as exc:
+        raise UsageError(str(exc)) from exc
+    if not report.results:
+        raise UsageError(f"no DICOM file to send among {', '.join(map(str, args.paths))}")
+    for result in report.failed:
+        print(f"FAILED {result.path}: {result.describe()}")
+    print(
+        f"sent {report.sent} file(s) to {peer} ({report.warnings} with a warning), "
+        f"failed {len(report.failed)}, skipped {len(report.skipped)} (not DICOM)"
+    )
+    return 1 if report.failed else 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from compacs.service.scu import DEFAULT_KEYS, ScuError, answer_value, find, parse_key
+
+    peer = _scu_peer(args.peer, "--from")
+    calling = _scu_calling_ae(args)
+    level = args.level.upper()
+    try:
+        asked = [parse_key(item) for item in args.key]
+        keys = dict.fromkeys(DEFAULT_KEYS[level])
+        keys.update(asked)
+        answers = find(peer, calling, level, list(keys.items()), args.model)
+    except ScuError as exc:
+        raise UsageError(str(exc)) from exc
+    rows = [{k: answer_value(ds, k) for k in keys} for ds in answers]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+
+    def cell(value: Any) -> str:
+        return "\\".join(value) if isinstance(value, list) else ("" if value is None else value)
+
+    table = [list(keys), *([cell(row[k]) for k in keys] for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
+    for line in table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    print(f"{len(rows)} match(es) at {peer}", file=sys.stderr)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from compacs.service.scu import ScuError, pull
+
+    peer = _scu_peer(args.peer, "--from")
+    if args.into:
+        into = _scu_peer(args.into, "--into")
+    else:
+        from compacs.service.scu import Peer
+
+        config = load_config(args.config)
+        into = Peer(config.ae_title, "127.0.0.1", config.port)
+    calling = _scu_calling_ae(args, default=into.ae_title)
+    try:
+        report = pull(peer, calling, args.study, into, args.via)
+    except ScuError as exc:
+        raise UsageError(str(exc)) from exc
+    for line in report.forward_failures:
+        print(f"FAILED to store in {into}: {line}")
+    how = f"C-MOVE to {into.ae_title}" if args.via == "move" else f"C-GET, stored in {into}"
+    print(
+        f"pulled study {args.study} from {peer} ({how}): {report.completed} completed, "
+        f"{report.failed} failed, {report.warning} warning"
+        + (f", expected {report.expected}" if report.expected is not None else "")
+    )
+    if report.completed + report.failed + report.warning == 0:
+        print(f"nothing was retrieved: does {peer} hold the study's objects?", file=sys.stderr)
+        return 1
+    return 0 if report.ok else 1
+
+
+def _add_scu_commands(sub: Any) -> None:
+    def scu_options(p: argparse.ArgumentParser, *, peer: str, flag: str, helptext: str) -> None:
+        p.add_argument(flag, dest=peer, required=True, metavar="AE@HOST:PORT", help=helptext)
+        p.add_argument("--from-ae", help="our (calling) AE title (default: the node's AE title)")
+
+    p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    scu_options(p, peer="to", flag="--to", helptext="the peer to send to")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("query", help="C-FIND at a DICOM peer, answers as a table or JSON")
+    scu_options(p, peer="peer", flag="--from", helptext="the peer to query")
+    p.add_argument(
+        "-k",
+        "--key",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="match on VALUE (wildcards *, ?; date ranges A-B), or just ask for KEY",
+    )
+    p.add_argument(
+        "--level",
+        default="STUDY",
+        type=str.upper,
+        choices=["PATIENT", "STUDY", "SERIES", "IMAGE"],
+        help="query level (default STUDY)",
+    )
+    p.add_argument(
+        "--model", default="study", choices=["study", "patient"], help="information model"
+    )
+    p.add_argument("--json", action="store_true", help="answers as a JSON list")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("pull", help="import a study from another PACS into this node")
+    scu_options(p, peer="peer", flag="--from", helptext="the PACS that holds the study")
+    p.add_argument("--study", required=True, help="Study Instance UID")
+    p.add_argument(
+        "--via",
+        default="move",
+        choices=["move", "get"],
+        help="move: the PACS sends to --into (it must know that AE); get: we fetch and forward",
+    )
+    p.add_argument(
+        "--into",
+        metavar="AE@HOST:PORT",
+        help="where the study goes (default: this node, its AE title at 127.0.0.1 and port)",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (for the default --into)")
+    p.set_defaults(func=cmd_pull)
+
+
 # --- parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compacs", description=__doc__.splitlines()[0])
@@ -270,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calling-ae", default="", help="pretend the file came from this AE title")
     p.add_argument("file", type=Path, metavar="FILE.dcm")
     p.set_defaults(func=cmd_rules_explain)
+    _add_scu_commands(sub)
     return parser
 
 

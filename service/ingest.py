@@ -57,6 +57,7 @@ class JobResult:
     job: Job
     codec: str
     transfer_syntax: str
+    received_size: int
     size: int
     checksum: str
     notes: tuple[str, ...]
@@ -87,6 +88,7 @@ def run_job(job: Job, expected_checksum: str) -> JobResult:
         job,
         outcome.codec,
         outcome.transfer_syntax,
+        len(raw),
         len(outcome.data),
         digest,
         tuple(outcome.notes),
@@ -267,14 +269,13 @@ class Ingest:
             self.archive.delete(job.stored)
             return
         self.archive.delete(job.incoming)
-        inst = self.index.get_instance(job.sop_uid)
-        ratio = inst.received_size / result.size if result.size else 0.0
+        ratio = result.received_size / result.size if result.size else 0.0
         log.info(
             "stored SOP %s from %s: codec %s, %d -> %d bytes, ratio %.2f%s",
             job.sop_uid,
             job.calling_ae,
             result.codec,
-            inst.received_size,
+            result.received_size,
             result.size,
             ratio,
             f" ({'; '.join(result.notes)})" if result.notes else "",
