@@ -199,3 +199,30 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Fresh-UID copies of real sample files (see dicomdata.SAMPLE_SOURCES), shared by the
     session: copy again with dicomdata.fresh_copy when a test needs unseen UIDs."""
     return dicomdata.sample_files(tmp_path_factory.mktemp("samples"))
+
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throw-away PostgreSQL database on the machine's server (127.0.0.1:5432, trust auth),
+    dropped afterwards; skips, saying why, where no PostgreSQL answers."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    pytest.importorskip("psycopg")
+    import uuid
+
+    engine = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"compacs_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    except sqlalchemy.exc.OperationalError as exc:
+        engine.dispose()
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc.orig}")
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        engine.dispose()

@@ -6,36 +6,12 @@ auth), dropped afterwards. Skipped, saying why, where no PostgreSQL answers.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import dicomdata
 import numpy as np
 import pydicom
-import pytest
 from nodecheck import exported_by_sop, store_all, wait_compressed
-
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg")
-    engine = sqlalchemy.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"compacs_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    except sqlalchemy.exc.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc.orig}")
-    try:
-        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        engine.dispose()
 
 
 def test_store_export_verify_on_postgresql(make_node, pg_url: str, samples, tmp_path: Path) -> None:
