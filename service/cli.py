@@ -1,4 +1,4 @@
-"""The `compacs` command: serve, stats, export, verify, codec, rules.
+"""The `compacs` command: serve, stats, export, verify, codec, rules, send, query, pull.
 
 Every mistake a user can make on the command line or in the config ends in one line on
 stderr saying what was wrong and what to do, and exit status 2; a check that finds
