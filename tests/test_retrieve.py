@@ -219,3 +219,73 @@ def test_cget_300_instances_keeps_rss_flat(compacs_node, tmp_path: Path) -> None
     got = pydicom.dcmread(next(out.iterdir()))
     assert got.file_meta.TransferSyntaxUID == EXPLICIT_LE
     assert np.array_equal(got.pixel_array, dicomdata.ct_slice_pixels())
+
+
+def test_damaged_blob_is_a_failed_suboperation_not_a_failed_get(
+    compacs_node, tmp_path: Path
+) -> None:
+    study = pydicom.uid.generate_uid()
+    files = dicomdata.ct_series(tmp_path / "ct", 3, study_uid=study)
+    store_all(compacs_node, files)
+    wait_compressed(compacs_node, 3)
+    blob = sorted((compacs_node.data_dir / "archive" / "hot").rglob("*.dcm"))[0]
+    data = bytearray(blob.read_bytes())
+    data[-50] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "get"
+    res = peers.getscu(compacs_node.port, "STUDY", {"StudyInstanceUID": study}, out)
+    assert len(by_sop(out)) == 2  # the other two still arrive
+    assert "Received C-GET Response (Warning" in res.stdout, res.stdout[-2000:]  # 0xB000
+    assert "Number of Completed Suboperations : 2" in res.stdout
+    assert "Number of Failed Suboperations    : 1" in res.stdout
+    assert "checksum mismatch" in compacs_node.log_text()
+
+
+def test_cget_cancel_stops_early_and_association_keeps_working(
+    compacs_node, tmp_path: Path
+) -> None:
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    study = pydicom.uid.generate_uid()
+    files = dicomdata.ct_series(tmp_path / "ct", 40, study_uid=study)
+    res = compacs_node.store(files)
+    assert peers.store_ok(res, files)
+    wait_compressed(compacs_node, 40)
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+    ae = AE(ae_title="CANCELSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(
+        compacs_node.host,
+        compacs_node.port,
+        ae_title=compacs_node.ae_title,
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    try:
+        statuses = []
+        for status, _ in assoc.send_c_get(
+            identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=7
+        ):
+            statuses.append(status.Status)
+            if status.Status == 0xFF00 and len(statuses) == 1:
+                cx = assoc._get_valid_context(StudyRootQueryRetrieveInformationModelGet, "", "scu")
+                assoc.send_c_cancel(7, cx.context_id)
+        assert statuses[-1] == 0xFE00, [hex(s) for s in statuses]
+        assert 0 < len(received) < 40
+        again = []
+        for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
+            again.append(status.Status)
+        assert again[-1] == 0x0000 and len(received) >= 40
+    finally:
+        assoc.release()
