@@ -25,6 +25,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from compacs.codecs import registry
 from compacs.service.archive import Archive
 from compacs.service.index import Index, Instance
+from compacs.service.query import UNIQUE_KEYS
 from compacs.service.transcode import NATIVE_SYNTAXES, TranscodeError, transcode
 
 log = logging.getLogger("compacs.retrieve")
@@ -41,12 +42,7 @@ STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_UNABLE_TO_PROCESS = 0xC000
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
-LEVEL_KEYS = {
-    "PATIENT": "PatientID",
-    "STUDY": "StudyInstanceUID",
-    "SERIES": "SeriesInstanceUID",
-    "IMAGE": "SOPInstanceUID",
-}
+LEVEL_KEYS = UNIQUE_KEYS  # a retrieve names its instances by the unique keys of each level
 
 
 class RetrieveError(Exception):
