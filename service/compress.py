@@ -89,8 +89,8 @@ def _pydicom_plugin(ds: Dataset) -> str:
     return "pylibjpeg" if UID(ds.file_meta.TransferSyntaxUID).is_compressed else ""
 
 
-def encode_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params: dict) -> bytes:
-    """Encode, verify bit-exact, and return the Part-10 bytes in `codec`'s syntax.
+def encoded_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params: dict) -> Dataset:
+    """`ds` with its frames encoded by `codec`, each verified bit-exact.
 
     Raises ValueError on a verification mismatch; the caller falls back.
     """
@@ -110,9 +110,18 @@ def encode_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params: 
     out["PixelData"].is_undefined_length = True
     if fmt.samples_per_pixel > 1:
         out.PlanarConfiguration = 0  # compressed colour frames are always colour-by-pixel
+    return out
+
+
+def part10(ds: Dataset) -> bytes:
     buffer = BytesIO()
-    dcmwrite(buffer, out, enforce_file_format=True)
+    dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def encode_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params: dict) -> bytes:
+    """Part-10 bytes of `encoded_dataset`."""
+    return part10(encoded_dataset(ds, codec, frames, params))
 
 
 def compress(

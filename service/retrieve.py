@@ -26,7 +26,7 @@ from compacs.codecs import registry
 from compacs.service.archive import Archive
 from compacs.service.index import Index, Instance
 from compacs.service.query import UNIQUE_KEYS
-from compacs.service.transcode import NATIVE_SYNTAXES, TranscodeError, transcode
+from compacs.service.transcode import NATIVE_SYNTAXES, TranscodeError, transcode_dataset
 
 log = logging.getLogger("compacs.retrieve")
 
@@ -139,11 +139,8 @@ def prepare(archive: Archive, inst: Instance, accepted: list[str]) -> Dataset:
     target = choose_syntax(inst, accepted)
     if target is None:
         raise TranscodeError(f"the peer accepted none of {candidate_syntaxes(inst)}")
-    data = archive.read(inst.blob_path, inst.checksum)
-    if target != inst.stored_transfer_syntax:
-        data = transcode(data, target)
-    ds = dcmread(BytesIO(data))
-    return ds
+    ds = dcmread(BytesIO(archive.read(inst.blob_path, inst.checksum)))
+    return transcode_dataset(ds, target)
 
 
 def accepted_for(contexts: list[PresentationContext], sop_class: str, role: str) -> list[str]:

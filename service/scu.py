@@ -23,7 +23,6 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -501,10 +500,10 @@ def store_file(assoc: Association, f: DicomFile, accepted: set[tuple[str, str]])
             rsp = assoc.send_c_store(f.path)
         note = ""
     elif any((f.sop_class, ts) in accepted for ts in NATIVE_PAIR):
-        from compacs.service.transcode import TranscodeError, transcode
+        from compacs.service.transcode import TranscodeError, transcode_dataset
 
         try:
-            ds = dcmread(BytesIO(transcode(f.path.read_bytes(), ExplicitVRLittleEndian)))
+            ds = transcode_dataset(dcmread(f.path), ExplicitVRLittleEndian)
         except (TranscodeError, OSError, ValueError, InvalidDicomError) as exc:
             why = f"peer refused {f.transfer_syntax.name} and decoding failed: {exc}"
             return StoreResult(f.path, None, why)

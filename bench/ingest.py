@@ -1,0 +1,773 @@
+"""Ingest benchmark: 500 CT 512² instances sent with DCMTK storescu into several receivers.
+
+Receivers, side by side in one run (pick with --only):
+  a  compacs, default rules (JPEG-LS lossless, verified), one storescu association
+  b  Orthanc 1.10, IngestTranscoding = JPEG-LS lossless (1.2.840.10008.1.2.4.80)
+  c  Orthanc 1.10, stored as received (uncompressed)
+  d  DCMTK storescp writing the received files (the limit of this machine)
+  e  compacs, default rules, 4 storescu associations at once (the files split in 4)
+
+Per receiver: "acked/s" (storescu start until it exits: every C-STORE answered) and
+"stored/s" (storescu start until every object is in its final stored form: for compacs,
+``compacs stats`` reports pending == 0; Orthanc and storescp store before they answer, so
+there the two are the same), MB/s of uncompressed input (10^6 bytes), the stored ratio
+(input bytes / bytes on disk) and the peak RSS of the receiver's process tree (the process
+and all its children, summed, sampled every 50 ms).
+
+Run: ``.venv/bin/python bench/ingest.py [--count 500] [--repeat 1] [--only a,b,c,d,e] [--keep]``.
+A benchmark, not a test: nothing here asserts a speed. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+# tests/ has no __init__.py: import the harness modules the way tests/conftest.py does.
+sys.path.insert(0, str(ROOT / "tests"))
+
+import dicomdata  # noqa: E402
+import peers  # noqa: E402
+
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+SAMPLE_INTERVAL = 0.05  # s between RSS samples
+POLL_INTERVAL = 0.1  # s between compacs stats polls once storescu has exited
+QUIET_CORES = 0.15  # a run is "quiet" when other processes used less CPU than this
+STOP_TIMEOUT = 75.0  # s a receiver may take to stop on SIGTERM before it gets SIGKILL
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+# --------------------------------------------------------------------------- DCMTK binaries
+
+
+def dcmtk_tool(name: str) -> str:
+    """The DCMTK binary ``name`` from PATH, skipping the virtual environment: pynetdicom
+    installs its own ``storescu``/``storescp`` apps into .venv/bin, which would shadow DCMTK's
+    when the venv is activated."""
+    venv = Path(sys.prefix).resolve()
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        if not entry:
+            continue
+        cand = Path(entry) / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            try:
+                if cand.resolve().is_relative_to(venv):
+                    continue
+            except OSError:
+                continue
+            return str(cand)
+    fallback = Path("/usr/bin") / name
+    if fallback.exists():
+        return str(fallback)
+    raise peers.PeerError(f"DCMTK {name} not found (apt-get install dcmtk)")
+
+
+class DcmtkStorescp(peers.StorescpProcess):
+    """The harness's storescp, started by absolute path (see :func:`dcmtk_tool`)."""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[0] = dcmtk_tool("storescp")
+        return cmd
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class TreeSampler(threading.Thread):
+    """Peak RSS of a process plus all its descendants, summed, sampled every 50 ms.
+
+    The list of descendants is refreshed every 10th sample (walking /proc costs ~2.5 ms);
+    each sample reads every known process's RSS.
+    """
+
+    def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL) -> None:
+        super().__init__(name=f"rss-{pid}", daemon=True)
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._halt = threading.Event()
+        self._procs: list[psutil.Process] = [self.root]
+
+    def _refresh(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            self._procs = [self.root, *self.root.children(recursive=True)]
+
+    def sample(self) -> None:
+        if self.samples % 10 == 0:
+            self._refresh()
+        total = 0
+        for proc in self._procs:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        self.samples += 1
+        self.peak = max(self.peak, total)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join(5)
+        self._refresh()
+        self.sample()
+        return self.peak
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """User+system CPU seconds of a process, and of all its live descendants together."""
+    own = children = 0.0
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        t = root.cpu_times()
+        own = t.user + t.system
+        for proc in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                children += t.user + t.system
+    return own, children
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(tree_cpu(pid))
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores, not idle/iowait) since boot."""
+    t = psutil.cpu_times()
+    # guest time is already counted in user time on Linux
+    not_busy = ("idle", "iowait", "guest", "guest_nice")
+    return sum(t) - sum(getattr(t, name, 0.0) for name in not_busy)
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this benchmark process and its reaped children (storescu, stats CLI)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def settle(pid: int, timeout: float = 20.0) -> None:
+    """Wait until the receiver tree is idle (<4 % of a core over 0.25 s): a node whose worker
+    processes are still importing codecs would otherwise steal CPU from the measured run."""
+    deadline = time.monotonic() + timeout
+    last = tree_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = tree_cpu_seconds(pid)
+        if now - last < 0.01:
+            return
+        last = now
+
+
+def wait_quiet(limit: float, window: float = 2.0, threshold: float = 0.1) -> float:
+    """Wait (up to ``limit`` s) for a ``window`` in which the whole machine used less than
+    ``threshold`` cores: other jobs on a shared machine skew every receiver. Returns the
+    busy cores of the last window."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        cores = (machine_busy_seconds() - before) / window
+        if cores < threshold or time.monotonic() >= deadline:
+            return cores
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def compacs_log_problems(text: str, limit: int = 8) -> tuple[int, list[str]]:
+    """Lines in a compacs log that look like trouble: ERROR/CRITICAL/WARNING/Traceback."""
+    keys = ("ERROR", "CRITICAL", "WARNING", "Traceback", "Exception")
+    hits = [line for line in text.splitlines() if any(k in line for k in keys)]
+    return len(hits), hits[:limit]
+
+
+# --------------------------------------------------------------------------- sending
+
+
+def start_storescu(
+    port: int, files: Sequence[Path], aec: str, log_path: Path
+) -> tuple[subprocess.Popen[bytes], Any]:
+    """One storescu association for ``files`` (uncompressed proposals, -R, -nh, -v), its
+    log in ``log_path``; same flags as the harness's peers.storescu()."""
+    args = [dcmtk_tool("storescu"), "-v", "-R", "-nh", "-aet", "STORESCU", "-aec", aec]
+    args += [peers.LOOPBACK, str(port), *map(str, files)]
+    log = open(log_path, "wb")  # noqa: SIM115 - closed by the caller after wait()
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=peers.dcmtk_env()
+    )
+    return proc, log
+
+
+def split(files: Sequence[Path], n: int) -> list[list[Path]]:
+    """``files`` in ``n`` contiguous groups of (nearly) equal size."""
+    size, extra = divmod(len(files), n)
+    groups, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        groups.append(list(files[start:end]))
+        start = end
+    return [g for g in groups if g]
+
+
+# --------------------------------------------------------------------------- receivers
+
+
+@dataclass
+class Run:
+    """One measured transfer into one receiver."""
+
+    key: str
+    acked_s: float = 0.0
+    stored_s: float = 0.0
+    ratio: float | None = None
+    peak_rss: int = 0
+    cpu_main: float = 0.0  # CPU seconds of the receiver process during the run
+    cpu_children: float = 0.0  # and of its descendants (compacs' compression workers)
+    others_cores: float = 0.0  # CPU used by processes outside this benchmark, in cores
+    acked_ok: int = 0
+    stored: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Receiver:
+    key = "?"
+    label = "?"
+    associations = 1
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: peers.ManagedProcess | None = None
+
+    @property
+    def ae(self) -> str:
+        return "ANY"
+
+    def start(self) -> peers.ManagedProcess:
+        raise NotImplementedError
+
+    def wait_stored(self, run: Run, count: int, t0: float, input_bytes: int) -> None:
+        """Fill run.stored_s, run.stored and run.ratio once every object is stored."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.graceful_teardown:
+                self.proc.stop()
+            else:
+                self.proc.kill9()
+
+    def version(self) -> str:
+        return ""
+
+
+class CompacsReceiver(Receiver):
+    key = "a"
+    label = "compacs (JPEG-LS, verified), 1 assoc"
+
+    def __init__(self, workdir: Path, associations: int = 1) -> None:
+        super().__init__(workdir)
+        self.associations = associations
+        if associations > 1:
+            self.key = "e"
+            self.label = f"compacs (JPEG-LS, verified), {associations} assocs"
+        self.node: peers.CompacsProcess | None = None
+        self._index: Any = None
+        self.stats_source = "compacs stats CLI"
+        self.rc: int | None = None
+        self.stop_s = 0.0
+
+    @property
+    def ae(self) -> str:
+        return "COMPACS"
+
+    def start(self) -> peers.ManagedProcess:
+        self.node = peers.CompacsProcess(self.workdir / "data", ae_title="COMPACS")
+        self.proc = self.node
+        self.node.start()
+        self._open_index()
+        return self.node
+
+    def _open_index(self) -> None:
+        """Read the node's index in-process, as ``compacs stats`` does, for cheap polling.
+
+        Each ``compacs stats`` process costs ~0.5 s of CPU to start (imports), which on a
+        small machine would slow the compression it is waiting for. The final numbers are
+        still read with the CLI. Falls back to polling the CLI when this fails."""
+        assert self.node is not None
+        db = self.node.data_dir / "index.sqlite"
+        try:
+            from compacs.service.index import Index
+
+            if not db.exists():
+                raise FileNotFoundError(db)
+            self._index = Index.open(f"sqlite:///{db.resolve()}", upgrade=False)
+            self._index.stats()
+            self.stats_source = "in-process Index.stats() polling, final `compacs stats --json`"
+        except Exception as exc:  # noqa: BLE001 - any failure: poll the CLI instead
+            self._index = None
+            self.stats_source = f"compacs stats CLI polling ({type(exc).__name__}: {exc})"
+
+    def _stats(self) -> dict[str, Any]:
+        if self._index is not None:
+            return self._index.stats()
+        assert self.node is not None
+        return self.node.stats()
+
+    def wait_stored(self, run: Run, count: int, t0: float, input_bytes: int) -> None:
+        assert self.node is not None
+        interval = POLL_INTERVAL if self._index is not None else 0.5
+        deadline = time.monotonic() + max(300.0, count * 1.0)
+        stats: dict[str, Any] = {}
+        while True:
+            try:
+                stats = self._stats()
+            except Exception as exc:  # noqa: BLE001 - report and keep polling
+                run.notes.append(f"stats failed: {exc}")
+                stats = {}
+            if stats and stats["pending"] == 0 and stats["instances"] >= run.acked_ok:
+                run.stored_s = time.perf_counter() - t0
+                break
+            if not self.node.running:
+                run.notes.append(f"compacs exited with {self.node.returncode} while compressing")
+                run.stored_s = float("nan")
+                break
+            if time.monotonic() > deadline:
+                run.notes.append(f"still {stats.get('pending')} pending after the timeout")
+                run.stored_s = float("nan")
+                break
+            time.sleep(interval)
+        try:
+            final = self.node.stats()  # the CLI's answer is the one reported
+        except peers.PeerError as exc:
+            run.notes.append(f"compacs stats CLI failed: {exc}")
+            final = stats
+        run.stored = int(final.get("instances", 0))
+        if final.get("pending"):
+            run.notes.append(f"{final['pending']} still pending")
+        received, stored = final.get("bytes_received", 0), final.get("bytes_stored", 0)
+        run.ratio = received / stored if stored else None
+        if received and abs(received - input_bytes) > 0.05 * input_bytes:
+            run.notes.append(f"bytes_received {received} vs input {input_bytes}")
+        codecs = ", ".join(f"{k}: {v['instances']}" for k, v in final.get("by_codec", {}).items())
+        if codecs:
+            run.notes.append(f"codecs {codecs}")
+
+    def stop(self) -> None:
+        if self._index is not None:
+            with contextlib.suppress(Exception):
+                self._index.close()
+            self._index = None
+        if self.node is None:
+            return
+        t = time.perf_counter()
+        self.rc = self.node.stop(timeout=STOP_TIMEOUT)
+        self.stop_s = time.perf_counter() - t
+
+    def version(self) -> str:
+        try:
+            from importlib.metadata import version
+
+            return f"compacs {version('compacs')}"
+        except Exception:  # noqa: BLE001
+            return "compacs"
+
+
+class OrthancReceiver(Receiver):
+    def __init__(self, workdir: Path, transcoding: str | None) -> None:
+        super().__init__(workdir)
+        self.transcoding = transcoding
+        self.key = "b" if transcoding else "c"
+        self.label = RECEIVERS[self.key][0]
+        self.orthanc: peers.OrthancProcess | None = None
+        self._version = ""
+
+    @property
+    def ae(self) -> str:
+        return "ORTHANC"
+
+    def start(self) -> peers.ManagedProcess:
+        self.orthanc = peers.OrthancProcess(
+            self.workdir / "orthanc", ingest_transcoding=self.transcoding
+        )
+        self.proc = self.orthanc
+        self.orthanc.start()
+        with contextlib.suppress(Exception):
+            self._version = f"Orthanc {self.orthanc.get_json('/system')['Version']}"
+        return self.orthanc
+
+    def wait_stored(self, run: Run, count: int, t0: float, input_bytes: int) -> None:
+        # Orthanc stores (and transcodes) before it answers the C-STORE.
+        assert self.orthanc is not None
+        run.stored_s = run.acked_s
+        st = self.orthanc.statistics()
+        run.stored = int(st["CountInstances"])
+        disk = int(st["TotalDiskSize"])
+        run.ratio = input_bytes / disk if disk else None
+        if self.transcoding:
+            ids = self.orthanc.instances()[:3]
+            syntaxes = {self.orthanc.instance_transfer_syntax(i) for i in ids}
+            if syntaxes != {self.transcoding}:
+                run.notes.append(f"stored transfer syntaxes {sorted(syntaxes)}")
+
+    def version(self) -> str:
+        return self._version or "Orthanc"
+
+
+class StorescpReceiver(Receiver):
+    key = "d"
+    label = "DCMTK storescp, raw files"
+
+    def start(self) -> peers.ManagedProcess:
+        self.scp = DcmtkStorescp(self.workdir / "storescp", aet="ANY-SCP")
+        self.proc = self.scp
+        self.scp.start()
+        return self.scp
+
+    def wait_stored(self, run: Run, count: int, t0: float, input_bytes: int) -> None:
+        run.stored_s = run.acked_s  # written before the answer
+        run.stored = len(self.scp.received())
+        run.ratio = 1.0
+
+    def version(self) -> str:
+        res = subprocess.run(
+            [dcmtk_tool("storescu"), "--version"], capture_output=True, text=True, check=False
+        )
+        first = (res.stdout or res.stderr).strip().splitlines()
+        return first[0].strip() if first else "DCMTK"
+
+
+RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
+    "a": ("compacs, 1 association", lambda d: CompacsReceiver(d, 1)),
+    "b": ("Orthanc, IngestTranscoding JPEG-LS", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS)),
+    "c": ("Orthanc, uncompressed", lambda d: OrthancReceiver(d, None)),
+    "d": ("DCMTK storescp, raw files", lambda d: StorescpReceiver(d)),
+    "e": ("compacs, 4 associations", lambda d: CompacsReceiver(d, 4)),
+}
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def measure(
+    rec: Receiver, files: Sequence[Path], input_bytes: int, logs: Path, quiet: float = 0.0
+) -> tuple[Run, list[str]]:
+    """Start the receiver, send, wait until stored, stop it; (result, log problem lines)."""
+    run = Run(rec.key)
+    senders: list[tuple[subprocess.Popen[bytes], Any]] = []
+    sampler: TreeSampler | None = None
+    problems: list[str] = []
+    try:
+        proc = rec.start()
+        settle(proc.pid)
+        if quiet > 0:
+            wait_quiet(quiet)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        groups = split(files, rec.associations)
+        cpu0 = tree_cpu(proc.pid)
+        busy0, own0 = machine_busy_seconds(), own_cpu_seconds()
+        t0 = time.perf_counter()
+        for i, group in enumerate(groups):
+            senders.append(start_storescu(proc.port, group, rec.ae, logs / f"storescu-{i}.log"))
+        for sender, _log in senders:
+            sender.wait()
+        run.acked_s = time.perf_counter() - t0
+        for i, (sender, log) in enumerate(senders):
+            log.close()
+            text = (logs / f"storescu-{i}.log").read_text(errors="replace")
+            results = peers.parse_storescu_log(text)
+            run.acked_ok += sum(1 for r in results.values() if r == "Success")
+            if sender.returncode != 0:
+                run.notes.append(f"storescu {i} exited {sender.returncode}")
+            bad = [f"{Path(k).name}: {v}" for k, v in results.items() if v != "Success"]
+            if bad:
+                run.notes.append(f"storescu {i}: {len(bad)} not Success, e.g. {bad[0]}")
+        rec.wait_stored(run, len(files), t0, input_bytes)
+        cpu1 = tree_cpu(proc.pid)
+        wall = time.perf_counter() - t0
+        run.cpu_main, run.cpu_children = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+        ours = run.cpu_main + run.cpu_children + own_cpu_seconds() - own0
+        run.others_cores = max(0.0, (machine_busy_seconds() - busy0 - ours) / wall)
+        if run.others_cores >= QUIET_CORES:
+            run.notes.append(
+                f"other processes used {run.others_cores:.2f} cores of {os.cpu_count()} "
+                "during this run: the machine was not quiet"
+            )
+        run.peak_rss = sampler.stop()
+        sampler = None
+    finally:
+        for sender, log in senders:
+            if sender.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    sender.kill()
+                sender.wait()
+            log.close()
+        if sampler is not None:
+            sampler.stop()
+        rec.stop()
+        if isinstance(rec, CompacsReceiver) and rec.node is not None:
+            n, lines = compacs_log_problems(rec.node.log_text())
+            if n:
+                problems = [f"{n} log lines with ERROR/WARNING/Traceback in {rec.node.log_path}"]
+                problems += [f"    {line[:300]}" for line in lines]
+            if rec.rc not in (0, None):
+                problems.append(f"compacs exited with {rec.rc} on SIGTERM")
+            if rec.stop_s > 5:
+                problems.append(f"compacs took {rec.stop_s:.1f} s to stop on SIGTERM")
+    return run, problems
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or value != value:  # None or NaN
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def median(values: list[float]) -> float | None:
+    vals = [v for v in values if v == v and v > 0]
+    return statistics.median(vals) if vals else None
+
+
+def table(results: dict[str, list[Run]], count: int, input_bytes: int, repeat: int) -> str:
+    head = [
+        "receiver",
+        "acked/s",
+        "stored/s",
+        "MB/s acked",
+        "MB/s stored",
+        "stored ratio",
+        "peak RSS MB",
+        "CPU ms/img (main+children)",
+        "ok (acked/stored)",
+    ]
+    if repeat > 1:
+        head.append("stored/s per run")
+    rows = [head, ["---"] * len(head)]
+    mb = input_bytes / 1e6
+    for key, all_runs in results.items():
+        if not all_runs:
+            continue
+        # Medians over the runs on a quiet machine; all runs only where none was quiet.
+        runs = [r for r in all_runs if r.others_cores < QUIET_CORES] or all_runs
+        busy_only = runs is all_runs and any(r.others_cores >= QUIET_CORES for r in runs)
+        acked = median([count / r.acked_s for r in runs if r.acked_s])
+        stored = median([count / r.stored_s for r in runs if r.stored_s])
+        ratio = median([r.ratio for r in runs if r.ratio])
+        rss = median([r.peak_rss / 1e6 for r in runs])
+        ok = f"{min(r.acked_ok for r in all_runs)}/{min(r.stored for r in all_runs)} of {count}"
+        cpu_main = median([1000 * r.cpu_main / count for r in runs])
+        cpu_children = median([1000 * r.cpu_children / count for r in runs]) or 0.0
+        cpu = f"{fmt(cpu_main)}" + (f"+{fmt(cpu_children)}" if cpu_children else "")
+        row = [
+            f"({key}) {RECEIVERS[key][0]}{' *' if busy_only else ''}",
+            fmt(acked),
+            fmt(stored),
+            fmt(acked * mb / count if acked else None),
+            fmt(stored * mb / count if stored else None),
+            fmt(ratio, 2),
+            fmt(rss, 0),
+            cpu,
+            ok,
+        ]
+        if repeat > 1:
+            row.append(
+                " ".join(
+                    fmt(count / r.stored_s if r.stored_s else None)
+                    + ("!" if r.others_cores >= QUIET_CORES else "")
+                    for r in all_runs
+                )
+            )
+        rows.append(row)
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [
+        "",
+        f"Medians over the runs during which other processes used < {QUIET_CORES} cores; "
+        "`*`: no such run, median of all runs; `!`: a run on a busy machine.",
+    ]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = psutil.virtual_memory().total / 2**30
+    cpus = f"{os.cpu_count()} CPUs ({model or platform.machine()})"
+    return f"{platform.node()}: {cpus}, {mem:.0f} GiB"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--count", type=int, default=500, help="instances to send (default 500)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per receiver; median reported")
+    p.add_argument("--only", default="a,b,c,d,e", help="receivers to run, e.g. a,d (default all)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folders and logs")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each run wait up to S s for the machine to be idle (shared machines)",
+    )
+    args = p.parse_args(argv)
+    args.only = [k.strip() for k in args.only.split(",") if k.strip()]
+    unknown = [k for k in args.only if k not in RECEIVERS]
+    if unknown:
+        p.error(f"unknown receiver(s) {unknown}; choose from {','.join(RECEIVERS)}")
+    if args.count < 1 or args.repeat < 1:
+        p.error("--count and --repeat must be >= 1")
+    return args
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks, stopping every receiver
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    # Even where the shell started us with SIGINT ignored (a background job), Ctrl-C / kill
+    # -INT must stop the receivers rather than leave them running.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        peers.ensure_debian_packages()
+        dcmtk_tool("storescu")
+    except peers.PeerError as exc:
+        print(f"DICOM peers unavailable: {exc}", file=sys.stderr)
+        return 2
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tmp = Path(tempfile.mkdtemp(prefix=f"compacs-bench-ingest-{stamp}-"))
+    results: dict[str, list[Run]] = {k: [] for k in args.only}
+    problems: dict[str, list[str]] = {}
+    versions: dict[str, str] = {}
+    stats_source = ""
+    try:
+        t = time.perf_counter()
+        files = dicomdata.ct_series(tmp / "input", args.count)
+        input_bytes = sum(f.stat().st_size for f in files)
+        progress(
+            f"made {len(files)} CT 512² files, {input_bytes / 1e6:.1f} MB, "
+            f"in {time.perf_counter() - t:.1f} s ({tmp / 'input'})"
+        )
+        total = len(args.only) * args.repeat
+        step = 0
+        for rep in range(args.repeat):  # interleaved: drift hits every receiver alike
+            for key in args.only:
+                step += 1
+                workdir = tmp / f"{key}-run{rep + 1}"
+                logs = workdir / "logs"
+                logs.mkdir(parents=True)
+                rec = RECEIVERS[key][1](workdir)
+                progress(f"[{step}/{total}] ({key}) {rec.label} ...")
+                try:
+                    run, found = measure(rec, files, input_bytes, logs, args.wait_quiet)
+                except peers.PeerError as exc:
+                    progress(f"    ({key}) failed to run: {exc}")
+                    problems.setdefault(key, []).append(f"run {rep + 1} failed: {exc}")
+                    continue
+                results[key].append(run)
+                versions.setdefault(key, rec.version())
+                if isinstance(rec, CompacsReceiver):
+                    stats_source = rec.stats_source
+                if found:
+                    problems.setdefault(key, []).extend(f"run {rep + 1}: {p}" for p in found)
+                stored = ""
+                if run.stored_s != run.acked_s:
+                    rate = fmt(args.count / run.stored_s)
+                    stored = f", all stored at {run.stored_s:.2f} s ({rate}/s)"
+                progress(
+                    f"    ({key}) {run.acked_ok}/{args.count} acked in {run.acked_s:.2f} s "
+                    f"({args.count / run.acked_s:.1f}/s){stored}; ratio {fmt(run.ratio, 2)}, "
+                    f"peak RSS {run.peak_rss / 1e6:.0f} MB"
+                    + (f"; {'; '.join(run.notes)}" if run.notes else "")
+                )
+                if not args.keep:
+                    shutil.rmtree(workdir, ignore_errors=True)
+
+        text = table(results, args.count, input_bytes, args.repeat)
+        print(text)
+        report = [
+            f"# Ingest benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            "",
+            f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+            f"- machine: {machine()}",
+            f"- input: {args.count} CT 512² instances (dicomdata.ct_series), "
+            f"{input_bytes / 1e6:.1f} MB uncompressed; repeat {args.repeat}",
+            "- sender: DCMTK storescu -R -nh, TCP_NODELAY=1, one association each "
+            "((e): 4 at once); MB = 10^6 bytes of uncompressed input",
+            f"- versions: {'; '.join(sorted(set(versions.values())))}",
+        ]
+        if stats_source:
+            report.append(f'- compacs "stored": pending == 0, read by {stats_source}')
+        report += ["", text, ""]
+        for key, runs in results.items():
+            for i, run in enumerate(runs):
+                if run.notes:
+                    report.append(f"- ({key}) run {i + 1}: {'; '.join(run.notes)}")
+        for key, lines in problems.items():
+            report.append(f"- ({key}) problems:")
+            report += [f"  {line}" for line in lines]
+        for key, lines in problems.items():
+            print("\n".join(f"({key}) {line}" for line in lines))
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        out = RESULTS_DIR / f"ingest-{stamp}.md"
+        out.write_text("\n".join(report) + "\n")
+        progress(f"written to {out}")
+    finally:
+        peers.kill_leftovers()
+        if args.keep:
+            progress(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: receivers stopped", file=sys.stderr)
+        sys.exit(130)
