@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from io import BytesIO
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.dataelem import DataElement
 from pydicom.encaps import encapsulate
-from pydicom.filewriter import dcmwrite
+from pydicom.filewriter import dcmwrite, write_file_meta_info
 from pydicom.pixels import iter_pixels
 from pydicom.uid import UID
 
@@ -102,14 +103,16 @@ def encoded_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params:
         if decoded.shape != frame.shape or not np.array_equal(decoded, frame):
             raise ValueError(f"frame {i} does not decode bit-exact")
         encoded.append(data)
-    out = Dataset(ds)  # shallow copy: the caller's dataset keeps its pixel data
+    # A shallow copy shares its elements with `ds`: changed ones are replaced, never assigned
+    # to, so the caller's dataset keeps its own pixel data (a later codec may need it).
+    out = Dataset(ds)
     out.file_meta = Dataset(ds.file_meta)
-    out.file_meta.TransferSyntaxUID = UID(codec.transfer_syntax_uid)
-    out.PixelData = encapsulate(encoded, has_bot=len(encoded) > 1)
-    out["PixelData"].VR = "OB"
-    out["PixelData"].is_undefined_length = True
-    if fmt.samples_per_pixel > 1:
-        out.PlanarConfiguration = 0  # compressed colour frames are always colour-by-pixel
+    out.file_meta["TransferSyntaxUID"] = DataElement(0x00020010, "UI", codec.transfer_syntax_uid)
+    out[0x7FE00010] = DataElement(
+        0x7FE00010, "OB", encapsulate(encoded, has_bot=len(encoded) > 1), is_undefined_length=True
+    )
+    if fmt.samples_per_pixel > 1:  # compressed colour frames are always colour-by-pixel
+        out[0x00280006] = DataElement(0x00280006, "US", 0)
     return out
 
 
@@ -119,9 +122,106 @@ def part10(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def encode_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params: dict) -> bytes:
-    """Part-10 bytes of `encoded_dataset`."""
-    return part10(encoded_dataset(ds, codec, frames, params))
+def encode_dataset(
+    ds: Dataset,
+    codec: Codec,
+    frames: list[np.ndarray],
+    params: dict,
+    splice: tuple[bytes, RawLayout] | None = None,
+) -> bytes:
+    """Part-10 bytes of `encoded_dataset`; spliced into the received bytes when `splice`
+    gives them and where they sit (see `raw_layout`)."""
+    out = encoded_dataset(ds, codec, frames, params)
+    if splice is not None:
+        raw, layout = splice
+        spliced = _splice(raw, layout, ds, out)
+        if spliced is not None:
+            return spliced
+    return part10(out)
+
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """Where the data set and its Pixel Data element sit in the received bytes."""
+
+    dataset_start: int
+    pixel_header: int
+    pixel_end: int
+
+
+def raw_layout(raw: bytes, ds: Dataset) -> RawLayout | None:
+    """The layout of `raw`, where splicing is safe; read before the pixels are touched, while
+    pydicom still holds the elements as read (with their offsets).
+
+    Re-serialising a whole dataset with pydicom cost a third as much as the JPEG-LS encode
+    itself (py-spy, CT 512²). Splicing keeps every other byte as received, so it applies
+    only where nothing else changes: explicit VR little endian arrivals with native pixel
+    data and no Planar Configuration to rewrite. None: not safe, re-serialise.
+    """
+    if str(ds.file_meta.TransferSyntaxUID) != EXPLICIT_LE or "PixelData" not in ds:
+        return None
+    if int(ds.get("PlanarConfiguration", 0) or 0) != 0:
+        return None
+    elem = ds.get_item("PixelData")
+    value_at, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+    if value_at is None or length in (None, 0xFFFFFFFF):
+        return None
+    header = value_at - 12  # tag 4 + VR 2 + reserved 2 + length 4 (OB/OW)
+    if raw[header : header + 4] != b"\xe0\x7f\x10\x00":
+        return None
+    first = next(iter(ds.keys()))
+    first_elem = ds.get_item(first)
+    # pydicom has already converted some elements (Specific Character Set): those keep the
+    # offset of their value as file_tell
+    first_at = getattr(first_elem, "value_tell", None) or getattr(first_elem, "file_tell", None)
+    if first_at is None:
+        return None
+    long_header = first_elem.VR in (
+        "OB",
+        "OD",
+        "OF",
+        "OL",
+        "OV",
+        "OW",
+        "SQ",
+        "SV",
+        "UC",
+        "UN",
+        "UR",
+        "UT",
+        "UV",
+    )
+    start = first_at - (12 if long_header else 8)  # not from the group length: often wrong
+    tag = first.group.to_bytes(2, "little") + first.element.to_bytes(2, "little")
+    if start < 132 or raw[start : start + 4] != tag:
+        return None
+    return RawLayout(start, header, value_at + length)
+
+
+def _splice(raw: bytes, layout: RawLayout, ds: Dataset, out: Dataset) -> bytes | None:
+    """The received bytes with only the file meta and the Pixel Data element replaced."""
+    meta = BytesIO()
+    meta.write(raw[:128] + b"DICM")
+    write_file_meta_info(meta, out.file_meta, enforce_standard=True)
+    pixels = out.PixelData
+    # undefined length, the fragments, then the Sequence Delimitation Item
+    delimiter = b"\xfe\xff\xdd\xe0" + bytes(4)
+    element = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff" + pixels + delimiter
+    spliced = b"".join(
+        (
+            meta.getvalue(),
+            raw[layout.dataset_start : layout.pixel_header],
+            element,
+            raw[layout.pixel_end :],
+        )
+    )
+    check = dcmread(BytesIO(spliced))  # cheap, and the proof the bytes are well formed
+    if check.SOPInstanceUID != ds.SOPInstanceUID or check.PixelData != pixels:
+        return None
+    return spliced
 
 
 def compress(
@@ -137,6 +237,8 @@ def compress(
         passthrough.notes.append("lossy arrival: stored as received")
         return passthrough
     fmt = PixelFormat.from_dataset(ds)
+    layout = raw_layout(raw, ds)  # before the pixels are read: offsets are still known
+    splice = (raw, layout) if layout is not None else None
     frames: list[np.ndarray] | None = None
     outcome = passthrough
     for choice in choices:
@@ -153,7 +255,7 @@ def compress(
         try:
             if frames is None:
                 frames = source_frames(ds)
-            data = encode_dataset(ds, codec, frames, choice.params)
+            data = encode_dataset(ds, codec, frames, choice.params, splice)
         except Exception as exc:  # any codec failure must fall back, never lose the object
             passthrough.fallbacks += 1
             passthrough.notes.append(f"{codec.name} failed: {exc}")

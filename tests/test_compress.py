@@ -63,3 +63,30 @@ def test_encoder_exception_falls_back(ct_raw, monkeypatch) -> None:
     monkeypatch.setattr(registry.get("jpegls"), "encode_frame", explode)
     outcome = compress(raw, ds, [CodecChoice("jpegls"), CodecChoice("rle")])
     assert outcome.codec == "rle" and "jpegls failed: CharLS error" in outcome.notes[0]
+
+
+def test_explicit_le_arrival_is_spliced_byte_for_byte(ct_raw) -> None:
+    """Everything but the file meta and Pixel Data stays exactly as received."""
+    from compacs.service.compress import raw_layout
+
+    raw, ds = ct_raw
+    layout = raw_layout(raw, ds)
+    assert layout is not None
+    outcome = compress(raw, ds, [CodecChoice("jpegls")])
+    out = pydicom.dcmread(BytesIO(outcome.data))
+    kept = raw[layout.dataset_start : layout.pixel_header]
+    assert kept in outcome.data  # the received elements, untouched
+    assert np.array_equal(out.pixel_array, pydicom.dcmread(BytesIO(raw)).pixel_array)
+
+
+def test_implicit_vr_arrival_is_reserialised_and_exact(samples) -> None:
+    raw = samples["implicit"].read_bytes()
+    ds = pydicom.dcmread(BytesIO(raw))
+    from compacs.service.compress import raw_layout
+
+    assert raw_layout(raw, ds) is None  # implicit VR cannot be spliced into explicit
+    outcome = compress(raw, ds, [CodecChoice("jpegls")])
+    out = pydicom.dcmread(BytesIO(outcome.data))
+    assert outcome.codec == "jpegls"
+    assert np.array_equal(out.pixel_array, pydicom.dcmread(BytesIO(raw)).pixel_array)
+    assert out.PatientName == ds.PatientName and out.SOPInstanceUID == ds.SOPInstanceUID
