@@ -76,6 +76,19 @@ def _worker_init(archive_root: str, rules: list[rules_mod.Rule]) -> None:
     _worker["rules"] = rules
 
 
+def _warm_up() -> None:
+    """Make the pool start a worker and load the codec libraries the first image would."""
+    import importlib
+    import time
+
+    from compacs.codecs import registry
+
+    for codec in registry.all_codecs():
+        for module in codec.dependencies:
+            importlib.import_module(module)
+    time.sleep(0.2)  # busy long enough that the pool starts another worker for the next one
+
+
 def run_job(job: Job, expected_checksum: str) -> JobResult:
     """Compress one received object and write the result durably (in a worker process)."""
     archive: Archive = _worker["archive"]
@@ -110,6 +123,10 @@ class Ingest:
             initializer=_worker_init,
             initargs=(str(archive.root), config.rules),
         )
+        # Start every worker now: each spends about a second importing its libraries, which
+        # would otherwise land on the first images received (and in ingest benchmarks).
+        for warm in [self.pool.submit(_warm_up) for _ in range(config.effective_workers)]:
+            warm.result()
         self._jobs: dict[Future, tuple[Job, str]] = {}  # in flight, with the checksum to check
         self._retries: set[threading.Timer] = set()
         self._closing = False
@@ -140,7 +157,7 @@ class Ingest:
             )
             return bad.status
         try:
-            existing = self.index.get_instance(sop_inst)
+            existing = self.index.received_version(sop_inst)
             if existing is not None:
                 same = (
                     existing.received_pixel_hash == pixel_hash
