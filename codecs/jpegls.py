@@ -68,6 +68,18 @@ class JpegLS(Codec):
         )
 
     def decode_frame(self, data: bytes, fmt: PixelFormat) -> np.ndarray:
+        # imagecodecs' CharLS releases the GIL: retrieval decodes the next object in a thread
+        # while pynetdicom sends the current one. pyjpegls (same CharLS) holds it.
+        try:
+            import imagecodecs
+        except ImportError:
+            return self._decode_pyjpegls(data, fmt)
+        arr = imagecodecs.jpegls_decode(bytes(data))
+        if arr.shape[:2] != (fmt.rows, fmt.columns) or arr.size != np.prod(fmt.frame_shape):
+            raise ValueError(f"JPEG-LS frame shape {arr.shape} does not match {fmt}")
+        return from_unsigned_bits(arr.reshape(fmt.frame_shape), fmt)
+
+    def _decode_pyjpegls(self, data: bytes, fmt: PixelFormat) -> np.ndarray:
         import jpeg_ls
 
         buffer, info = jpeg_ls.decode_buffer(bytes(data))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -187,20 +188,27 @@ def suboperations(
     event: evt.Event,
     accepted: Callable[[str], list[str]],
 ) -> Iterator[tuple[int, Dataset | None]]:
-    """The (status, dataset) pairs of a C-GET/C-MOVE, one instance at a time."""
-    for inst in instances:
-        if event.is_cancelled:
-            log.info("retrieve cancelled by %s", event.assoc.requestor.ae_title)
-            yield STATUS_CANCEL, None
-            return
+    """The (status, dataset) pairs of a C-GET/C-MOVE.
+
+    The next instance is read and decoded in a helper thread while pynetdicom sends the
+    current one (CharLS via imagecodecs releases the GIL), so at most two are in memory.
+    """
+    calling = event.assoc.requestor.ae_title
+
+    def load(inst: Instance) -> Dataset:
         try:
-            ds = prepare(archive, inst, accepted(inst.sop_class_uid))
+            return prepare(archive, inst, accepted(inst.sop_class_uid))
         except Exception as exc:  # damaged blob, no common syntax, decode failure
-            log.error(
-                "retrieve of SOP %s for %s failed: %s",
-                inst.sop_instance_uid,
-                event.assoc.requestor.ae_title,
-                exc,
-            )
-            ds = failed_suboperation(inst)
-        yield STATUS_PENDING, ds
+            log.error("retrieve of SOP %s for %s failed: %s", inst.sop_instance_uid, calling, exc)
+            return failed_suboperation(inst)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve") as loader:
+        upcoming = loader.submit(load, instances[0]) if instances else None
+        for i in range(len(instances)):
+            ds = upcoming.result()
+            upcoming = loader.submit(load, instances[i + 1]) if i + 1 < len(instances) else None
+            if event.is_cancelled:
+                log.info("retrieve cancelled by %s", calling)
+                yield STATUS_CANCEL, None
+                return
+            yield STATUS_PENDING, ds
