@@ -23,17 +23,11 @@ A benchmark, not a test: nothing here asserts a speed. The table goes to stdout 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
 import random
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,10 +35,11 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the harness modules, as tests/conftest.py does
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, from any cwd
 
+import common  # noqa: E402  (puts tests/ on sys.path for the harness modules below)
 import peers  # noqa: E402
+from common import progress  # noqa: E402
 from pydicom import Dataset  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # noqa: E402
@@ -53,7 +48,6 @@ from sqlalchemy import func, insert, select  # noqa: E402
 from compacs.service.index import Index, Instance, Patient, Series, Study  # noqa: E402
 from compacs.service.query import find  # noqa: E402
 
-RESULTS_DIR = ROOT / "bench" / "results"
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77"  # pydicom's root + a branch of our own
 CAP = 100  # answers read before the C-CANCEL of the "capped" universal query
 CHUNK = 20_000  # rows per bulk INSERT transaction
@@ -311,19 +305,6 @@ def time_dicom(assoc: Any, context_id: int, q: Query, msg_id: int) -> None:
     q.final.add("none" if status is None or "Status" not in status else f"0x{status.Status:04X}")
 
 
-def dcmtk_tool(name: str) -> str:
-    """DCMTK's binary from PATH, never the virtual environment's: pynetdicom installs apps
-    of the same names (findscu, storescu ...) into .venv/bin."""
-    venv = Path(sys.prefix).resolve()
-    for entry in os.environ.get("PATH", "").split(os.pathsep):
-        cand = Path(entry or ".") / name
-        if cand.is_file() and os.access(cand, os.X_OK) and not cand.resolve().is_relative_to(venv):
-            return str(cand)
-    if Path("/usr/bin", name).exists():
-        return str(Path("/usr/bin", name))
-    raise peers.PeerError(f"DCMTK {name} not found (apt-get install dcmtk)")
-
-
 def time_findscu(tool: str, node: peers.CompacsProcess, q: Query) -> None:
     """The same query from DCMTK findscu (C++, TCP_NODELAY=1): what a viewer built on DCMTK
     sees, process start and association included (a one-answer query is mostly those)."""
@@ -400,20 +381,6 @@ def table(queries: list[Query]) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
-def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{platform.node()}: {os.cpu_count()} CPUs ({model or platform.machine()})"
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--studies", type=int, default=10_000, help="studies to index (10000)")
@@ -427,16 +394,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks: the node is stopped by PID
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    tmp = Path(tempfile.mkdtemp(prefix=f"compacs-bench-find-{stamp}-"))
+    common.handle_signals()
+    stamp, tmp = common.make_tmp("find")
     data = tmp / "data"
     data.mkdir()
     node: peers.CompacsProcess | None = None
@@ -467,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Query("universal, all answers", {}, runs=args.universal_runs),
         ]
 
-        findscu = dcmtk_tool("findscu")
+        findscu = common.dcmtk_tool("findscu")
         node = peers.CompacsProcess(data, log_path=tmp / "compacs.log")
         node.start()
         ae = AE(ae_title="BENCHSCU")
@@ -509,8 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = [
             f"# C-FIND benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}",
             "",
-            f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-            f"- machine: {machine()}",
+            f"- command: `{common.command_line()}`",
+            f"- machine: {common.machine(memory=False)}",
             f"- index: SQLite, {built.patients} patients, {built.studies} studies, "
             f"{built.series} series, {built.instances} instances ({built.bytes / 1e6:.0f} MB), "
             f"built in {built.seconds:.1f} s",
@@ -523,20 +484,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             text,
             "",
         ]
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = RESULTS_DIR / f"find-{stamp}.md"
-        out.write_text("\n".join(report) + "\n")
-        progress(f"written to {out}")
+        common.write_report("find", stamp, report)
     finally:
         if node is not None:
             node.stop()
         if index is not None:
             index.close()
-        peers.kill_leftovers()
-        if args.keep:
-            progress(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        common.cleanup(tmp, args.keep)
     return 0
 
 

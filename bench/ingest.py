@@ -23,61 +23,40 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
-import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, from any cwd
 
-ROOT = Path(__file__).resolve().parent.parent
-# tests/ has no __init__.py: import the harness modules the way tests/conftest.py does.
-sys.path.insert(0, str(ROOT / "tests"))
-
+import common  # noqa: E402  (puts tests/ on sys.path for the harness modules below)
 import dicomdata  # noqa: E402
 import peers  # noqa: E402
+from common import (  # noqa: E402
+    QUIET_CORES,
+    TreeSampler,
+    dcmtk_tool,
+    fmt,
+    machine_busy_seconds,
+    own_cpu_seconds,
+    progress,
+    settle,
+    tree_cpu,
+    wait_quiet,
+)
 
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
-SAMPLE_INTERVAL = 0.05  # s between RSS samples
 POLL_INTERVAL = 0.1  # s between compacs stats polls once storescu has exited
-QUIET_CORES = 0.15  # a run is "quiet" when other processes used less CPU than this
 STOP_TIMEOUT = 75.0  # s a receiver may take to stop on SIGTERM before it gets SIGKILL
-RESULTS_DIR = ROOT / "bench" / "results"
 
 
 # --------------------------------------------------------------------------- DCMTK binaries
-
-
-def dcmtk_tool(name: str) -> str:
-    """The DCMTK binary ``name`` from PATH, skipping the virtual environment: pynetdicom
-    installs its own ``storescu``/``storescp`` apps into .venv/bin, which would shadow DCMTK's
-    when the venv is activated."""
-    venv = Path(sys.prefix).resolve()
-    for entry in os.environ.get("PATH", "").split(os.pathsep):
-        if not entry:
-            continue
-        cand = Path(entry) / name
-        if cand.is_file() and os.access(cand, os.X_OK):
-            try:
-                if cand.resolve().is_relative_to(venv):
-                    continue
-            except OSError:
-                continue
-            return str(cand)
-    fallback = Path("/usr/bin") / name
-    if fallback.exists():
-        return str(fallback)
-    raise peers.PeerError(f"DCMTK {name} not found (apt-get install dcmtk)")
 
 
 class DcmtkStorescp(peers.StorescpProcess):
@@ -92,108 +71,6 @@ class DcmtkStorescp(peers.StorescpProcess):
 # --------------------------------------------------------------------------- measuring
 
 
-class TreeSampler(threading.Thread):
-    """Peak RSS of a process plus all its descendants, summed, sampled every 50 ms.
-
-    The list of descendants is refreshed every 10th sample (walking /proc costs ~2.5 ms);
-    each sample reads every known process's RSS.
-    """
-
-    def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL) -> None:
-        super().__init__(name=f"rss-{pid}", daemon=True)
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._halt = threading.Event()
-        self._procs: list[psutil.Process] = [self.root]
-
-    def _refresh(self) -> None:
-        with contextlib.suppress(psutil.Error):
-            self._procs = [self.root, *self.root.children(recursive=True)]
-
-    def sample(self) -> None:
-        if self.samples % 10 == 0:
-            self._refresh()
-        total = 0
-        for proc in self._procs:
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-        self.samples += 1
-        self.peak = max(self.peak, total)
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.sample()
-            self._halt.wait(self.interval)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join(5)
-        self._refresh()
-        self.sample()
-        return self.peak
-
-
-def tree_cpu(pid: int) -> tuple[float, float]:
-    """User+system CPU seconds of a process, and of all its live descendants together."""
-    own = children = 0.0
-    with contextlib.suppress(psutil.Error):
-        root = psutil.Process(pid)
-        t = root.cpu_times()
-        own = t.user + t.system
-        for proc in root.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                children += t.user + t.system
-    return own, children
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    return sum(tree_cpu(pid))
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy (all cores, not idle/iowait) since boot."""
-    t = psutil.cpu_times()
-    # guest time is already counted in user time on Linux
-    not_busy = ("idle", "iowait", "guest", "guest_nice")
-    return sum(t) - sum(getattr(t, name, 0.0) for name in not_busy)
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this benchmark process and its reaped children (storescu, stats CLI)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def settle(pid: int, timeout: float = 20.0) -> None:
-    """Wait until the receiver tree is idle (<4 % of a core over 0.25 s): a node whose worker
-    processes are still importing codecs would otherwise steal CPU from the measured run."""
-    deadline = time.monotonic() + timeout
-    last = tree_cpu_seconds(pid)
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        now = tree_cpu_seconds(pid)
-        if now - last < 0.01:
-            return
-        last = now
-
-
-def wait_quiet(limit: float, window: float = 2.0, threshold: float = 0.1) -> float:
-    """Wait (up to ``limit`` s) for a ``window`` in which the whole machine used less than
-    ``threshold`` cores: other jobs on a shared machine skew every receiver. Returns the
-    busy cores of the last window."""
-    deadline = time.monotonic() + limit
-    while True:
-        before = machine_busy_seconds()
-        time.sleep(window)
-        cores = (machine_busy_seconds() - before) / window
-        if cores < threshold or time.monotonic() >= deadline:
-            return cores
-
-
 def dir_bytes(path: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
@@ -203,23 +80,15 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def compacs_log_problems(text: str, limit: int = 8) -> tuple[int, list[str]]:
-    """Lines in a compacs log that look like trouble: ERROR/CRITICAL/WARNING/Traceback."""
-    keys = ("ERROR", "CRITICAL", "WARNING", "Traceback", "Exception")
-    hits = [line for line in text.splitlines() if any(k in line for k in keys)]
-    return len(hits), hits[:limit]
-
-
 # --------------------------------------------------------------------------- sending
 
 
 def start_storescu(
     port: int, files: Sequence[Path], aec: str, log_path: Path
 ) -> tuple[subprocess.Popen[bytes], Any]:
-    """One storescu association for ``files`` (uncompressed proposals, -R, -nh, -v), its
-    log in ``log_path``; same flags as the harness's peers.storescu()."""
-    args = [dcmtk_tool("storescu"), "-v", "-R", "-nh", "-aet", "STORESCU", "-aec", aec]
-    args += [peers.LOOPBACK, str(port), *map(str, files)]
+    """One storescu association for ``files`` (see :func:`common.storescu_args`), its log in
+    ``log_path``."""
+    args = common.storescu_args(port, aec, files)
     log = open(log_path, "wb")  # noqa: SIM115 - closed by the caller after wait()
     proc = subprocess.Popen(
         args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=peers.dcmtk_env()
@@ -393,12 +262,7 @@ class CompacsReceiver(Receiver):
         self.stop_s = time.perf_counter() - t
 
     def version(self) -> str:
-        try:
-            from importlib.metadata import version
-
-            return f"compacs {version('compacs')}"
-        except Exception:  # noqa: BLE001
-            return "compacs"
+        return common.compacs_version()
 
 
 class OrthancReceiver(Receiver):
@@ -458,11 +322,7 @@ class StorescpReceiver(Receiver):
         run.ratio = 1.0
 
     def version(self) -> str:
-        res = subprocess.run(
-            [dcmtk_tool("storescu"), "--version"], capture_output=True, text=True, check=False
-        )
-        first = (res.stdout or res.stderr).strip().splitlines()
-        return first[0].strip() if first else "DCMTK"
+        return common.dcmtk_version("storescu")
 
 
 RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
@@ -535,7 +395,7 @@ def measure(
             sampler.stop()
         rec.stop()
         if isinstance(rec, CompacsReceiver) and rec.node is not None:
-            n, lines = compacs_log_problems(rec.node.log_text())
+            n, lines = common.compacs_log_problems(rec.node.log_text())
             if n:
                 problems = [f"{n} log lines with ERROR/WARNING/Traceback in {rec.node.log_path}"]
                 problems += [f"    {line[:300]}" for line in lines]
@@ -547,12 +407,6 @@ def measure(
 
 
 # --------------------------------------------------------------------------- report
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or value != value:  # None or NaN
-        return "-"
-    return f"{value:.{digits}f}"
 
 
 def median(values: list[float]) -> float | None:
@@ -619,18 +473,6 @@ def table(results: dict[str, list[Run]], count: int, input_bytes: int, repeat: i
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = psutil.virtual_memory().total / 2**30
-    cpus = f"{os.cpu_count()} CPUs ({model or platform.machine()})"
-    return f"{platform.node()}: {cpus}, {mem:.0f} GiB"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -640,13 +482,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs per receiver; median reported")
     p.add_argument("--only", default="a,b,c,d,e", help="receivers to run, e.g. a,d (default all)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folders and logs")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before each run wait up to S s for the machine to be idle (shared machines)",
-    )
+    common.add_wait_quiet(p)
     args = p.parse_args(argv)
     args.only = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in args.only if k not in RECEIVERS]
@@ -657,29 +493,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks, stopping every receiver
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    # Even where the shell started us with SIGINT ignored (a background job), Ctrl-C / kill
-    # -INT must stop the receivers rather than leave them running.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        peers.ensure_debian_packages()
-        dcmtk_tool("storescu")
-    except peers.PeerError as exc:
-        print(f"DICOM peers unavailable: {exc}", file=sys.stderr)
+    common.handle_signals()
+    if not common.dicom_peers_ready("storescu"):
         return 2
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    tmp = Path(tempfile.mkdtemp(prefix=f"compacs-bench-ingest-{stamp}-"))
+    stamp, tmp = common.make_tmp("ingest")
     results: dict[str, list[Run]] = {k: [] for k in args.only}
     problems: dict[str, list[str]] = {}
     versions: dict[str, str] = {}
@@ -732,8 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = [
             f"# Ingest benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}",
             "",
-            f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-            f"- machine: {machine()}",
+            f"- command: `{common.command_line()}`",
+            f"- machine: {common.machine()}",
             f"- input: {args.count} CT 512² instances (dicomdata.ct_series), "
             f"{input_bytes / 1e6:.1f} MB uncompressed; repeat {args.repeat}",
             "- sender: DCMTK storescu -R -nh, TCP_NODELAY=1, one association each "
@@ -752,16 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report += [f"  {line}" for line in lines]
         for key, lines in problems.items():
             print("\n".join(f"({key}) {line}" for line in lines))
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = RESULTS_DIR / f"ingest-{stamp}.md"
-        out.write_text("\n".join(report) + "\n")
-        progress(f"written to {out}")
+        common.write_report("ingest", stamp, report)
     finally:
-        peers.kill_leftovers()
-        if args.keep:
-            progress(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        common.cleanup(tmp, args.keep)
     return 0
 
 

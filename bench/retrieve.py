@@ -40,80 +40,60 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
-import resource
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import psutil
 import pydicom
 from pydicom.filereader import read_file_meta_info
 
-ROOT = Path(__file__).resolve().parent.parent
-# tests/ has no __init__.py: import the harness modules the way tests/conftest.py does.
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, from any cwd
 
+import common  # noqa: E402  (puts tests/ on sys.path for the harness modules below)
 import dicomdata  # noqa: E402
 import peers  # noqa: E402
+from common import (  # noqa: E402
+    QUIET_CORES,
+    TreeSampler,
+    dcmtk_tool,
+    fmt,
+    machine_busy_seconds,
+    own_cpu_seconds,
+    progress,
+    settle,
+    tree_cpu_seconds,
+    tree_rss,
+    wait_quiet,
+)
 from nodecheck import wait_compressed  # noqa: E402
 
 JPEG_LS = "1.2.840.10008.1.2.4.80"
 UNCOMPRESSED = {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}
-SAMPLE_INTERVAL = 0.05  # s between RSS samples
 DIR_POLL = 0.005  # s between polls of the output folder for the first file
-QUIET_CORES = 0.15  # a run is "quiet" when other processes used less CPU than this
 GET_TIMEOUT = 600.0
-RESULTS_DIR = ROOT / "bench" / "results"
 
 
 # --------------------------------------------------------------------------- DCMTK binaries
 
 
-def dcmtk_tool(name: str) -> str:
-    """The DCMTK binary ``name`` from PATH, skipping the virtual environment: pynetdicom
-    installs apps of the same names (storescu, getscu) into .venv/bin."""
-    venv = Path(sys.prefix).resolve()
-    for entry in os.environ.get("PATH", "").split(os.pathsep):
-        if not entry:
-            continue
-        cand = Path(entry) / name
-        if cand.is_file() and os.access(cand, os.X_OK):
-            with contextlib.suppress(OSError):
-                if not cand.resolve().is_relative_to(venv):
-                    return str(cand)
-    fallback = Path("/usr/bin") / name
-    if fallback.exists():
-        return str(fallback)
-    raise peers.PeerError(f"DCMTK {name} not found (apt-get install dcmtk)")
-
-
 def dcmtk_version() -> str:
-    res = subprocess.run(
-        [dcmtk_tool("getscu"), "--version"], capture_output=True, text=True, check=False
-    )
-    first = (res.stdout or res.stderr).strip().splitlines()
-    return first[0].strip().strip("$").strip() if first else "DCMTK"
+    return common.dcmtk_version("getscu").strip("$").strip()
 
 
 def store(port: int, aec: str, files: Sequence[Path]) -> None:
     """storescu (one association, uncompressed, as the harness's peers.storescu) and check
     that every file was answered Success."""
-    args = [dcmtk_tool("storescu"), "-v", "-R", "-nh", "-aet", "STORESCU", "-aec", aec]
-    args += [peers.LOOPBACK, str(port), *map(str, files)]
     res = subprocess.run(
-        args,
+        common.storescu_args(port, aec, files),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -123,110 +103,6 @@ def store(port: int, aec: str, files: Sequence[Path]) -> None:
     )
     if not peers.store_ok(res, files):
         raise peers.PeerError(f"storescu to {aec} did not store every file:\n{res.stdout[-3000:]}")
-
-
-# --------------------------------------------------------------------------- measuring
-
-
-class TreeSampler(threading.Thread):
-    """Peak RSS of a process plus all its descendants, summed, sampled every 50 ms (the list
-    of descendants refreshed every 10th sample)."""
-
-    def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL) -> None:
-        super().__init__(name=f"rss-{pid}", daemon=True)
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._halt = threading.Event()
-        self._procs: list[psutil.Process] = [self.root]
-
-    def _refresh(self) -> None:
-        with contextlib.suppress(psutil.Error):
-            self._procs = [self.root, *self.root.children(recursive=True)]
-
-    def sample(self) -> int:
-        if self.samples % 10 == 0:
-            self._refresh()
-        total = 0
-        for proc in self._procs:
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-        self.samples += 1
-        self.peak = max(self.peak, total)
-        return total
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.sample()
-            self._halt.wait(self.interval)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join(5)
-        self._refresh()
-        self.sample()
-        return self.peak
-
-
-def tree_rss(pid: int) -> int:
-    total = 0
-    with contextlib.suppress(psutil.Error):
-        root = psutil.Process(pid)
-        for proc in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-    return total
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of a process and all its live descendants."""
-    total = 0.0
-    with contextlib.suppress(psutil.Error):
-        root = psutil.Process(pid)
-        for proc in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                total += t.user + t.system
-    return total
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy (all cores, not idle/iowait) since boot."""
-    t = psutil.cpu_times()
-    not_busy = ("idle", "iowait", "guest", "guest_nice")  # guest is counted in user already
-    return sum(t) - sum(getattr(t, name, 0.0) for name in not_busy)
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its reaped children (getscu)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def settle(pid: int, timeout: float = 20.0) -> None:
-    """Wait until the server tree is idle (< 4 % of a core over 0.25 s)."""
-    deadline = time.monotonic() + timeout
-    last = tree_cpu_seconds(pid)
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        now = tree_cpu_seconds(pid)
-        if now - last < 0.01:
-            return
-        last = now
-
-
-def wait_quiet(limit: float, window: float = 2.0, threshold: float = 0.1) -> float:
-    """Wait up to ``limit`` s for a ``window`` in which the machine used < ``threshold``
-    cores; returns the busy cores of the last window."""
-    deadline = time.monotonic() + limit
-    while True:
-        before = machine_busy_seconds()
-        time.sleep(window)
-        cores = (machine_busy_seconds() - before) / window
-        if cores < threshold or time.monotonic() >= deadline:
-            return cores
 
 
 # --------------------------------------------------------------------------- servers
@@ -298,21 +174,15 @@ class CompacsServer(Server):
 
     def log_problems(self) -> list[str]:
         assert isinstance(self.proc, peers.CompacsProcess)
-        keys = ("ERROR", "CRITICAL", "WARNING", "Traceback", "Exception")
-        hits = [ln for ln in self.proc.log_text().splitlines() if any(k in ln for k in keys)]
-        if not hits:
+        n, hits = common.compacs_log_problems(self.proc.log_text())
+        if not n:
             return []
-        return [f"{len(hits)} ERROR/WARNING lines in {self.proc.log_path}"] + [
-            f"    {ln[:300]}" for ln in hits[:8]
+        return [f"{n} ERROR/WARNING lines in {self.proc.log_path}"] + [
+            f"    {ln[:300]}" for ln in hits
         ]
 
     def version(self) -> str:
-        try:
-            from importlib.metadata import version
-
-            return f"compacs {version('compacs')}"
-        except Exception:  # noqa: BLE001
-            return "compacs"
+        return common.compacs_version()
 
 
 class OrthancServer(Server):
@@ -623,12 +493,6 @@ def summarise_stacks(text: str, top: int, images: int) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
-def fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or value != value:
-        return "-"
-    return f"{value:.{digits}f}"
-
-
 def median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None and v == v]
     return statistics.median(vals) if vals else None
@@ -722,19 +586,6 @@ def table(results: dict[str, list[GetRun]], count: int, mb: float) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = psutil.virtual_memory().total / 2**30
-    return (
-        f"{platform.node()}: {os.cpu_count()} CPUs ({model or platform.machine()}), {mem:.0f} GiB"
-    )
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -753,13 +604,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="one more compacs C-GET (uncompressed requestor, not counted) under py-spy",
     )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before each run wait up to S s for the machine to be idle (shared machines)",
-    )
+    common.add_wait_quiet(p)
     args = p.parse_args(argv)
     args.only = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in args.only if k not in ROWS]
@@ -770,27 +615,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks, stopping every server
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        peers.ensure_debian_packages()
-        dcmtk_tool("getscu")
-    except peers.PeerError as exc:
-        print(f"DICOM peers unavailable: {exc}", file=sys.stderr)
+    common.handle_signals()
+    if not common.dicom_peers_ready("getscu"):
         return 2
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    tmp = Path(tempfile.mkdtemp(prefix=f"compacs-bench-retrieve-{stamp}-"))
+    stamp, tmp = common.make_tmp("retrieve")
     logs = tmp / "logs"
     logs.mkdir()
     servers: dict[str, Server] = {}
@@ -854,8 +685,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = [
             f"# Retrieve (C-GET) benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}",
             "",
-            f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-            f"- machine: {machine()}",
+            f"- command: `{common.command_line()}`",
+            f"- machine: {common.machine()}",
             f"- study: {args.count} CT 512² instances (dicomdata.ct_series), "
             f"{input_bytes / 1e6:.1f} MB uncompressed; repeat {args.repeat}, rows interleaved",
             "- requestor: DCMTK getscu -S, STUDY level, one association, default max PDU "
@@ -875,19 +706,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if profile:
             report += ["", "## Where compacs spends the C-GET (py-spy)", "", *profile]
             print("\n".join(profile))
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / f"retrieve-{stamp}.md"
-        path.write_text("\n".join(report) + "\n")
-        progress(f"written to {path}")
+        common.write_report("retrieve", stamp, report)
     finally:
         for server in servers.values():
             with contextlib.suppress(Exception):
                 server.stop()
-        peers.kill_leftovers()
-        if args.keep:
-            progress(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        common.cleanup(tmp, args.keep)
     return 0
 
 

@@ -156,6 +156,7 @@ class Ingest:
                 bad.status,
             )
             return bad.status
+        orphan = None  # a blob written but not (yet) in the index
         try:
             existing = self.index.received_version(sop_inst)
             if existing is not None:
@@ -182,6 +183,7 @@ class Ingest:
                     )
                     return STATUS_SUCCESS
             job = self._new_job(ds, sop_inst, calling_ae)
+            orphan = job.incoming
             digest = self.archive.write(job.incoming, raw)
             fields = dict(
                 calling_ae=calling_ae,
@@ -197,6 +199,8 @@ class Ingest:
                 self.index.add_received(ds, **fields)
             else:
                 self.index.replace_received(sop_inst, **fields)
+            orphan = None
+            if existing is not None:
                 self.archive.delete(existing.blob_path)
                 self.index.audit("replaced", sop_uid=sop_inst, calling_ae=calling_ae)
                 log.warning(
@@ -205,17 +209,21 @@ class Ingest:
                     calling_ae,
                     sop_inst,
                 )
-        except OSError as exc:
-            if exc.errno in DISK_FULL_ERRNOS:
-                log.error("disk full storing SOP %s from %s: %s", sop_inst, calling_ae, exc)
-                return STATUS_OUT_OF_RESOURCES
-            log.exception("I/O error storing SOP %s from %s", sop_inst, calling_ae)
-            return STATUS_PROCESSING_FAILURE
-        except Exception:
-            log.exception("failed to store SOP %s from %s", sop_inst, calling_ae)
-            return STATUS_PROCESSING_FAILURE
+        except Exception as exc:
+            if orphan is not None:  # never acknowledged nor indexed: must not linger
+                self.archive.delete(orphan)
+            return self._failure_status(exc, sop_inst, calling_ae)
         self.submit(job, digest)
         return STATUS_SUCCESS
+
+    @staticmethod
+    def _failure_status(exc: Exception, sop_inst: str, calling_ae: str) -> int:
+        """0xA700 for a full disk (the sender retries later), 0x0110 for anything else."""
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            log.error("disk full storing SOP %s from %s: %s", sop_inst, calling_ae, exc)
+            return STATUS_OUT_OF_RESOURCES
+        log.error("failed to store SOP %s from %s", sop_inst, calling_ae, exc_info=exc)
+        return STATUS_PROCESSING_FAILURE
 
     def _new_job(self, ds: Dataset, sop_uid: str, calling_ae: str) -> Job:
         # A fresh token per version, so a replaced object never shares a path with its successor.
