@@ -153,6 +153,19 @@ def accepted_for(contexts: list[PresentationContext], sop_class: str, role: str)
     return found
 
 
+# pynetdicom's network thread sleeps 1 ms whenever a pass found nothing to do; each C-STORE
+# sub-operation waits for the peer's response, so that sleep adds up to 1 ms per instance on a
+# 10 ms budget. Retrieval associations poll every 0.1 ms instead (measured below).
+RETRIEVE_POLL_SECONDS = 0.0001
+
+
+def quick_polling(assoc: Any) -> None:
+    """Make an association used for sub-operations poll its socket faster (while it lives)."""
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = RETRIEVE_POLL_SECONDS
+
+
 @dataclass
 class SubAssociation:
     """Filled by the sub-association's EVT_ACCEPTED, so the C-MOVE generator can see which
@@ -163,6 +176,7 @@ class SubAssociation:
 
     def on_accepted(self, event: evt.Event) -> None:
         self.assoc = event.assoc
+        quick_polling(event.assoc)
         self.contexts = list(event.assoc.accepted_contexts)
 
 
@@ -194,6 +208,7 @@ def suboperations(
     current one (CharLS via imagecodecs releases the GIL), so at most two are in memory.
     """
     calling = event.assoc.requestor.ae_title
+    quick_polling(event.assoc)
 
     def load(inst: Instance) -> Dataset:
         try:
