@@ -38,6 +38,7 @@ class Node:
             (self.config.host, self.config.port),
             block=False,
             evt_handlers=scp.handlers(self.ingest, self.index),
+            contexts=scp.server_contexts(self.ae),
         )
         log.info(
             "compacs %s listening on %s:%d, data in %s, index %s, %d compression worker(s)",

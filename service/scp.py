@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
     PatientRootQueryRetrieveInformationModelFind,
@@ -285,6 +286,32 @@ def _log_association(kind: str) -> Callable[[evt.Event], None]:
         )
 
     return handler
+
+
+class _CheapCopyContext(PresentationContext):
+    """A supported context that copies cheaply.
+
+    pynetdicom deep-copies the server's supported contexts for every new association: 29 ms
+    of CPU for our ~177 storage classes x 16 syntaxes, on every C-STORE, C-FIND and C-GET
+    association (a one-answer findscu took 103 ms against 16 ms on an open association).
+    Its attributes are immutable strings, flags and one list of syntaxes, so copying the
+    attribute dict and that list is a faithful deep copy.
+    """
+
+    @classmethod
+    def of(cls, context: PresentationContext) -> _CheapCopyContext:
+        copy = cls.__new__(cls)
+        copy.__dict__.update(context.__dict__)
+        copy._transfer_syntax = list(context._transfer_syntax)
+        return copy
+
+    def __deepcopy__(self, memo: dict) -> _CheapCopyContext:
+        return self.of(self)
+
+
+def server_contexts(ae: AE) -> list[PresentationContext]:
+    """The AE's supported contexts, as cheaply copyable ones for `start_server`."""
+    return [_CheapCopyContext.of(cx) for cx in ae.supported_contexts]
 
 
 def build_ae(config: NodeConfig) -> AE:
