@@ -26,6 +26,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from compacs.codecs import registry
 from compacs.service.archive import Archive
 from compacs.service.index import Index, Instance
+from compacs.service.polling import fast_polling, poll_fast
 from compacs.service.query import UNIQUE_KEYS
 from compacs.service.transcode import NATIVE_SYNTAXES, TranscodeError, transcode_dataset
 
@@ -153,19 +154,6 @@ def accepted_for(contexts: list[PresentationContext], sop_class: str, role: str)
     return found
 
 
-# pynetdicom's network thread sleeps 1 ms whenever a pass found nothing to do; each C-STORE
-# sub-operation waits for the peer's response, so that sleep adds up to 1 ms per instance on a
-# 10 ms budget. Retrieval associations poll every 0.1 ms instead (measured below).
-RETRIEVE_POLL_SECONDS = 0.0001
-
-
-def quick_polling(assoc: Any) -> None:
-    """Make an association used for sub-operations poll its socket faster (while it lives)."""
-    dul = getattr(assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = RETRIEVE_POLL_SECONDS
-
-
 @dataclass
 class SubAssociation:
     """Filled by the sub-association's EVT_ACCEPTED, so the C-MOVE generator can see which
@@ -176,7 +164,7 @@ class SubAssociation:
 
     def on_accepted(self, event: evt.Event) -> None:
         self.assoc = event.assoc
-        quick_polling(event.assoc)
+        poll_fast(event.assoc)  # lives only for this C-MOVE
         self.contexts = list(event.assoc.accepted_contexts)
 
 
@@ -208,7 +196,6 @@ def suboperations(
     current one (CharLS via imagecodecs releases the GIL), so at most two are in memory.
     """
     calling = event.assoc.requestor.ae_title
-    quick_polling(event.assoc)
 
     def load(inst: Instance) -> Dataset:
         try:
@@ -217,7 +204,7 @@ def suboperations(
             log.error("retrieve of SOP %s for %s failed: %s", inst.sop_instance_uid, calling, exc)
             return failed_suboperation(inst)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve") as loader:
+    with fast_polling(event.assoc), ThreadPoolExecutor(1, thread_name_prefix="retrieve") as loader:
         upcoming = loader.submit(load, instances[0]) if instances else None
         for i in range(len(instances)):
             ds = upcoming.result()
