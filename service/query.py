@@ -42,6 +42,7 @@ from pydicom.multival import MultiValue
 from sqlalchemy import and_, exists, func, literal, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from compacs.service.identifier_encoding import IdentifierEncoder, Target
 from compacs.service.index import Index, Instance, Patient, Series, Study
 
 LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -256,7 +257,29 @@ def find(
     or when a value needs it (ISO_IR 192).
     """
     plan = _plan(identifier, model, index.engine.dialect.name, retrieve_ae_title)
-    return _answers(index, plan, page_size)
+    return (_response(plan, row) for row in _rows(index, plan, page_size))
+
+
+def find_encoded(
+    index: Index,
+    identifier: Dataset,
+    model: str,
+    *,
+    implicit_vr: bool,
+    retrieve_ae_title: str | None = None,
+    page_size: int = 1000,
+) -> Iterator[bytes]:
+    """:func:`find`, with each answer already encoded in (implicit or explicit VR) little
+    endian: what the C-FIND SCP sends, at a fraction of the cost of a Dataset written by
+    pydicom (see identifier_encoding). The bytes are those of :func:`find`'s Datasets."""
+    plan = _plan(identifier, model, index.engine.dialect.name, retrieve_ae_title)
+    encoder = IdentifierEncoder(
+        plan.template,
+        [Target(tag, vr, multi) for tag, vr, multi in plan.targets],
+        plan.character_set,
+        implicit_vr=implicit_vr,
+    )
+    return (encoder.encode(row[1:]) for row in _rows(index, plan, page_size))
 
 
 def query_level(identifier: Dataset) -> str:
@@ -535,7 +558,7 @@ def _integer(keyword: str, value: str) -> int:
 # --------------------------------------------------------------------------- answers
 
 
-def _answers(index: Index, plan: _Plan, page_size: int) -> Iterator[Dataset]:
+def _rows(index: Index, plan: _Plan, page_size: int) -> Iterator[Sequence[Any]]:
     last_id: int | None = None
     while True:
         statement = plan.statement
@@ -544,8 +567,7 @@ def _answers(index: Index, plan: _Plan, page_size: int) -> Iterator[Dataset]:
         statement = statement.order_by(plan.id_column).limit(page_size)
         with index.reading() as session:
             rows = session.execute(statement).all()
-        for row in rows:
-            yield _response(plan, row)
+        yield from rows
         if len(rows) < page_size:
             return
         last_id = rows[-1][0]

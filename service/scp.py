@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from compacs.service import query, retrieve
+from compacs.service import find_responses, query, retrieve
 from compacs.service.config import Access, NodeConfig
 from compacs.service.index import Index
 from compacs.service.ingest import Ingest
@@ -57,7 +57,9 @@ STORAGE_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.50",  # JPEG Baseline
     "1.2.840.10008.1.2.4.51",  # JPEG Extended
 ]
-QUERY_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+# Only these two: find_responses writes answers in little endian, implicit or explicit VR.
+QUERY_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", IMPLICIT_VR_LE]
 
 
 def storage_sop_classes(config: NodeConfig) -> list[str]:
@@ -147,10 +149,12 @@ def _failure(status: int, reason: str) -> Dataset:
 def handle_find(
     event: evt.Event, index: Index, ae_title: str, access: Access
 ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """EVT_C_FIND: one pending response per match, matched in SQL by query.find.
+    """EVT_C_FIND: one pending response per match, matched in SQL by query.find_encoded.
 
-    C-CANCEL is checked before every answer (pynetdicom records it from its receive thread);
-    a bad identifier gets 0xA900/0xC000 with an Error Comment, an index failure 0xC000.
+    The pending responses are sent from bytes by find_responses (pynetdicom's per-answer
+    encoding cost 1.4 ms each); only the final status is yielded to pynetdicom. C-CANCEL is
+    checked before every answer (pynetdicom records it from its receive thread); a bad
+    identifier gets 0xA900/0xC000 with an Error Comment, an index failure 0xC000.
     """
     calling = event.assoc.requestor.ae_title
     model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "study")
@@ -164,8 +168,11 @@ def handle_find(
         yield _failure(query.STATUS_IDENTIFIER_MISMATCH, f"cannot decode identifier: {exc}"), None
         return
     level = query.query_level(identifier)
+    implicit_vr = str(event.context.transfer_syntax) == IMPLICIT_VR_LE
     try:
-        answers = query.find(index, identifier, model, retrieve_ae_title=ae_title)
+        answers = query.find_encoded(
+            index, identifier, model, implicit_vr=implicit_vr, retrieve_ae_title=ae_title
+        )
     except query.QueryError as exc:
         log.warning(
             "C-FIND from %s (%s root) refused: %s (status 0x%04X)",
@@ -176,7 +183,7 @@ def handle_find(
         )
         yield _failure(exc.status, exc.reason), None
         return
-    count = 0
+    pending = find_responses.PendingResponses(event)
     try:
         for answer in answers:
             if event.is_cancelled:
@@ -185,17 +192,23 @@ def handle_find(
                     calling,
                     model,
                     level,
-                    count,
+                    pending.sent,
                 )
                 yield STATUS_CANCEL, None
                 return
-            count += 1
-            yield STATUS_PENDING, answer
+            pending.send(answer)
     except SQLAlchemyError as exc:
-        log.error("C-FIND from %s failed after %d answer(s): index error: %s", calling, count, exc)
+        log.error(
+            "C-FIND from %s failed after %d answer(s): index error: %s", calling, pending.sent, exc
+        )
         yield _failure(query.STATUS_UNABLE_TO_PROCESS, "index error"), None
         return
-    log.info("C-FIND from %s (%s root, %s level): %d match(es)", calling, model, level, count)
+    except find_responses.AssociationGone:
+        log.warning("C-FIND from %s: association ended after %d answer(s)", calling, pending.sent)
+        return
+    log.info(
+        "C-FIND from %s (%s root, %s level): %d match(es)", calling, model, level, pending.sent
+    )
 
 
 def _instances(event: evt.Event, ingest: Ingest, service: str) -> list:

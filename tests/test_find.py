@@ -25,11 +25,13 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRoot
 
 from compacs.service.index import Index
-from compacs.service.query import QueryError, find
+from compacs.service.query import QueryError, find, find_encoded
 
 # Partial dates ("2020") and ACR-NEMA dates are lenient extensions: pydicom warns on them.
 pytestmark = [
@@ -330,6 +332,77 @@ def test_paging_returns_everything_once(filled: tuple[Index, Uids]) -> None:
     assert [a.StudyInstanceUID for a in answers] == list(uids.study.values())
 
 
+def encoded_cases(uids: Uids) -> list[tuple[str, Dataset, str | None]]:
+    """(model, identifier, RetrieveAETitle) covering every VR, level and kind of template
+    element find() answers with: constants, zero-length unknown and lower-level keys, an
+    empty sequence, computed multi-valued keys, US numbers, a requested character set."""
+    study_keys = [
+        "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+        "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+        "ReferringPhysicianName", "ModalitiesInStudy", "SOPClassesInStudy", "Modality",
+        "PatientComments", "InstanceAvailability", "RetrieveAETitle",
+    ]  # fmt: skip
+    study = query("STUDY", **dict.fromkeys(study_keys, ""))
+    study.NumberOfStudyRelatedSeries = study.NumberOfStudyRelatedInstances = None
+    study.ReferencedStudySequence = []
+    latin1 = query("STUDY", SpecificCharacterSet="ISO_IR 100", PatientName="", StudyDate="")
+    series = query(
+        "SERIES",
+        StudyInstanceUID=uids.study["A"],
+        SeriesInstanceUID="",
+        Modality="",
+        SeriesNumber=None,
+        SeriesDescription="",
+        BodyPartExamined="",
+        NumberOfSeriesRelatedInstances=None,
+    )
+    image = query(
+        "IMAGE",
+        SeriesInstanceUID="",
+        SOPInstanceUID="",
+        SOPClassUID="",
+        InstanceNumber=None,
+        Rows=None,
+        Columns=None,
+        BitsStored=None,
+        NumberOfFrames=None,
+    )
+    patient = query(
+        "PATIENT",
+        PatientName="",
+        PatientID="",
+        PatientBirthDate="",
+        NumberOfPatientRelatedStudies=None,
+        NumberOfPatientRelatedInstances=None,
+    )
+    return [
+        ("study", study, "COMPACS"),
+        ("study", study, None),
+        ("study", latin1, "COMPACS"),
+        ("study", series, "COMPACS"),
+        ("patient", image, "COMPACS"),
+        ("patient", patient, None),
+    ]
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False], ids=["implicit", "explicit"])
+def test_encoded_answers_are_the_bytes_pydicom_writes(
+    filled: tuple[Index, Uids], implicit_vr: bool
+) -> None:
+    """find_encoded (what the SCP sends) against pynetdicom's encoding of find()'s Datasets
+    (what it sent when the answers were yielded to it), byte for byte."""
+    index, uids = filled
+    for model, identifier, retrieve_ae in encoded_cases(uids):
+        expected = [
+            encode(ds, implicit_vr, True)
+            for ds in find(index, identifier, model, retrieve_ae_title=retrieve_ae)
+        ]
+        got = find_encoded(
+            index, identifier, model, implicit_vr=implicit_vr, retrieve_ae_title=retrieve_ae
+        )
+        assert expected and list(got) == expected, (model, identifier)
+
+
 @pytest.mark.parametrize(
     ("model", "keys", "needle"),
     [
@@ -568,3 +641,42 @@ def test_c_cancel_stops_the_answers(make_node: Any, tmp_path: Path) -> None:
     finally:
         assoc.release()
     assert re.search(r"C-FIND from CANCELSCU .* cancelled after \d+ answer", node.log_text())
+
+
+@pytest.mark.peers
+def test_answers_fragment_for_a_small_maximum_pdu(populated: Any) -> None:
+    """A requestor with a 128-byte maximum PDU gets each answer split into PDVs that fit
+    (find_responses' fragmenting path), and the same answers as one with no limit."""
+    node, study_uids, _series = populated
+    lengths: list[int] = []  # of the P-DATA-TF PDUs received
+
+    def on_pdu(event: Any) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            lengths.append(event.pdu.pdu_length)
+
+    def answers(max_pdu: int) -> list[Dataset]:
+        lengths.clear()
+        ae = AE(ae_title="SMALLPDU")
+        ae.add_requested_context(StudyRoot)
+        handlers = [(evt.EVT_PDU_RECV, on_pdu)]
+        assoc = ae.associate(
+            node.host, node.port, ae_title=node.ae_title, max_pdu=max_pdu, evt_handlers=handlers
+        )
+        assert assoc.is_established
+        try:
+            identifier = query(
+                "STUDY", StudyInstanceUID="", PatientName="", StudyDescription="",
+                AccessionNumber="", ModalitiesInStudy="", NumberOfStudyRelatedInstances=None,
+            )  # fmt: skip
+            found = list(assoc.send_c_find(identifier, StudyRoot))
+        finally:
+            assoc.release()
+        assert [s.Status for s, _ in found] == [0xFF00] * len(study_uids) + [0x0000]
+        return [ds for _, ds in found[:-1]]
+
+    small = answers(128)
+    assert lengths and max(lengths) <= 128
+    unlimited = answers(0)
+    assert max(lengths) > 128  # so the small answers were fragmented
+    assert [encode(d, False, True) for d in small] == [encode(d, False, True) for d in unlimited]
+    assert {d.StudyInstanceUID for d in small} == set(study_uids.values())
