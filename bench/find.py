@@ -8,11 +8,12 @@ produce them (CT 100-400, MR 20-200, CR 1-2 ...), dates spread over 2015-2024, n
 a skewed surname list (SMITH is the most common, as in real registers).
 
 Then it starts a real ``python -m compacs.service.cli serve`` on that folder and times each
-query from a pynetdicom SCU on one open association (C-FIND-RQ sent until the final
-response received; every pending answer is read), ``--runs`` (20) times, and the same
-query in-process through ``query.find()`` (SQL plus building the answer datasets, no
-network), to separate the index from the DIMSE transport. Every query asks for the keys a
-viewer's study list asks for, computed ones included (ModalitiesInStudy,
+query on one open association from ``rawfind.RawFindSCU`` (a bare-socket SCU: pynetdicom's
+own SCU spends ~1 ms of CPU decoding each answer on the node's two cores; C-FIND-RQ sent until
+the final response received, every pending answer read), ``--runs`` (20) times, and the same
+query in-process through ``query.find_encoded()`` (SQL plus encoding the answers, as the
+SCP does, no network), to separate the index from the DIMSE transport. Every query asks
+for the keys a viewer's study list asks for, computed ones included (ModalitiesInStudy,
 NumberOfStudyRelatedSeries/Instances).
 
 Run: ``.venv/bin/python bench/find.py [--studies 10000] [--runs 20] [--keep]``.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,12 +41,11 @@ import common  # noqa: E402  (puts tests/ on sys.path for the harness modules be
 import peers  # noqa: E402
 from common import progress  # noqa: E402
 from pydicom import Dataset  # noqa: E402
-from pynetdicom import AE, evt  # noqa: E402
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # noqa: E402
+from rawfind import RawFindSCU  # noqa: E402
 from sqlalchemy import func, insert, select  # noqa: E402
 
 from compacs.service.index import Index, Instance, Patient, Series, Study  # noqa: E402
-from compacs.service.query import find  # noqa: E402
+from compacs.service.query import find_encoded  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77"  # pydicom's root + a branch of our own
 CAP = 100  # answers read before the C-CANCEL of the "capped" universal query
@@ -280,29 +279,13 @@ def identifier(keys: dict[str, str]) -> Dataset:
     return ds
 
 
-def no_delay(event: Any) -> None:
-    """The SCU side of TCP_NODELAY (the node sets its own): with Nagle on at either end a
-    C-FIND waits ~40 ms for a delayed ACK, which would be measured instead of the query."""
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def time_dicom(assoc: Any, context_id: int, q: Query, msg_id: int) -> None:
+def time_dicom(scu: RawFindSCU, q: Query, msg_id: int) -> None:
     ds = identifier(q.keys)
     t0 = time.perf_counter()
-    pending = 0
-    status = None
-    for status, _answer in assoc.send_c_find(
-        ds, StudyRootQueryRetrieveInformationModelFind, msg_id=msg_id
-    ):
-        if status is None or "Status" not in status:
-            break
-        if status.Status == 0xFF00:
-            pending += 1
-            if q.cap is not None and pending == q.cap:
-                assoc.send_c_cancel(msg_id, context_id)
+    result = scu.find(ds, msg_id, cap=q.cap)
     q.dicom_ms.append((time.perf_counter() - t0) * 1000)
-    q.matches.add(pending)
-    q.final.add("none" if status is None or "Status" not in status else f"0x{status.Status:04X}")
+    q.matches.add(result.pending)
+    q.final.add(f"0x{result.status:04X}")
 
 
 def time_findscu(tool: str, node: peers.CompacsProcess, q: Query) -> None:
@@ -331,7 +314,7 @@ def time_sql(index: Index, q: Query) -> None:
     ds = identifier(q.keys)
     t0 = time.perf_counter()
     n = 0
-    for _answer in find(index, ds, "study", retrieve_ae_title="COMPACS"):
+    for _answer in find_encoded(index, ds, "study", implicit_vr=False, retrieve_ae_title="COMPACS"):
         n += 1
         if q.cap is not None and n == q.cap:
             break
@@ -349,12 +332,12 @@ def table(queries: list[Query]) -> str:
         "query",
         "matches",
         "runs",
-        "DICOM median ms",
-        "DICOM p95 ms",
+        "open assoc. median ms",
+        "open assoc. p95 ms",
         "findscu median ms",
         "findscu p95 ms",
-        "find() median ms",
-        "find() p95 ms",
+        "in-process median ms",
+        "in-process p95 ms",
         "final status",
     ]
     rows = [head, ["---"] * len(head)]
@@ -431,24 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         findscu = common.dcmtk_tool("findscu")
         node = peers.CompacsProcess(data, log_path=tmp / "compacs.log")
         node.start()
-        ae = AE(ae_title="BENCHSCU")
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.maximum_pdu_size = 0
-        assoc = ae.associate(
-            node.host,
-            node.port,
-            ae_title=node.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
-        )
-        if not assoc.is_established:
-            progress("association with the node failed")
-            return 1
-        context_id = assoc.accepted_contexts[0].context_id
+        scu = RawFindSCU(node.host, node.port, node.ae_title, calling="BENCHSCU")
         msg_id = 0
         try:
             for q in queries:  # one warm-up of each, not timed
                 msg_id += 1
-                time_dicom(assoc, context_id, q, msg_id)
+                time_dicom(scu, q, msg_id)
                 time_sql(index, q)
                 time_findscu(findscu, node, q)
                 q.dicom_ms.clear()
@@ -459,11 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress(f"{q.label}: {runs} runs")
                 for _ in range(runs):
                     msg_id = msg_id % 65000 + 1
-                    time_dicom(assoc, context_id, q, msg_id)
+                    time_dicom(scu, q, msg_id)
                     time_findscu(findscu, node, q)
                     time_sql(index, q)
         finally:
-            assoc.release()
+            scu.release()
 
         text = table(queries)
         print(text)
@@ -475,10 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"- index: SQLite, {built.patients} patients, {built.studies} studies, "
             f"{built.series} series, {built.instances} instances ({built.bytes / 1e6:.0f} MB), "
             f"built in {built.seconds:.1f} s",
-            "- DICOM: pynetdicom SCU, Study Root, one association, C-FIND-RQ sent until the "
-            "final response read, TCP_NODELAY on both ends; findscu: DCMTK findscu -S, one "
-            "process and association per query (start-up included); find(): the same query "
-            "in-process (SQL + answer datasets, no network)",
+            "- DICOM: bench/rawfind.py (a bare-socket SCU: no per-answer decoding on the "
+            "client), Study Root, one association, C-FIND-RQ sent until the final response "
+            "read, TCP_NODELAY on both ends; findscu: DCMTK findscu -S, one "
+            "process and association per query (start-up included); in-process: the same "
+            "query through query.find_encoded() (SQL + encoded answers, no network)",
             f"- return keys: {', '.join(RETURN_KEYS)}",
             "",
             text,
