@@ -11,6 +11,7 @@ of the study.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 
 from compacs.codecs import registry
+from compacs.service import bulk_store, wire
 from compacs.service.archive import Archive
+from compacs.service.bulk_store import bulk_stores
 from compacs.service.index import Index, Instance
 from compacs.service.polling import fast_polling, poll_fast
 from compacs.service.query import UNIQUE_KEYS
@@ -42,6 +45,8 @@ STATUS_CANCEL = 0xFE00
 STATUS_UNKNOWN_DESTINATION = 0xA801
 STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_UNABLE_TO_PROCESS = 0xC000
+# Instances read and decoded ahead of the one being sent (memory holds READ_AHEAD + 1).
+READ_AHEAD = 1
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
 LEVEL_KEYS = UNIQUE_KEYS  # a retrieve names its instances by the unique keys of each level
@@ -137,12 +142,20 @@ def failed_suboperation(inst: Instance) -> Dataset:
 
 
 def prepare(archive: Archive, inst: Instance, accepted: list[str]) -> Dataset:
-    """Read one instance and give it in the best syntax the peer accepted."""
+    """Read one instance and give it in the best syntax the peer accepted: as a
+    wire.WireInstance (stored bytes, maybe with decoded pixels spliced in) where that is
+    safe, else as a transcoded Dataset."""
     target = choose_syntax(inst, accepted)
     if target is None:
         raise TranscodeError(f"the peer accepted none of {candidate_syntaxes(inst)}")
-    ds = dcmread(BytesIO(archive.read(inst.blob_path, inst.checksum)))
-    return transcode_dataset(ds, target)
+    blob = archive.read(inst.blob_path, inst.checksum)
+    if target == inst.stored_transfer_syntax:
+        return wire.as_stored(blob, inst.sop_class_uid, inst.sop_instance_uid, target)
+    if target == EXPLICIT_LE:
+        spliced = wire.decoded_explicit_le(blob)
+        if spliced is not None:
+            return spliced
+    return transcode_dataset(dcmread(BytesIO(blob)), target)
 
 
 def accepted_for(contexts: list[PresentationContext], sop_class: str, role: str) -> list[str]:
@@ -165,6 +178,7 @@ class SubAssociation:
     def on_accepted(self, event: evt.Event) -> None:
         self.assoc = event.assoc
         poll_fast(event.assoc)  # lives only for this C-MOVE
+        bulk_store.enable(event.assoc)
         self.contexts = list(event.assoc.accepted_contexts)
 
 
@@ -204,11 +218,16 @@ def suboperations(
             log.error("retrieve of SOP %s for %s failed: %s", inst.sop_instance_uid, calling, exc)
             return failed_suboperation(inst)
 
-    with fast_polling(event.assoc), ThreadPoolExecutor(1, thread_name_prefix="retrieve") as loader:
-        upcoming = loader.submit(load, instances[0]) if instances else None
+    with (
+        fast_polling(event.assoc),
+        bulk_stores(event.assoc),
+        ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="retrieve") as loader,
+    ):
+        upcoming = deque(loader.submit(load, inst) for inst in instances[:READ_AHEAD])
         for i in range(len(instances)):
-            ds = upcoming.result()
-            upcoming = loader.submit(load, instances[i + 1]) if i + 1 < len(instances) else None
+            ds = upcoming.popleft().result()
+            if i + READ_AHEAD < len(instances):
+                upcoming.append(loader.submit(load, instances[i + READ_AHEAD]))
             if event.is_cancelled:
                 log.info("retrieve cancelled by %s", calling)
                 yield STATUS_CANCEL, None

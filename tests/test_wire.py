@@ -1,0 +1,125 @@
+"""Retrieval's fast path: stored objects spliced for the wire (service/wire.py) and framed
+into PDUs (service/bulk_store.py), checked against the slow path they replace.
+
+The end-to-end checks (getscu and movescu pixel-exact, JPEG-LS pass-through byte for byte,
+Orthanc decoding what it C-MOVEs) are in test_retrieve.py; these pin the pieces so a
+failure there points here.
+"""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+
+from compacs.codecs import registry
+from compacs.service import wire
+from compacs.service.bulk_store import frame
+from compacs.service.compress import encoded_dataset, part10, source_frames
+from compacs.service.transcode import transcode_dataset
+
+JPEG_LS = "1.2.840.10008.1.2.4.80"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def stored_jpeg_ls(path: Path) -> bytes:
+    """The blob compacs stores for `path` under the default rules (verified JPEG-LS)."""
+    ds = pydicom.dcmread(path)
+    return part10(encoded_dataset(ds, registry.get("jpegls"), source_frames(ds), {}))
+
+
+def read_explicit_le(data: bytes) -> pydicom.Dataset:
+    fp = DicomBytesIO(data)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    return read_dataset(fp, is_implicit_VR=False, is_little_endian=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "native"),
+    [
+        ("ct", "ct"),
+        ("cr10", "cr10"),
+        ("multiframe", "multiframe"),
+        ("signed12", "signed12"),
+        ("rle", "multiframe"),  # stored as it arrived, in a syntax of ours (RLE)
+        ("jpeg_ls", "multiframe"),  # likewise, JPEG-LS from elsewhere
+    ],
+)
+def test_spliced_explicit_le_equals_the_transcoded_dataset(
+    samples: dict[str, Path], key: str, native: str
+) -> None:
+    """Every element, pixel data included, as transcode_dataset gives it; the stored bytes
+    before Pixel Data are reused untouched. `native`: the sample with the same pixels."""
+    source = samples[key]
+    arrived = str(pydicom.dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    blob = stored_jpeg_ls(source) if arrived == EXPLICIT_LE else source.read_bytes()
+    spliced = wire.decoded_explicit_le(blob)
+    assert spliced is not None and spliced.transfer_syntax == EXPLICIT_LE
+    data = b"".join(bytes(p) for p in spliced.parts)
+    assert len(data) == spliced.encoded_length and len(data) % 2 == 0
+    got = read_explicit_le(data)
+    expected = transcode_dataset(pydicom.dcmread(BytesIO(blob)), EXPLICIT_LE)
+    assert [e.tag for e in got] == [e.tag for e in expected]
+    for elem in expected:
+        assert got[elem.tag].value == elem.value, elem.keyword
+    assert got["PixelData"].VR == expected["PixelData"].VR
+    assert got.PixelData == pydicom.dcmread(samples[native]).PixelData
+    start = wire.dataset_start(blob)
+    assert data.startswith(blob[start : blob.index(b"\xe0\x7f\x10\x00", start)])
+
+
+def test_stored_bytes_pass_through_untouched(samples: dict[str, Path]) -> None:
+    blob = stored_jpeg_ls(samples["ct"])
+    inst = wire.as_stored(blob, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", JPEG_LS)
+    assert b"".join(bytes(p) for p in inst.parts) == blob[wire.dataset_start(blob) :]
+    assert inst.SOPInstanceUID == "1.2.3" and inst.file_meta.TransferSyntaxUID == JPEG_LS
+
+
+def test_colour_and_foreign_syntaxes_are_left_to_transcode_dataset(
+    samples: dict[str, Path],
+) -> None:
+    """Colour may need Planar Configuration rewritten; syntaxes without a codec of ours are
+    decoded by pydicom, which also fixes attributes: neither is spliced."""
+    assert wire.decoded_explicit_le(stored_jpeg_ls(samples["rgb"])) is None
+    assert wire.decoded_explicit_le(samples["jpeg_lossless"].read_bytes()) is None
+
+
+def unframe(buffers: list, max_pdu: int) -> tuple[bytes, bytes, list[int]]:
+    """Parse framed PDUs back: (command, data set, control bytes), checking each length."""
+    stream = b"".join(bytes(b) for b in buffers)
+    command, data, controls, at = b"", b"", [], 0
+    while at < len(stream):
+        pdu_type, length = struct.unpack_from(">BxI", stream, at)
+        assert pdu_type == 0x04 and (max_pdu == 0 or length <= max_pdu)
+        item_length, _cx, control = struct.unpack_from(">IBB", stream, at + 6)
+        assert item_length == length - 4
+        payload = stream[at + 12 : at + 6 + length]
+        controls.append(control)
+        if control & 1:
+            command += payload
+        else:
+            data += payload
+        at += 6 + length
+    return command, data, controls
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 4096, 64, 20])
+def test_framing_respects_the_maximum_pdu_and_marks_the_last_fragments(max_pdu: int) -> None:
+    command = bytes(range(90))
+    pixels = np.arange(5000, dtype="<u2")
+    parts = [b"head" * 25, memoryview(pixels).cast("B"), b"tail"]
+    buffers = frame(3, command, parts, max_pdu)
+    got_command, got_data, controls = unframe(buffers, max_pdu)
+    assert got_command == command
+    assert got_data == b"head" * 25 + pixels.tobytes() + b"tail"
+    commands = [c for c in controls if c & 1]
+    datas = [c for c in controls if not c & 1]
+    assert commands[-1] == 0x03 and set(commands[:-1]) <= {0x01}
+    assert datas[-1] == 0x02 and set(datas[:-1]) <= {0x00}
+    assert controls.index(datas[0]) > controls.index(commands[-1])  # command set first
