@@ -176,6 +176,7 @@ def build(index: Index, n_studies: int, seed: int) -> Built:
             )
             for number, (modality, (lo, hi)) in enumerate(plan[: rng.randint(2, 4)], start=1):
                 sp = len(series) + 1
+                count = rng.randint(lo, hi)
                 series.append(
                     {
                         "id": sp,
@@ -185,10 +186,11 @@ def build(index: Index, n_studies: int, seed: int) -> Built:
                         "series_number": number,
                         "series_description": f"{modality} SERIES {number}",
                         "body_part_examined": None,
+                        "instance_count": count,  # as Index.add_received keeps it
                         "created_at": now,
                     }
                 )
-                per_series.append((sp, modality, rng.randint(lo, hi)))
+                per_series.append((sp, modality, count))
     out.accession = studies[len(studies) // 2]["accession_number"]
 
     # Instances (millions of rows) go in as plain tuples through the engine's DB-API

@@ -31,6 +31,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
@@ -104,6 +105,8 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str | None] = mapped_column(Text)
     body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    # kept by add_received (rows are never deleted): C-FIND's instance counts read it
+    instance_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -164,15 +167,15 @@ def _int(ds: Any, keyword: str) -> int | None:
         return None
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the database schema to the newest Alembic revision."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the database schema to the newest Alembic revision (or to `revision`)."""
     cfg = AlembicConfig()
     cfg.set_main_option(
         "script_location", str(resources.files("compacs.service").joinpath("migrations"))
     )
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 class Index:
@@ -240,6 +243,11 @@ class Index:
                         state=STATE_PENDING,
                         **fields,
                     )
+                )
+                conn.execute(
+                    update(Series)
+                    .where(Series.id == series_pk)
+                    .values(instance_count=Series.instance_count + 1)
                 )
 
     def replace_received(self, sop_uid: str, **fields: Any) -> None:
