@@ -20,8 +20,8 @@ from pydicom.filereader import read_dataset
 
 from compacs.codecs import registry
 from compacs.service import wire
-from compacs.service.bulk_store import frame
 from compacs.service.compress import encoded_dataset, part10, source_frames
+from compacs.service.pdu_runs import frame
 from compacs.service.transcode import transcode_dataset
 
 JPEG_LS = "1.2.840.10008.1.2.4.80"
