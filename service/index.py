@@ -27,6 +27,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
@@ -141,6 +142,14 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+# Built once: add_received runs it for every instance, on the acknowledgement's path.
+_COUNT_INSTANCE = (
+    update(Series)
+    .where(Series.id == bindparam("pk"))
+    .values(instance_count=Series.instance_count + 1)
+)
+
+
 class AuditEvent(Base):
     __tablename__ = "audit_event"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -244,11 +253,7 @@ class Index:
                         **fields,
                     )
                 )
-                conn.execute(
-                    update(Series)
-                    .where(Series.id == series_pk)
-                    .values(instance_count=Series.instance_count + 1)
-                )
+                conn.execute(_COUNT_INSTANCE, {"pk": series_pk})
 
     def replace_received(self, sop_uid: str, **fields: Any) -> None:
         """Point an existing instance at a newly received version (on_duplicate = replace)."""

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable, Iterator
 
 from pydicom import Dataset
+from pydicom import config as pydicom_config
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
@@ -335,6 +336,9 @@ def build_ae(config: NodeConfig) -> AE:
     # pynetdicom's default event handlers format every PDU and DIMSE message for its debug
     # log, which cli.py turns off: 7 ms of CPU for each association a getscu opens (py-spy).
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    # pydicom checks every value it reads against its VR and only warns (WARN mode): 3 ms per
+    # getscu association in UID regexes alone. validate.py checks what the node relies on.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = config.max_pdu
     ae.maximum_associations = 64
