@@ -8,7 +8,7 @@ produce them (CT 100-400, MR 20-200, CR 1-2 ...), dates spread over 2015-2024, n
 a skewed surname list (SMITH is the most common, as in real registers).
 
 Then it starts a real ``python -m compacs.service.cli serve`` on that folder and times each
-query on one open association from ``rawfind.RawFindSCU`` (a bare-socket SCU: pynetdicom's
+query on one open association from ``tests/rawfind.py`` (a bare-socket SCU: pynetdicom's
 own SCU spends ~1 ms of CPU decoding each answer on the node's two cores; C-FIND-RQ sent until
 the final response received, every pending answer read), ``--runs`` (20) times, and the same
 query in-process through ``query.find_encoded()`` (SQL plus encoding the answers, as the
@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"- index: SQLite, {built.patients} patients, {built.studies} studies, "
             f"{built.series} series, {built.instances} instances ({built.bytes / 1e6:.0f} MB), "
             f"built in {built.seconds:.1f} s",
-            "- DICOM: bench/rawfind.py (a bare-socket SCU: no per-answer decoding on the "
+            "- DICOM: tests/rawfind.py (a bare-socket SCU: no per-answer decoding on the "
             "client), Study Root, one association, C-FIND-RQ sent until the final response "
             "read, TCP_NODELAY on both ends; findscu: DCMTK findscu -S, one "
             "process and association per query (start-up included); in-process: the same "

@@ -44,6 +44,10 @@ def enable(assoc: Any) -> Any:
     ) -> Dataset:
         if not isinstance(dataset, WireInstance):
             return original_send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
+        if not assoc.is_established or not assoc.dul.is_alive():
+            # pynetdicom's own check, plus a dead network thread (peer abort), which would
+            # otherwise cost every remaining sub-operation a full DIMSE timeout
+            raise RuntimeError("the association has ended: C-STORE not sent")
         context = assoc._get_valid_context(
             dataset.SOPClassUID, dataset.transfer_syntax, "scu", allow_conversion=False
         )

@@ -39,7 +39,7 @@ from compacs.service import pdu_runs
 STATUS_PENDING = 0xFF00
 BATCH = 16  # answers per run
 QUEUE_LIMIT = 2  # runs waiting in pynetdicom's send queue
-MAX_UNACKED = 16384  # bytes in the socket not yet taken by the peer
+MAX_UNACKED = 65536  # bytes in the socket not yet taken by the peer
 _WAIT = 0.0001  # seconds between looks at the queue while it is full
 try:  # Linux: bytes in a socket's send queue
     import fcntl
@@ -79,25 +79,43 @@ class PendingResponses:
         """Add one pending response carrying `identifier` (encoded in the context's syntax)."""
         self._run += pdu_runs.frame(self.context_id, self.command, [identifier], self.max_pdu)
         self._in_run += 1
-        self.sent += 1
         if self._in_run >= BATCH:
             self.flush()
 
     def flush(self) -> None:
-        """Queue the answers added since the last flush."""
+        """Queue the answers added since the last flush; `sent` counts the queued ones."""
         if not self._run:
             return
         self._wait_for_room()
         pdu_runs.queue(self.dul, self.context_id, self._run)
+        self.sent += self._in_run
+        self._run, self._in_run = [], 0
+
+    def discard(self) -> None:
+        """Drop the answers not queued yet (the SCU cancelled)."""
         self._run, self._in_run = [], 0
 
     def _wait_for_room(self) -> None:
+        """Wait until the queue, the socket and the peer allow one more run. Raises
+        AssociationGone when the association ends meanwhile (the reactor, which would
+        notice, is the thread waiting here), and aborts it when nothing has moved for the
+        network timeout (a peer that stopped reading)."""
         queue = self.dul.to_provider_queue
+        timeout = self.assoc.network_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = (queue.qsize(), self._unacked())
         while (
             queue.qsize() >= QUEUE_LIMIT or self._unacked() > MAX_UNACKED or self._peer_has_sent()
         ):
-            if not self.assoc.is_established:
+            if not self.dul.is_alive() or self.assoc.acse.is_aborted() or self.assoc.is_aborted:
                 raise AssociationGone("the association ended while answers were being sent")
+            now = (queue.qsize(), self._unacked())
+            if now != last:
+                last = now
+                deadline = None if timeout is None else time.monotonic() + timeout
+            elif deadline is not None and time.monotonic() > deadline:
+                self.assoc.abort()
+                raise AssociationGone(f"the peer read no answer for {timeout} s: aborted")
             time.sleep(_WAIT)
 
     def _unacked(self) -> int:

@@ -44,6 +44,8 @@ def frame(context_id: int, command: bytes, parts: list, max_pdu: int) -> list:
     """The buffers of the P-DATA-TF PDUs carrying one message: `command` and the data set
     `parts`, each PDU within the peer's maximum length (0: unlimited). Parts are sliced,
     not copied."""
+    if 0 < max_pdu <= PDV_OVERHEAD:  # as pynetdicom: no room for a single byte
+        raise ValueError(f"the peer's maximum PDU length {max_pdu} is too small to send in")
     room = (max_pdu - PDV_OVERHEAD) if max_pdu else 1 << 62
     buffers: list = []
     for start in range(0, len(command), room):
@@ -64,7 +66,7 @@ def frame(context_id: int, command: bytes, parts: list, max_pdu: int) -> list:
                 control = DATA_LAST if done == total else DATA
                 buffers += [pdu_header(context_id, control, chunk_len), *chunk]
                 chunk, chunk_len = [], 0
-    if chunk_len:
+    if chunk_len or total == 0:  # an empty data set still gets its (empty) last fragment
         buffers += [pdu_header(context_id, DATA_LAST, chunk_len), *chunk]
     return buffers
 
@@ -81,13 +83,15 @@ def queue(dul: Any, context_id: int, buffers: list) -> None:
 def send_buffers(sock: socket.socket, buffers: list) -> None:
     """Write all of `buffers` with as few system calls as the kernel allows."""
     pending = [memoryview(b).cast("B") for b in buffers]
-    while pending:
-        sent = sock.sendmsg(pending[:_MAX_BUFFERS])
-        while sent and pending:
-            if sent >= len(pending[0]):
-                sent -= len(pending.pop(0))
+    first = 0  # pending[first:] is still to send
+    while first < len(pending):
+        sent = sock.sendmsg(pending[first : first + _MAX_BUFFERS])
+        while sent:
+            if sent >= len(pending[first]):
+                sent -= len(pending[first])
+                first += 1
             else:
-                pending[0] = pending[0][sent:]
+                pending[first] = pending[first][sent:]
                 sent = 0
 
 
@@ -112,7 +116,7 @@ def enable(dul: Any) -> None:
                 send_buffers(sock, buffers)
             else:  # TLS sockets have no sendmsg
                 sock.sendall(b"".join(buffers))
-        except OSError:
-            dul.event_queue.put("Evt17")  # transport closed, as AssociationSocket.send does
+        except Exception:  # as AssociationSocket.send: the transport is closed (Evt17)
+            dul.event_queue.put("Evt17")
 
     dul._send = send

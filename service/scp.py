@@ -189,7 +189,7 @@ def handle_find(
     try:
         for answer in answers:
             if event.is_cancelled:
-                pending.flush()
+                pending.discard()
                 log.info(
                     "C-FIND from %s (%s root, %s level) cancelled after %d answer(s)",
                     calling,
@@ -205,7 +205,8 @@ def handle_find(
         log.error(
             "C-FIND from %s failed after %d answer(s): index error: %s", calling, pending.sent, exc
         )
-        pending.flush()
+        with contextlib.suppress(find_responses.AssociationGone):
+            pending.flush()  # the answers found before the failure
         yield _failure(query.STATUS_UNABLE_TO_PROCESS, "index error"), None
         return
     except find_responses.AssociationGone:

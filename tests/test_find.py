@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from time import monotonic, sleep
 from typing import Any
 
 import dicomdata
@@ -29,6 +30,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRoot
+from rawfind import RawFindSCU
 
 from compacs.service.index import Index
 from compacs.service.query import QueryError, find, find_encoded
@@ -680,3 +682,45 @@ def test_answers_fragment_for_a_small_maximum_pdu(populated: Any) -> None:
     assert max(lengths) > 128  # so the small answers were fragmented
     assert [encode(d, False, True) for d in small] == [encode(d, False, True) for d in unlimited]
     assert {d.StudyInstanceUID for d in small} == set(study_uids.values())
+
+
+@pytest.mark.peers
+def test_a_peer_that_stops_reading_then_drops_does_not_hold_the_node(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """An SCU asks for 300 answers of some 2.4 KB, reads none (the node's sender then waits
+    for room), and drops the connection: the C-FIND handler notices and ends, and the node
+    keeps serving. Before find_responses checked for a dead network thread it waited for
+    room forever, holding an association slot."""
+    node = make_node(KEEP_AS_RECEIVED)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    files = [
+        dicomdata.fresh_copy(
+            "CT_small.dcm",
+            tmp_path / "in",
+            StudyInstanceUID=study_uid,
+            SeriesInstanceUID=series_uid,
+            InstanceNumber=i,
+        )
+        for i in range(1, 301)
+    ]
+    store_all(node, files)
+    identifier = query("IMAGE", StudyInstanceUID=study_uid, SOPInstanceUID="")
+    # keys the index does not hold come back with zero length: 8 bytes each, 2.4 KB an answer
+    unknown = [
+        tag
+        for tag in sorted(pydicom.datadict.DicomDictionary)
+        if tag >> 16 == 0x0018 and dictionary_VR(tag) in ("CS", "LO", "SH", "DS", "IS")
+    ][:300]
+    for tag in unknown:
+        identifier[tag] = pydicom.DataElement(tag, dictionary_VR(tag), None)
+    scu = RawFindSCU(node.host, node.port, node.ae_title, calling="STALLSCU")
+    scu.request(identifier, msg_id=1)
+    sleep(2)  # the node fills the socket buffers and waits for room
+    scu.reset()
+    deadline = monotonic() + 20
+    pattern = r"C-FIND from STALLSCU: association ended after \d+ answer"
+    while not re.search(pattern, node.log_text()) and monotonic() < deadline:
+        sleep(0.2)
+    assert re.search(pattern, node.log_text()), node.log_text()[-2000:]
+    assert node.echo().returncode == 0

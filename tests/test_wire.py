@@ -123,3 +123,16 @@ def test_framing_respects_the_maximum_pdu_and_marks_the_last_fragments(max_pdu: 
     assert commands[-1] == 0x03 and set(commands[:-1]) <= {0x01}
     assert datas[-1] == 0x02 and set(datas[:-1]) <= {0x00}
     assert controls.index(datas[0]) > controls.index(commands[-1])  # command set first
+
+
+@pytest.mark.parametrize("max_pdu", [1, 6])
+def test_framing_refuses_a_maximum_pdu_with_no_room(max_pdu: int) -> None:
+    """A peer may announce any maximum length; one without room for a byte is refused (as
+    pynetdicom does) rather than looping."""
+    with pytest.raises(ValueError, match="too small"):
+        frame(1, b"cmd", [b"data"], max_pdu)
+
+
+def test_framing_an_empty_data_set_still_ends_it() -> None:
+    _command, data, controls = unframe(frame(1, b"cmd!", [], 0), 0)
+    assert data == b"" and controls == [0x03, 0x02]

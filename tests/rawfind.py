@@ -1,4 +1,5 @@
-"""A C-FIND SCU on a bare socket, for timing the node's answers on an open association.
+"""A C-FIND SCU on a bare socket: for timing the node's answers on an open association
+(bench/find.py), and for playing a peer that stops reading (tests/test_find.py).
 
 Why not pynetdicom's SCU: it spends about 1 ms of CPU decoding each answer, on the same two
 cores the node runs on, so a 200-answer query measured the client as much as the node. This
@@ -108,8 +109,8 @@ class RawFindSCU:
                 raise RawSCUError(f"Study Root FIND refused (result {reply[offset + 6]})")
             offset += 4 + length
 
-    def find(self, identifier: Dataset, msg_id: int, cap: int | None = None) -> FindResult:
-        """Send one C-FIND and read every response; C-CANCEL after `cap` pending ones."""
+    def request(self, identifier: Dataset, msg_id: int) -> None:
+        """Send a C-FIND-RQ (and read nothing)."""
         command = _command(
             AffectedSOPClassUID=STUDY_ROOT_FIND,
             CommandField=0x0020,
@@ -119,6 +120,10 @@ class RawFindSCU:
         )
         self._send_pdv(0x03, command)
         self._send_pdv(0x02, _encode(identifier, implicit=False))
+
+    def find(self, identifier: Dataset, msg_id: int, cap: int | None = None) -> FindResult:
+        """Send one C-FIND and read every response; C-CANCEL after `cap` pending ones."""
+        self.request(identifier, msg_id)
         pending = 0
         command_bytes = b""
         while True:
@@ -147,6 +152,11 @@ class RawFindSCU:
             self._read_pdu()
         finally:
             self.sock.close()
+
+    def reset(self) -> None:
+        """Drop the connection at once (TCP RST), as a crashing viewer would."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
 
     def _cancel(self, msg_id: int) -> None:
         command = _command(
