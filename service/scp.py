@@ -1,7 +1,9 @@
 """The DICOM service class provider: which contexts we accept and the DIMSE event handlers.
 
 Handlers follow pynetdicom's event-handler API: each takes the event, hands the work to the
-module that owns it (ingest for C-STORE) and returns a status, nothing more.
+module that owns it (ingest for C-STORE) and returns a status, nothing more. One exception:
+handle_find hands its pending answers, as bytes, to find_responses, which sends them (for
+speed, see there), and yields only the final status.
 """
 
 from __future__ import annotations
