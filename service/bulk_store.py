@@ -8,13 +8,14 @@ instance's parts and written as one run (pdu_runs). Anything else (a Dataset) go
 pynetdicom's own ``send_c_store``.
 
 This replaces the association's ``send_c_store`` (a pynetdicom 3.0.4 instance attribute,
-restored on exit) with one that follows pynetdicom's own step by step (context, reactor
-pause, response, status); pyproject pins that version, and the C-GET/C-MOVE tests against
-getscu, movescu and Orthanc exercise it.
+restored on exit) with one that follows pynetdicom's own (context, reactor pause, response,
+status), with a stricter reactor pause (see _pause_reactor); pyproject pins that version,
+and the C-GET/C-MOVE tests against getscu, movescu and Orthanc exercise it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,12 +66,9 @@ def enable(assoc: Any) -> Any:
         cx_id = int(context.context_id)
         buffers = pdu_runs.frame(cx_id, command, dataset.parts, assoc.dimse.maximum_pdu_size)
 
-        assoc._reactor_checkpoint.clear()  # as pynetdicom's send_c_store: pause the reactor
-        while not assoc._is_paused:
-            time.sleep(0.0001)
+        _pause_reactor(assoc)
         pdu_runs.queue(assoc.dul, cx_id, buffers)
         _cx, rsp = assoc.dimse.get_msg(block=True)
-        assoc._reactor_checkpoint.set()
         if rsp is None:  # DIMSE timeout
             assoc._handle_no_response()
             return Dataset()
@@ -78,10 +76,33 @@ def enable(assoc: Any) -> Any:
 
     assoc.send_c_store = send_c_store
 
-    def restore() -> None:  # back to the class's own method
+    def restore() -> None:  # back to the class's own method, and the reactor let go
         vars(assoc).pop("send_c_store", None)
+        assoc._reactor_checkpoint.set()
 
     return restore
+
+
+def _pause_reactor(assoc: Any) -> None:
+    """Keep the association's reactor thread from taking our C-STORE responses.
+
+    pynetdicom's send_c_store clears the reactor's checkpoint, waits for its ``_is_paused``
+    and sets the checkpoint again after each response. ``_is_paused`` can still read True
+    for a moment after the reactor has been let through, and back-to-back sends (as these
+    are, without pydicom's encoding between them) hit that moment: the reactor then took a
+    C-STORE-RSP as an "unexpected C-STORE service message" and the sub-operation waited
+    out the DIMSE timeout (seen once in 6 CI runs of test_movescu_to_storescp). So this
+    waits until the reactor is really blocked on the checkpoint, and leaves it there until
+    the C-GET ends (restore) or pynetdicom releases or aborts the C-MOVE sub-association,
+    both of which set it again.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    if threading.current_thread() is assoc:
+        return  # a C-GET: the reactor is this thread, inside _serve_request
+    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)  # CPython's Event
+    while assoc.is_alive() and not (assoc._is_paused and (waiters is None or len(waiters))):
+        time.sleep(0.0001)
 
 
 @contextmanager
