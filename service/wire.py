@@ -5,7 +5,7 @@ Why: handing pynetdicom a Dataset costs a full pydicom write of it, and the pixe
 pydicom's element buffer, its stream, pynetdicom's stream, fragments, PDV headers): with
 the PDU handling, 7 ms of CPU per image besides the 4 ms JPEG-LS decode, where Orthanc
 spends 8 ms in all. A :class:`WireInstance` is the data set encoding as a list of buffers
-that point into the stored bytes and the decoded pixels, which bulk_store frames into PDUs
+that point into the stored bytes and the decoded pixels, which bulk_store (pdu_runs) frames
 and writes with one scatter-gather send. Two cases take this path, the common ones:
 
 - the peer accepted the stored syntax: the stored data set, byte for byte;
@@ -29,9 +29,8 @@ from pydicom.uid import UID
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
-from compacs.service.compress import source_frames
+from compacs.service.compress import EXPLICIT_LE, source_frames
 
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _ITEM, _SEQUENCE_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000) and (FFFE,E0DD), read as LE uint32
 
@@ -90,13 +89,9 @@ def decoded_explicit_le(blob: bytes) -> WireInstance | None:
     if blob[header_at : header_at + 4] != _PIXEL_DATA_TAG:
         return None
     end = _encapsulated_end(blob, value_at)
-    frames = source_frames(ds)
-    if len(frames) == 1:
-        pixels: bytes | memoryview = memoryview(np.ascontiguousarray(frames[0], fmt.dtype)).cast(
-            "B"
-        )
-    else:
-        pixels = b"".join(np.ascontiguousarray(f, fmt.dtype).tobytes() for f in frames)
+    frames = [np.ascontiguousarray(f, fmt.dtype) for f in source_frames(ds)]
+    # one frame: a view of the decoder's array, no copy; several: joined once
+    pixels = memoryview(frames[0]).cast("B") if len(frames) == 1 else b"".join(map(bytes, frames))
     pad = b"\0" * (len(pixels) % 2)
     vr = b"OW" if fmt.bits_allocated > 8 else b"OB"
     element = _PIXEL_DATA_TAG + vr + b"\0\0" + struct.pack("<I", len(pixels) + len(pad))
