@@ -44,8 +44,8 @@ from pydicom import Dataset  # noqa: E402
 from rawfind import RawFindSCU  # noqa: E402
 from sqlalchemy import func, insert, select  # noqa: E402
 
-from compacs.service.index import Index, Instance, Patient, Series, Study  # noqa: E402
 from compacs.service.query import find_encoded  # noqa: E402
+from compacs.service.storage.index import Index, Instance, Patient, Series, Study  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77"  # pydicom's root + a branch of our own
 CAP = 100  # answers read before the C-CANCEL of the "capped" universal query

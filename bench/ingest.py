@@ -194,7 +194,7 @@ class CompacsReceiver(Receiver):
         assert self.node is not None
         db = self.node.data_dir / "index.sqlite"
         try:
-            from compacs.service.index import Index
+            from compacs.service.storage.index import Index
 
             if not db.exists():
                 raise FileNotFoundError(db)

@@ -208,7 +208,7 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
 
 # --- SCU commands: send, query, pull (the DICOM work is in service/scu.py) ---------------
 def _scu_peer(value: str, option: str):  # noqa: ANN202
-    from compacs.service.scu import AddressError, parse_peer
+    from compacs.service.dimse.scu import AddressError, parse_peer
 
     try:
         return parse_peer(value, option)
@@ -217,7 +217,7 @@ def _scu_peer(value: str, option: str):  # noqa: ANN202
 
 
 def _scu_calling_ae(args: argparse.Namespace, default: str | None = None) -> str:
-    from compacs.service.scu import AddressError, check_ae_title
+    from compacs.service.dimse.scu import AddressError, check_ae_title
 
     value = args.from_ae or default or load_config(None).ae_title
     try:
@@ -227,7 +227,7 @@ def _scu_calling_ae(args: argparse.Namespace, default: str | None = None) -> str
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from compacs.service.scu import ScuError, send_files
+    from compacs.service.dimse.scu import ScuError, send_files
 
     peer = _scu_peer(args.to, "--to")
     calling = _scu_calling_ae(args)
@@ -247,7 +247,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from compacs.service.scu import DEFAULT_KEYS, ScuError, answer_value, find, parse_key
+    from compacs.service.dimse.scu import DEFAULT_KEYS, ScuError, answer_value, find, parse_key
 
     peer = _scu_peer(args.peer, "--from")
     calling = _scu_calling_ae(args)
@@ -276,13 +276,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from compacs.service.scu import ScuError, pull
+    from compacs.service.dimse.scu import ScuError, pull
 
     peer = _scu_peer(args.peer, "--from")
     if args.into:
         into = _scu_peer(args.into, "--into")
     else:
-        from compacs.service.scu import Peer
+        from compacs.service.dimse.scu import Peer
 
         config = load_config(args.config)
         into = Peer(config.ae_title, "127.0.0.1", config.port)

@@ -25,10 +25,10 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from compacs.service import rules as rules_mod
-from compacs.service.archive import Archive, ChecksumError, checksum
 from compacs.service.compress import compress
 from compacs.service.config import NodeConfig
-from compacs.service.index import Index
+from compacs.service.storage.archive import Archive, ChecksumError, checksum
+from compacs.service.storage.index import Index
 from compacs.service.validate import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,

@@ -15,9 +15,9 @@ from pathlib import Path
 from pydicom import dcmread
 from tqdm import tqdm
 
-from compacs.service.archive import Archive
 from compacs.service.compress import source_frames
-from compacs.service.index import Index, Instance
+from compacs.service.storage.archive import Archive
+from compacs.service.storage.index import Index, Instance
 from compacs.service.transcode import transcode
 
 log = logging.getLogger("compacs.maintenance")

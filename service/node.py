@@ -12,11 +12,11 @@ import signal
 import threading
 import time
 
-from compacs.service import scp
-from compacs.service.archive import Archive
 from compacs.service.config import NodeConfig
-from compacs.service.index import Index
+from compacs.service.dimse import scp
 from compacs.service.ingest import Ingest
+from compacs.service.storage.archive import Archive
+from compacs.service.storage.index import Index
 
 log = logging.getLogger("compacs.node")
 

@@ -43,8 +43,8 @@ from pydicom.multival import MultiValue
 from sqlalchemy import and_, exists, func, literal, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from compacs.service.identifier_encoding import IdentifierEncoder, Target
-from compacs.service.index import Index, Instance, Patient, Series, Study
+from compacs.service.dimse.identifier_encoding import IdentifierEncoder, Target
+from compacs.service.storage.index import Index, Instance, Patient, Series, Study
 
 LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 MODEL_LEVELS: dict[str, tuple[str, ...]] = {"patient": LEVELS, "study": LEVELS[1:]}

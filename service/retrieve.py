@@ -25,12 +25,13 @@ from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 
 from compacs.codecs import registry
-from compacs.service import bulk_store, wire
-from compacs.service.archive import Archive
-from compacs.service.bulk_store import bulk_stores
-from compacs.service.index import Index, Instance
-from compacs.service.polling import fast_polling, poll_fast
+from compacs.service import wire
+from compacs.service.dimse import bulk_store
+from compacs.service.dimse.bulk_store import bulk_stores
+from compacs.service.dimse.polling import fast_polling, poll_fast
 from compacs.service.query import UNIQUE_KEYS
+from compacs.service.storage.archive import Archive
+from compacs.service.storage.index import Index, Instance
 from compacs.service.transcode import NATIVE_SYNTAXES, TranscodeError, transcode_dataset
 
 log = logging.getLogger("compacs.retrieve")

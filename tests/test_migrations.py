@@ -9,8 +9,8 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import create_engine, select, text
 
-from compacs.service.index import Index, Series, migrate
 from compacs.service.query import find
+from compacs.service.storage.index import Index, Series, migrate
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -26,7 +26,7 @@ from nodecheck import exported_by_sop, raw_pixels, wait_compressed
 from pydicom.encaps import generate_frames
 from pydicom.uid import UID, generate_uid
 
-from compacs.service.scu import (
+from compacs.service.dimse.scu import (
     MAX_CONTEXTS,
     AddressError,
     DicomFile,

@@ -21,7 +21,7 @@ from pydicom.filereader import read_dataset
 from compacs.codecs import registry
 from compacs.service import wire
 from compacs.service.compress import encoded_dataset, part10, source_frames
-from compacs.service.pdu_runs import frame
+from compacs.service.dimse.pdu_runs import frame
 from compacs.service.transcode import transcode_dataset
 
 JPEG_LS = "1.2.840.10008.1.2.4.80"

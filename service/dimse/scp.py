@@ -31,10 +31,11 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from compacs.service import find_responses, query, retrieve
+from compacs.service import query, retrieve
 from compacs.service.config import Access, NodeConfig
-from compacs.service.index import Index
+from compacs.service.dimse import find_responses
 from compacs.service.ingest import Ingest
+from compacs.service.storage.index import Index
 from compacs.service.validate import STATUS_CANNOT_UNDERSTAND
 
 log = logging.getLogger("compacs.scp")

@@ -180,7 +180,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     """Bring the database schema to the newest Alembic revision (or to `revision`)."""
     cfg = AlembicConfig()
     cfg.set_main_option(
-        "script_location", str(resources.files("compacs.service").joinpath("migrations"))
+        "script_location", str(resources.files("compacs.service.storage").joinpath("migrations"))
     )
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection

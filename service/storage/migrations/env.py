@@ -1,4 +1,4 @@
-"""Alembic environment: migrations run on the connection `compacs.service.index.migrate` passes.
+"""Alembic environment: migrations run on the connection `storage.index.migrate` passes.
 
 Run from the node at start-up (never by hand), so the schema always matches the code.
 For a new revision: `alembic -x url=sqlite:///tmp.db revision --autogenerate -m "..."` from
@@ -8,7 +8,7 @@ a checkout, with `script_location` pointing here.
 from alembic import context
 from sqlalchemy import create_engine
 
-from compacs.service.index import Base
+from compacs.service.storage.index import Base
 
 target_metadata = Base.metadata
 connection = context.config.attributes.get("connection")

@@ -34,7 +34,7 @@ from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 
-from compacs.service import pdu_runs
+from compacs.service.dimse import pdu_runs
 
 STATUS_PENDING = 0xFF00
 BATCH = 16  # answers per run

@@ -27,7 +27,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from compacs.service import pdu_runs
+from compacs.service.dimse import pdu_runs
 from compacs.service.wire import WireInstance
 
 
