@@ -1,0 +1,207 @@
+"""Wavefront coding: the decoder (and the δ > 0 encoder) of the learned codec.
+
+Pixel (i, j) is decoded at step t = 4i + j. That is the earliest step at which everything its
+prediction reads is known: the mask-A 7×7 layer reads pixels up to 3 columns to the right in
+the rows above (t - 1 at the latest), and each mask-B 3×3 layer reads its input up and to the
+right by one (computed 3 steps earlier). Every layer's activations are cached per pixel, so a
+step computes each layer only for the pixels on its wavefront: 4(H-1) + W steps of one small
+`step.onnx` call, instead of H·W runs of the whole network (205 s against ~1 s, DESIGN.md).
+
+A batch of tiles of one shape (the tiles of a large image, the slices of a series) decodes as
+one batch per step, so the step calls grow wider rather than more numerous: that is what a GPU
+wants, and it is the same code on a CPU.
+
+The δ = 0 encoder runs the whole-image network instead (every context is known) and only codes
+in this order; δ > 0 needs the reconstruction as context (closed loop), so it walks the same
+schedule as the decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+
+from . import entropy
+from .features import (
+    N_FEATURES,
+    N_SCALES,
+    SCALE_STEPS,
+    ImageStats,
+    image_features,
+    med,
+    med_prediction,
+    pixel_features,
+)
+from .runtime import Model
+
+LAG = 4  # columns per row of the wavefront
+
+
+def schedule(rows: int, columns: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(i, j) of the pixels of each step, i ascending."""
+    steps = []
+    for t in range(LAG * (rows - 1) + columns):
+        i = np.arange(max(0, -(-(t - columns + 1) // LAG)), min(rows - 1, t // LAG) + 1)
+        steps.append((i, t - LAG * i))
+    return steps
+
+
+@dataclass(frozen=True)
+class TileHeader:
+    """What a tile's decoder needs before its first pixel (stored in the bitstream)."""
+
+    stats: ImageStats
+    delta: int
+
+    @property
+    def step(self) -> int:
+        return 2 * self.delta + 1
+
+    @property
+    def scale_offset(self) -> int:
+        """Quantising by 2δ+1 divides the residual's scale by it: so many table indices down."""
+        return int(round(SCALE_STEPS * np.log2(self.step)))
+
+
+def quantise(e: np.ndarray, delta: int) -> np.ndarray:
+    """JPEG-LS NEAR quantisation of residuals: |e - q(2δ+1)| ≤ δ."""
+    return np.sign(e) * ((np.abs(e) + delta) // (2 * delta + 1))
+
+
+class Batch:
+    """Wavefront state for B tiles of one shape: reconstruction, features, cached activations."""
+
+    def __init__(self, model: Model, headers: list[TileHeader], rows: int, columns: int):
+        self.model, self.headers, self.rows, self.columns = model, headers, rows, columns
+        b = len(headers)
+        self.lo = np.array([h.stats.lo for h in headers], dtype=np.int64)
+        self.hi = np.array([h.stats.hi for h in headers], dtype=np.int64)
+        self.d = np.array([h.stats.d for h in headers], dtype=np.int64)
+        self.base = np.array([h.stats.base for h in headers], dtype=np.int64)
+        self.step = np.array([h.step for h in headers], dtype=np.int64)
+        self.offset = np.array([h.scale_offset for h in headers], dtype=np.int64)
+        self.recon = np.empty((b, rows + 1, columns + 1), dtype=np.int64)
+        self.recon[:] = self.lo[:, None, None]  # `lo` outside the image (models/features.py)
+        # Features and cached activations are kept as 2-D tables, one row per padded pixel,
+        # so that a step gathers its neighbourhoods with one `take` each (fancy indexing into
+        # the 5-D arrays cost three times the network itself).
+        self.fshape = (b, rows + 3, columns + 6)  # padded 3 above, left and right (7×7)
+        self.feats = np.zeros((int(np.prod(self.fshape)), N_FEATURES), dtype=np.float32)
+        self.cshape = (b, rows + 1, columns + 2)  # padded 1 above, left and right (3×3)
+        layers, channels = model.blocks, model.channels
+        self.cache = np.zeros((int(np.prod(self.cshape)), layers * channels), dtype=np.float32)
+        taps = np.array(model.first_taps)
+        self.ftaps = taps[:, 0] * self.fshape[2] + taps[:, 1]
+        block = np.array(model.meta["block_taps"])
+        self.btaps = block[:, 0] * self.cshape[2] + block[:, 1]
+        self.trace: np.ndarray | None = None
+
+    def predict(self, bb: np.ndarray, ii: np.ndarray, jj: np.ndarray):
+        """Run the network for the pixels (bb, ii, jj) of one step; cache their activations."""
+        n_px, layers, channels = len(bb), self.model.blocks, self.model.channels
+        corner = (bb * self.fshape[1] + ii) * self.fshape[2] + jj  # (i-3, j-3) in padded rows
+        feat = self.feats.take(corner[:, None] + self.ftaps, axis=0).reshape(n_px, -1)
+        corner = (bb * self.cshape[1] + ii) * self.cshape[2] + jj  # (i-1, j-1)
+        nb = self.cache.take(corner[:, None] + self.btaps, axis=0)  # (n, 4, L·C)
+        nb = nb.reshape(n_px, len(self.btaps), layers, channels).transpose(2, 0, 1, 3)
+        h, acc = self.model.run_step(feat, np.ascontiguousarray(nb).reshape(layers, n_px, -1))
+        self.cache[corner + self.cshape[2] + 1] = h.transpose(1, 0, 2).reshape(n_px, -1)
+        if self.trace is not None:
+            self.trace[bb, ii, jj] = acc
+        flat, width = self.recon.reshape(-1), self.columns + 1
+        nw_at = (bb * (self.rows + 1) + ii) * width + jj
+        w, n, nw = flat[nw_at + width], flat[nw_at + 1], flat[nw_at]
+        mean, index = self.model.predictions(
+            acc, med(w, n, nw), self.lo[bb], self.hi[bb], self.d[bb], self.base[bb]
+        )
+        index = np.clip(index - self.offset[bb], 0, N_SCALES - 1)
+        return mean, index, (w, n, nw)
+
+    def commit(self, bb, ii, jj, x: np.ndarray, neighbours) -> None:
+        """Store reconstructed pixels and their features, the context of later steps."""
+        w, n, nw = neighbours
+        width = self.columns + 1
+        self.recon.reshape(-1)[(bb * (self.rows + 1) + ii + 1) * width + jj + 1] = x
+        self.feats[((bb * self.fshape[1] + ii + 3) * self.fshape[2]) + jj + 3] = pixel_features(
+            x, w, n, nw, self.lo[bb], self.hi[bb], self.d[bb]
+        )
+
+    def steps(self):
+        """Per step: (bb, ii, jj, per-tile slices into them)."""
+        b = len(self.headers)
+        for i, j in schedule(self.rows, self.columns):
+            m = len(i)
+            bb = np.repeat(np.arange(b), m)
+            yield bb, np.tile(i, b), np.tile(j, b), [slice(k * m, (k + 1) * m) for k in range(b)]
+
+    def reconstruction(self) -> np.ndarray:
+        return self.recon[:, 1:, 1:]
+
+
+def decode(
+    model: Model,
+    headers: list[TileHeader],
+    payloads: list[np.ndarray],
+    rows: int,
+    columns: int,
+    trace: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode B same-shape tiles; returns (B, rows, columns) int64 and, with trace, the head
+    accumulators of every pixel (B, rows, columns, 2), for the tests' comparison."""
+    batch = Batch(model, headers, rows, columns)
+    if trace:
+        batch.trace = np.zeros((len(headers), rows, columns, 2), dtype=np.int64)
+    coders = [constriction.stream.queue.RangeDecoder(p) for p in payloads]
+    for bb, ii, jj, parts in batch.steps():
+        mean, index, neighbours = batch.predict(bb, ii, jj)
+        q = np.concatenate(
+            [
+                entropy.decode(coder, index[s], model.tables)
+                for coder, s in zip(coders, parts, strict=True)
+            ]
+        )
+        x = np.clip(mean + q * batch.step[bb], batch.lo[bb], batch.hi[bb])
+        batch.commit(bb, ii, jj, x, neighbours)
+    return batch.reconstruction(), batch.trace
+
+
+def encode_closed_loop(
+    model: Model, headers: list[TileHeader], tiles: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Encode B same-shape tiles (B, rows, columns) with reconstruction as context (δ ≥ 0)."""
+    _, rows, columns = tiles.shape
+    batch = Batch(model, headers, rows, columns)
+    coders = [constriction.stream.queue.RangeEncoder() for _ in headers]
+    delta = np.array([h.delta for h in headers], dtype=np.int64)
+    for bb, ii, jj, parts in batch.steps():
+        mean, index, neighbours = batch.predict(bb, ii, jj)
+        q = quantise(tiles[bb, ii, jj] - mean, delta[bb])
+        x = np.clip(mean + q * batch.step[bb], batch.lo[bb], batch.hi[bb])
+        for coder, s in zip(coders, parts, strict=True):
+            entropy.encode(coder, q[s], index[s], model.tables)
+        batch.commit(bb, ii, jj, x, neighbours)
+    return [c.get_compressed() for c in coders], batch.reconstruction()
+
+
+def full_predictions(
+    model: Model, header: TileHeader, tile: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(head accumulators (H, W, 2), mean, scale index) of a tile, all pixels at once (δ = 0)."""
+    stats = header.stats
+    acc = model.run_full(image_features(tile, stats)[None])[0].transpose(1, 2, 0)
+    mean, index = model.predictions(
+        acc, med_prediction(tile, stats.lo), stats.lo, stats.hi, stats.d, stats.base
+    )
+    return acc, mean, index
+
+
+def encode_lossless(model: Model, header: TileHeader, tile: np.ndarray) -> np.ndarray:
+    """δ = 0: the whole-image network predicts every pixel; code them in wavefront order."""
+    _, mean, index = full_predictions(model, header, tile)
+    q = tile - mean
+    coder = constriction.stream.queue.RangeEncoder()
+    for i, j in schedule(*tile.shape):
+        entropy.encode(coder, q[i, j], index[i, j], model.tables)
+    return coder.get_compressed()
