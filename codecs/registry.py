@@ -6,10 +6,11 @@ from .base import Codec
 from .htj2k import HTJ2K
 from .j2k import J2K
 from .jpegls import JpegLS
+from .learned import Learned
 from .passthrough import Passthrough
 from .rle import RLE
 
-_CODECS: tuple[Codec, ...] = (JpegLS(), J2K(), HTJ2K(), RLE(), Passthrough())
+_CODECS: tuple[Codec, ...] = (JpegLS(), J2K(), HTJ2K(), RLE(), Learned(), Passthrough())
 _BY_NAME: dict[str, Codec] = {codec.name: codec for codec in _CODECS}
 
 
