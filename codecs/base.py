@@ -4,7 +4,8 @@ Modelled on pydicom 3's encoder backends: a codec declares the Python modules it
 answers `is_available()`, says which pixel formats it can take (and why not, so that
 `compacs rules explain` can tell an administrator), and has one small encode and one
 small decode function for a single frame. The shared runner (`compacs.service.compress`)
-does the rest: frame iteration, verification, encapsulation, fallback.
+does the rest: frame iteration, verification, encapsulation, fallback. Volume codecs
+(`codecs/volume.py`), which code many frames together, share the declarations (`Backend`).
 
 Frame convention, shared by encoders and decoders so that verification is a plain
 `numpy.array_equal`: one frame is the array pydicom 3's `iter_pixels(..., raw=True)` yields,
@@ -92,13 +93,12 @@ def from_unsigned_bits(frame: np.ndarray, fmt: PixelFormat) -> np.ndarray:
     return signed
 
 
-class Codec:
-    """A lossless or lossy frame codec producing one DICOM transfer syntax.
+class Backend:
+    """What every codec declares, whether it codes frames one by one or whole volumes.
 
-    Subclasses set the class attributes and implement `unsupported_reason`,
-    `encode_frame` and `decode_frame`. `params` are the per-rule parameters from the
-    config file (for example an effort level); a codec rejects the ones it does not know
-    in `check_params` so that a typo fails at start-up, not at the first image.
+    `params` are the per-rule parameters from the config file (for example an effort level);
+    a codec rejects the ones it does not know in `check_params` so that a typo fails at
+    start-up, not at the first image.
     """
 
     name: str = ""
@@ -123,11 +123,38 @@ class Codec:
         """Why this codec cannot take `fmt`, or None if it can."""
         raise NotImplementedError
 
+
+class Codec(Backend):
+    """A lossless or lossy frame codec producing one DICOM transfer syntax.
+
+    Subclasses set the class attributes and implement `unsupported_reason`,
+    `encode_frame` and `decode_frame`.
+    """
+
     def encode_frame(self, frame: np.ndarray, fmt: PixelFormat, **params: Any) -> bytes:
         raise NotImplementedError
 
     def decode_frame(self, data: bytes, fmt: PixelFormat) -> np.ndarray:
         raise NotImplementedError
+
+
+def int_param(codec: str, params: dict[str, Any], key: str, default: int, allowed: range) -> int:
+    """An integer parameter from a rule (an int) or the command line (its decimal string).
+
+    Floats, booleans and out-of-range values are refused with a message that names the codec,
+    the parameter and the allowed values, so that a typo in a config fails at start-up.
+    """
+    value = params.get(key, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = allowed.start - 1
+    if isinstance(value, bool | float) or number not in allowed or str(number) != str(value):
+        raise ValueError(
+            f"{codec} {key} must be an integer from {allowed.start} to {allowed.stop - 1}, "
+            f"not {value!r}"
+        )
+    return number
 
 
 MONO_AND_COLOUR = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR")
