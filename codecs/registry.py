@@ -1,16 +1,23 @@
-"""The codecs by name: one instance each, in a fixed order of general preference."""
+"""The codecs by name: one instance each, in a fixed order of general preference.
+
+Importing this module teaches pydicom the JPEG XL transfer syntaxes.
+"""
 
 from __future__ import annotations
 
+from . import pydicom_uids
 from .base import Codec
 from .htj2k import HTJ2K
 from .j2k import J2K
 from .jpegls import JpegLS
+from .jpegxl import JpegXL
 from .learned import Learned
 from .passthrough import Passthrough
 from .rle import RLE
 
-_CODECS: tuple[Codec, ...] = (JpegLS(), J2K(), HTJ2K(), RLE(), Learned(), Passthrough())
+pydicom_uids.register()
+
+_CODECS: tuple[Codec, ...] = (JpegLS(), J2K(), HTJ2K(), JpegXL(), RLE(), Learned(), Passthrough())
 _BY_NAME: dict[str, Codec] = {codec.name: codec for codec in _CODECS}
 
 
