@@ -1,12 +1,15 @@
 """The codecs by name: one instance each, in a fixed order of general preference.
 
-Importing this module teaches pydicom the JPEG XL transfer syntaxes.
+Frame codecs (`Codec`: one frame at a time, DICOM encapsulated) and volume codecs
+(`VolumeCodec`: many frames together, volume.py) are listed apart: they are driven
+differently. Importing this module teaches pydicom the JPEG XL transfer syntaxes.
 """
 
 from __future__ import annotations
 
 from . import pydicom_uids
 from .base import Codec
+from .hevc import HEVC
 from .htj2k import HTJ2K
 from .j2k import J2K
 from .jpegls import JpegLS
@@ -14,6 +17,7 @@ from .jpegxl import JpegXL
 from .learned import Learned
 from .passthrough import Passthrough
 from .rle import RLE
+from .volume import VolumeCodec
 
 pydicom_uids.register()
 
@@ -42,3 +46,19 @@ def by_transfer_syntax(uid: str) -> Codec | None:
         if uid and codec.transfer_syntax_uid == uid and codec.is_available():
             return codec
     return None
+
+
+_VOLUME_CODECS: tuple[VolumeCodec, ...] = (HEVC(),)
+_VOLUME_BY_NAME: dict[str, VolumeCodec] = {codec.name: codec for codec in _VOLUME_CODECS}
+
+
+def volume_names() -> list[str]:
+    return [codec.name for codec in _VOLUME_CODECS]
+
+
+def get_volume(name: str) -> VolumeCodec:
+    try:
+        return _VOLUME_BY_NAME[name]
+    except KeyError:
+        known = ", ".join(volume_names())
+        raise KeyError(f"unknown volume codec {name!r} (known: {known})") from None
