@@ -58,6 +58,7 @@ class Model:
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.threads
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if config.optimise
