@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,26 +37,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COMPACS_DATA_CACHE") or Path.home() / ".cache" / "compacs")
 
 
+def _pip_download(requirement: str, pattern: str, kind: str) -> Path:
+    """The package file matching `pattern` in the cache, fetched with pip first if missing.
+
+    `kind` is pip's `--no-binary` (an sdist) or `--only-binary` (a wheel)."""
+    download = cache_dir() / "downloads"
+    download.mkdir(parents=True, exist_ok=True)
+    found = next(download.glob(pattern), None)
+    if found is None:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", kind, ":all:"]
+        res = subprocess.run(
+            [*cmd, requirement, "-d", str(download)], capture_output=True, text=True
+        )
+        found = next(download.glob(pattern), None)
+        if res.returncode != 0 or found is None:
+            raise DataUnavailable(
+                f"pip download {requirement} failed ({res.stderr.strip()[-300:]}); "
+                f"it needs PyPI, or put {pattern} in {download}"
+            )
+    return found
+
+
 def totalsegmentator_reference_files() -> Path:
     """`tests/reference_files/` of the TotalSegmentator source package, downloaded on first use."""
     target = cache_dir() / "totalsegmentator-2.18.0" / "reference_files"
     done = target / ".complete"
     if done.exists():
         return target
-    download = cache_dir() / "downloads"
-    download.mkdir(parents=True, exist_ok=True)
-    archive = next(download.glob("totalsegmentator-2.18.0.tar.gz"), None)
-    if archive is None:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-        res = subprocess.run(
-            [*cmd, TOTALSEGMENTATOR, "-d", str(download)], capture_output=True, text=True
-        )
-        archive = next(download.glob("totalsegmentator-2.18.0.tar.gz"), None)
-        if res.returncode != 0 or archive is None:
-            raise DataUnavailable(
-                f"pip download {TOTALSEGMENTATOR} failed ({res.stderr.strip()[-300:]}); "
-                "it needs PyPI, or put the sdist in " + str(download)
-            )
+    archive = _pip_download(TOTALSEGMENTATOR, "totalsegmentator-2.18.0.tar.gz", "--no-binary")
     with tarfile.open(archive) as tar:
         for member in tar.getmembers():
             name = member.name.split("/", 1)[-1]
@@ -89,20 +98,7 @@ def nibabel_test_data() -> Path:
     done = target / ".complete"
     if done.exists():
         return target
-    download = cache_dir() / "downloads"
-    download.mkdir(parents=True, exist_ok=True)
-    wheel = next(download.glob("nibabel-5.4.2-*.whl"), None)
-    if wheel is None:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:"]
-        res = subprocess.run([*cmd, NIBABEL, "-d", str(download)], capture_output=True, text=True)
-        wheel = next(download.glob("nibabel-5.4.2-*.whl"), None)
-        if res.returncode != 0 or wheel is None:
-            raise DataUnavailable(
-                f"pip download {NIBABEL} failed ({res.stderr.strip()[-300:]}); "
-                "it needs PyPI, or put the wheel in " + str(download)
-            )
-    import zipfile
-
+    wheel = _pip_download(NIBABEL, "nibabel-5.4.2-*.whl", "--only-binary")
     with zipfile.ZipFile(wheel) as zf:
         for name in zf.namelist():
             if "/tests/data/" in name and name.endswith((".dcm", ".dcm.gz", ".nii", ".nii.gz")):
