@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Codec, PixelFormat
+from .base import Codec, PixelFormat, int_param
 
 TRANSFER_SYNTAX_UID = "2.25.113459380518506504330348662722377354476"
 MAGIC = b"CPXL"
@@ -45,18 +45,8 @@ def checksum(frame: np.ndarray) -> bytes:
 
 
 def parse_delta(params: dict[str, Any]) -> int:
-    """δ from rule or CLI parameters (an int, or its decimal string from `--param delta=2`)."""
-    value = params.get("delta", 0)
-    try:
-        delta = int(value)
-    except (TypeError, ValueError):
-        delta = -1
-    if isinstance(value, float | bool) or not 0 <= delta <= MAX_DELTA or str(delta) != str(value):
-        raise ValueError(
-            f"learned codec: delta must be an integer from 0 (lossless) to {MAX_DELTA} "
-            f"(max abs error), not {value!r}"
-        )
-    return delta
+    """δ from rule or CLI parameters: 0 (lossless, the default) to MAX_DELTA (max |error|)."""
+    return int_param("learned", params, "delta", 0, range(MAX_DELTA + 1))
 
 
 class Learned(Codec):
