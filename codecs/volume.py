@@ -204,7 +204,7 @@ class VolumeCodec(Backend):
         for start in range(0, len(frames), gop):
             # One group's samples at a time: no stacked copy of a 500-slice series.
             samples = np.stack([f.astype(np.int32) - lo for f in frames[start : start + gop]])
-            groups.append(self.encode_group(samples.astype(dtype), bits, **codec_params))
+            groups.append(self.encode_group(samples.astype(dtype), bits, fmt, **codec_params))
         return _pack(self.name, fmt, len(frames), gop, bits, lo, groups)
 
     def decode_frames(
@@ -223,7 +223,7 @@ class VolumeCodec(Backend):
         for group in sorted({i // header.gop_size for i in wanted}):
             count = len(header.group_frames(group))
             samples = self.decode_group(
-                header.group_bytes(data, group), count, fmt.frame_shape, header.coded_bits
+                header.group_bytes(data, group), count, header.coded_bits, fmt
             )
             if samples.shape != (count, *fmt.frame_shape):
                 raise ValueError(f"group {group} decoded to {samples.shape}")
@@ -247,15 +247,15 @@ class VolumeCodec(Backend):
             )
         return header
 
-    def encode_group(self, samples: np.ndarray, bits: int, **params: Any) -> bytes:
+    def encode_group(
+        self, samples: np.ndarray, bits: int, fmt: PixelFormat, **params: Any
+    ) -> bytes:
         """Code `samples` (frames, rows, columns[, samples]), unsigned, `bits` deep, as one
-        independently decodable group."""
+        independently decodable group. `fmt` is the volume's (its photometric, for one)."""
         raise NotImplementedError
 
-    def decode_group(
-        self, data: bytes, count: int, frame_shape: tuple[int, ...], bits: int
-    ) -> np.ndarray:
-        """Inverse of `encode_group`: `count` frames of `frame_shape`, unsigned."""
+    def decode_group(self, data: bytes, count: int, bits: int, fmt: PixelFormat) -> np.ndarray:
+        """Inverse of `encode_group`: `count` frames of `fmt.frame_shape`, unsigned."""
         raise NotImplementedError
 
 

@@ -106,6 +106,9 @@ def test_volumes_round_trip_bit_exact(case: str) -> None:
     assert HEVC.frame_count(data) == len(frames)
     _assert_same(HEVC.decode_frames(data, fmt), frames)
     assert len(data) < sum(f.nbytes for f in frames)
+    # RGB goes through the reversible colour transform, everything else is coded as stored.
+    transform = hevc.RCT if fmt.photometric_interpretation == "RGB" else hevc.AS_STORED
+    assert all(header.group_bytes(data, g)[0] == transform for g in range(header.groups))
 
 
 def test_signed_ct_with_negative_values_is_coded_after_the_offset(tmp_path: Path) -> None:
