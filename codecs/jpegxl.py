@@ -3,9 +3,11 @@ the cold tiers, at a fraction of JPEG-LS's speed. Transfer syntax 1.2.840.10008.
 (pydicom 3.0.2 learns it from `pydicom_uids`); few peers decode it yet (DCMTK 3.6.7 and
 Orthanc 1.10 do not), so retrieval transcodes for those that did not accept it.
 
-`effort` (1-10, libjxl's range; default 7) trades speed for ratio. Measured here on one
-thread: effort 3 encodes about ten times faster than 7, for up to 8 % more bytes on CT, MR
-and CR (and slightly fewer on the 15-bit CR and the 64² MR); `bench/codecs.py` has the table.
+`effort` (1-10, libjxl's range; default 7) trades speed for ratio. Measured here on one thread
+(`bench/codecs.py`): effort 3 encodes about ten times faster than 7 (45 against 4 MB/s on the
+CT series) for 2-13 % more bytes on single CT, MR and CR images and series (equal or 2 % fewer
+on the 15-bit CR and the 64² MR), but 15 % more on the RGB ultrasound frame, 48 % on the
+2-frame enhanced CT and 84-111 % on the ultrasound cines.
 
 The codestream declares BitsStored as its bit depth (imagecodecs `bitspersample`), not the
 container's 8 or 16: measured on real images at effort 3 that is 1.4 % smaller on the CT

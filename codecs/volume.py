@@ -45,6 +45,9 @@ VERSION = 1
 _HEADER = struct.Struct("<4sB8sIIIIBBBBq")
 _END = struct.Struct("<Q")
 GOP_SIZES = range(1, 1025)
+# Measured (bench/codecs.py, one core): 16 costs 1-2 % against groups of 32 (the whole CT and
+# MR series, a quarter of the US cine) and is 0.4-6 % smaller than 8; one CT 512² slice then
+# decodes in about 0.16 s (its group of 16 frames), 0.06 s with 8.
 DEFAULT_GOP_SIZE = 16
 
 

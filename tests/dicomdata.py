@@ -1,4 +1,5 @@
-"""Test inputs made from REAL images (pydicom's test files and pydicom-data).
+"""Test inputs made from REAL images (pydicom's test files and pydicom-data, and the real
+series that `compacs.models.data` fetches).
 
 Every file written here gets fresh Study/Series/SOP Instance UIDs: Orthanc answers a
 duplicate SOP Instance UID with Success without storing it, and many of pydicom's files
@@ -8,6 +9,7 @@ Synthetic pixels are never used: ratios and codec paths must see real data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +19,11 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.pixels import iter_pixels
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from compacs.codecs.base import PixelFormat
+from compacs.models.data import ct_series_files, read_nifti, totalsegmentator_reference_files
 
 # Real 512x512 signed 16-bit CT slice, J2K reversible (693_UNCR was decoded from lossy J2K).
 CT_SERIES_SOURCE = "693_J2KR.dcm"
@@ -219,3 +225,51 @@ def sample_files(out_dir: Path | str, keys: list[str] | None = None) -> dict[str
 def read_pixels(path: Path | str) -> np.ndarray:
     """Decoded pixels of a file, for bit-exact comparisons after a round trip."""
     return pydicom.dcmread(path).pixel_array
+
+
+# --- real volumes, in the frame convention of codecs/base.py (volume codecs, bench/codecs.py)
+
+Volume = tuple[PixelFormat, tuple[np.ndarray, ...]]
+
+
+def frames_of(ds: Dataset, indices: range | None = None) -> tuple[np.ndarray, ...]:
+    """The frames of a dataset as codecs see them (`iter_pixels(raw=True)`); compressed data
+    through pylibjpeg, since gdcm mis-decodes signed data with BitsStored < BitsAllocated."""
+    plugin = "pylibjpeg" if ds.file_meta.TransferSyntaxUID.is_compressed else ""
+    pixels = iter_pixels(ds, raw=True, decoding_plugin=plugin, indices=indices)
+    return tuple(np.ascontiguousarray(frame) for frame in pixels)
+
+
+def pydicom_volume(name: str, frames: int | None = None) -> Volume:
+    """A pydicom / pydicom-data file's pixel format and (its first `frames`) frames.
+
+    JPEG-baseline YBR_FULL_422 cines decode to full-resolution YBR samples: the format then
+    says YBR_FULL, which is what the frames hold.
+    """
+    ds = pydicom.dcmread(testdata_path(name))
+    fmt = PixelFormat.from_dataset(ds)
+    if fmt.photometric_interpretation == "YBR_FULL_422":
+        fmt = dataclasses.replace(fmt, photometric_interpretation="YBR_FULL")
+    return fmt, frames_of(ds, range(frames) if frames else None)
+
+
+def ct_series_volume() -> Volume:
+    """The 20-slice TotalSegmentator CT series (512², unsigned 12 of 16 bits), slice order."""
+    slices = [pydicom.dcmread(path) for path in ct_series_files()]
+    return PixelFormat.from_dataset(slices[0]), tuple(f for ds in slices for f in frames_of(ds))
+
+
+def mr_series_volume() -> Volume:
+    """TotalSegmentator's MR volume (20 × 91 × 117, signed 16-bit, a resampled NIfTI): the only
+    real MR series the registries carry, as 20 slices."""
+    vol = read_nifti(totalsegmentator_reference_files() / "example_mr_sm.nii.gz")
+    fmt = PixelFormat(
+        rows=vol.shape[1],
+        columns=vol.shape[2],
+        samples_per_pixel=1,
+        bits_allocated=16,
+        bits_stored=16,
+        pixel_representation=1,
+        photometric_interpretation="MONOCHROME2",
+    )
+    return fmt, tuple(np.ascontiguousarray(s, dtype="<i2") for s in vol)

@@ -18,7 +18,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.pixels import iter_pixels
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from compacs.codecs import pydicom_uids, registry
@@ -30,12 +29,7 @@ JXL = registry.get("jpegxl")
 @functools.cache
 def _source(name: str) -> tuple[pydicom.Dataset, PixelFormat, tuple[np.ndarray, ...]]:
     ds = pydicom.dcmread(dicomdata.testdata_path(name))
-    plugin = "pylibjpeg" if ds.file_meta.TransferSyntaxUID.is_compressed else ""
-    return (
-        ds,
-        PixelFormat.from_dataset(ds),
-        tuple(iter_pixels(ds, raw=True, decoding_plugin=plugin)),
-    )
+    return ds, PixelFormat.from_dataset(ds), dicomdata.frames_of(ds)
 
 
 def _part10(ds: pydicom.Dataset, encoded: list[bytes]) -> bytes:
@@ -130,7 +124,7 @@ def test_signed_12_bit_ct_round_trips_whatever_its_high_bits(sign_extend: bool, 
     write them: the frame convention sign-extends both, and so must the decoder."""
     ds = pydicom.dcmread(dicomdata.signed_ct_12bit(tmp_path, sign_extend=sign_extend))
     fmt = PixelFormat.from_dataset(ds)
-    frame = next(iter_pixels(ds, raw=True))
+    frame = dicomdata.frames_of(ds)[0]
     assert frame.min() < 0
     decoded = JXL.decode_frame(JXL.encode_frame(frame, fmt), fmt)
     assert decoded.dtype == np.int16 and np.array_equal(decoded, frame)

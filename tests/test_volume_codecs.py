@@ -19,57 +19,20 @@ import dicomdata
 import numpy as np
 import pydicom
 import pytest
-from pydicom.pixels import iter_pixels
 
 from compacs.codecs import hevc, registry
 from compacs.codecs.base import PixelFormat
 from compacs.codecs.volume import VolumeMismatch, encode_verified, read_header
-from compacs.models.data import ct_series_files, read_nifti, totalsegmentator_reference_files
 
 HEVC = registry.get_volume("hevc")
-Volume = tuple[PixelFormat, tuple[np.ndarray, ...]]
+ct_series = functools.cache(dicomdata.ct_series_volume)
+mr_series = functools.cache(dicomdata.mr_series_volume)
+pydicom_volume = functools.cache(dicomdata.pydicom_volume)
 
 
-def _frames(ds: pydicom.Dataset, **kwargs: object) -> tuple[np.ndarray, ...]:
-    plugin = "pylibjpeg" if ds.file_meta.TransferSyntaxUID.is_compressed else ""
-    return tuple(iter_pixels(ds, raw=True, decoding_plugin=plugin, **kwargs))
-
-
-@functools.cache
-def ct_series() -> Volume:
-    slices = [pydicom.dcmread(path) for path in ct_series_files()]
-    return PixelFormat.from_dataset(slices[0]), tuple(f for ds in slices for f in _frames(ds))
-
-
-@functools.cache
-def mr_series() -> Volume:
-    vol = read_nifti(totalsegmentator_reference_files() / "example_mr_sm.nii.gz")
-    fmt = PixelFormat(
-        rows=vol.shape[1],
-        columns=vol.shape[2],
-        samples_per_pixel=1,
-        bits_allocated=16,
-        bits_stored=16,
-        pixel_representation=1,
-        photometric_interpretation="MONOCHROME2",
-    )
-    return fmt, tuple(np.ascontiguousarray(s, dtype="<i2") for s in vol)
-
-
-@functools.cache
-def pydicom_volume(name: str, frames: int | None = None) -> Volume:
-    ds = pydicom.dcmread(dicomdata.testdata_path(name))
-    fmt = PixelFormat.from_dataset(ds)
-    if fmt.photometric_interpretation == "YBR_FULL_422":
-        # The JPEG decoder returns full-resolution YBR samples: that is what the frames hold.
-        fmt = dataclasses.replace(fmt, photometric_interpretation="YBR_FULL")
-    indices = range(frames) if frames else None
-    return fmt, _frames(ds, indices=indices)
-
-
-def signed_ct(tmp: Path) -> Volume:
+def signed_ct(tmp: Path) -> dicomdata.Volume:
     ds = pydicom.dcmread(dicomdata.signed_ct_12bit(tmp))
-    return PixelFormat.from_dataset(ds), _frames(ds)
+    return PixelFormat.from_dataset(ds), dicomdata.frames_of(ds)
 
 
 @functools.cache
