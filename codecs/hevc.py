@@ -11,11 +11,13 @@ one plane from another, and measured on the RGB ultrasound frame (US1) the trans
 HEVC from 2.7:1 to 6.2:1, while on the 30-frame YBR cine it would cost a third (19.0:1 to 12.7:1).
 
 Each group is its own x265 stream (an IDR frame, then P and B frames, closed), so one frame
-decodes from its group alone. `lossless=1` codes every CU with transquant bypass. `preset` is
-x265's (default `medium`). Measured here on one thread on 16 slices of the CT series and 32
-frames of the US cine, against `medium`: `slower` is 2 % and 8 % smaller at a fifth of the
-speed (a cold tier may want it), `slow` gains nothing, `fast` is 3 % and 8 % larger at 1.2-1.5
-times the speed, `ultrafast` (20 slices, 40 frames) 4 % and 11 % larger at 3-4 times.
+decodes from its group alone; in the volume container (volume.py) a group is one byte (0:
+planes as stored, 1: RCT) followed by that stream in Annex B form. `lossless=1` codes every CU
+with transquant bypass. `preset` is x265's (default `medium`). Measured here on one thread on
+16 slices of the CT series and 32 frames of the US cine, against `medium`: `slower` is 2 % and
+8 % smaller at a fifth of the speed (a cold tier may want it), `slow` gains nothing, `fast` is
+3 % and 8 % larger at 1.2-1.5 times the speed, `ultrafast` (20 slices, 40 frames) 4 % and 11 %
+larger at 3-4 times.
 
 x265 is not always bit-exact. Found here on real data: pictures 16, 32 or 64 pixels wide (a
 power of two no wider than its 64-pixel CTU) decode with wrong samples near the right edge in
