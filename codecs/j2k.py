@@ -20,6 +20,7 @@ from .base import Codec, PixelFormat, common_unsupported_reason, from_unsigned_b
 # pylibjpeg-openjpeg's colour space codes; only sRGB would switch on the colour transform,
 # and use_mct=False keeps it off.
 _COLOUR_SPACE = {"RGB": 1, "MONOCHROME1": 2, "MONOCHROME2": 2, "YBR_FULL": 3}
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # the JP2 signature box (ISO 15444-1 I.5.1)
 
 
 class J2K(Codec):
@@ -49,7 +50,10 @@ class J2K(Codec):
     def decode_frame(self, data: bytes, fmt: PixelFormat) -> np.ndarray:
         from openjpeg.utils import decode
 
-        arr = decode(bytes(data), j2k_format=0)
+        data = bytes(data)
+        # Some writers put each frame in a JP2 file (GDCM's test file GDCMJ2K_TextGBR.dcm)
+        # rather than the bare codestream PS3.5 A.4.4 asks for: read what is there.
+        arr = decode(data, j2k_format=2 if data.startswith(JP2_SIGNATURE) else 0)
         if arr.shape != fmt.frame_shape:
             raise ValueError(f"J2K frame shape {arr.shape} does not match {fmt.frame_shape}")
         return to_frame(arr, fmt)

@@ -33,6 +33,13 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("pynetdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_decoder_tracebacks()
+
+
+def quiet_decoder_tracebacks() -> None:
+    """pydicom logs a traceback for every decoder plugin that fails on a frame, before it
+    raises; compacs reports that failure itself in one line (and flags the object)."""
+    logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> NodeConfig:
@@ -65,7 +72,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    print(f"instances {stats['instances']}  studies {stats['studies']}  pending {stats['pending']}")
+    print(
+        f"instances {stats['instances']}  studies {stats['studies']}  pending {stats['pending']}"
+        f"  parked {stats['parked']}  flagged {stats['flagged']}"
+    )
+    if stats["parked"] or stats["flagged"]:
+        print("(parked: compression failed; flagged: kept as received, non-conformant;")
+        print(" `compacs verify` lists them with the reasons)")
     print(
         f"received {_mb(stats['bytes_received'])}  stored {_mb(stats['bytes_stored'])}  "
         f"ratio {stats['ratio'] or '-'}"
@@ -87,13 +100,13 @@ def _mb(n: int) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from pydicom.uid import UID
 
-    from compacs.service.maintenance import export
-    from compacs.service.transcode import TranscodeError
+    from compacs.service.maintenance import AS_STORED, export
 
-    if not UID(args.transfer_syntax).is_transfer_syntax:
+    if args.transfer_syntax != AS_STORED and not UID(args.transfer_syntax).is_transfer_syntax:
         raise UsageError(
-            f"--transfer-syntax {args.transfer_syntax}: not a DICOM transfer syntax "
-            "UID; e.g. 1.2.840.10008.1.2.1 (explicit VR little endian)"
+            f"--transfer-syntax {args.transfer_syntax}: not a DICOM transfer syntax UID; give "
+            "e.g. 1.2.840.10008.1.2.1 (explicit VR little endian, the default), or "
+            f"{AS_STORED} (the stored bytes as they are)"
         )
     store = _open_store(args)
     instances = store.index.instances(study_uid=args.study, series_uid=args.series)
@@ -103,12 +116,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not args.all
             else "nothing to export: the archive is empty"
         )
-    try:
-        written = export(store, instances, args.out, args.transfer_syntax)
-    except TranscodeError as exc:
-        raise UsageError(f"export failed: {exc}") from exc
-    print(f"exported {len(written)} instance(s) to {args.out}")
-    return 0
+    report = export(store, instances, args.out, args.transfer_syntax)
+    for failure in report.failures:
+        print(f"FAILED {failure}")
+    print(
+        f"exported {len(report.written)} instance(s) to {args.out}, {len(report.failures)} failed"
+    )
+    return 1 if report.failures else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -390,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--transfer-syntax",
         default="1.2.840.10008.1.2.1",
-        help="transfer syntax UID of the files (default explicit VR little endian)",
+        help="transfer syntax UID of the files (default explicit VR little endian), or "
+        "'stored': the stored bytes as they are (objects in compacs' private syntaxes decoded)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -58,6 +58,15 @@ class Outcome:
     transfer_syntax: str
     notes: list[str] = field(default_factory=list)  # why earlier codecs were not used
     fallbacks: int = 0  # codec attempts that failed (error or verification mismatch)
+    # Set when the pixel data as received does not decode: the object is kept as received
+    # and the index flags it (a damaged or mutated compressed arrival).
+    source_error: str | None = None
+
+
+# What a failing codec may raise and still count as a failed attempt. Native extensions
+# panic too: pyo3's PanicException (the RLE decoder on a frame shorter than its header
+# says) derives from BaseException, not Exception. Only a request to stop is let through.
+NOT_A_CODEC_FAILURE = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 def is_lossy(ds: Dataset) -> bool:
@@ -80,9 +89,18 @@ def source_frames(ds: Dataset) -> list[np.ndarray]:
         frames = generate_frames(ds.PixelData, number_of_frames=fmt.number_of_frames)
         return [codec.decode_frame(f, fmt) for f in frames]
     return [
-        np.ascontiguousarray(f)
+        _little_endian(np.ascontiguousarray(f))
         for f in iter_pixels(ds, raw=True, decoding_plugin=_pydicom_plugin(ds))
     ]
+
+
+def _little_endian(frame: np.ndarray) -> np.ndarray:
+    """pydicom gives big endian arrivals' frames in big endian dtypes; codecs take the bytes
+    of a frame as little endian (the frame convention), so the values are kept, the order
+    changed. Before this, every big endian arrival failed verification and stayed as sent."""
+    if frame.dtype.byteorder == ">":
+        return frame.astype(frame.dtype.newbyteorder("<"))
+    return frame
 
 
 def _pydicom_plugin(ds: Dataset) -> str:
@@ -107,6 +125,8 @@ def encoded_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params:
     # to, so the caller's dataset keeps its own pixel data (a later codec may need it).
     out = Dataset(ds)
     out.file_meta = Dataset(ds.file_meta)
+    if str(ds.file_meta.TransferSyntaxUID) == EXPLICIT_BE:
+        little_endian_words(out)
     out.file_meta["TransferSyntaxUID"] = DataElement(0x00020010, "UI", codec.transfer_syntax_uid)
     out[0x7FE00010] = DataElement(
         0x7FE00010, "OB", encapsulate(encoded, has_bot=len(encoded) > 1), is_undefined_length=True
@@ -114,6 +134,34 @@ def encoded_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params:
     if fmt.samples_per_pixel > 1:  # compressed colour frames are always colour-by-pixel
         out[0x00280006] = DataElement(0x00280006, "US", 0)
     return out
+
+
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+# Byte strings pydicom writes as they were read, whatever the target byte order: their
+# word size, to swap them when a big endian arrival is written in a little endian syntax.
+_WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def little_endian_words(ds: Dataset) -> None:
+    """Swap, in `ds` (a shallow copy of a data set read as big endian), the bytes of the
+    values pydicom leaves as bytes (OW, OF, OL, OD, OV: overlays, LUT data); it converts
+    every value it decodes itself. Elements are replaced, never changed in place, so the
+    data set the copy was made from keeps its own. Pixel Data is the caller's."""
+    for elem in list(ds):
+        if elem.tag == 0x7FE00010:
+            continue
+        if elem.VR == "SQ":
+            items = []
+            for item in elem.value:
+                copy = Dataset(item)
+                little_endian_words(copy)
+                items.append(copy)
+            ds[elem.tag] = DataElement(elem.tag, "SQ", items)
+            continue
+        size = _WORD_SIZES.get(elem.VR)
+        if size and elem.value and len(elem.value) % size == 0:
+            swapped = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
+            ds[elem.tag] = DataElement(elem.tag, elem.VR, swapped)
 
 
 def part10(ds: Dataset) -> bytes:
@@ -235,8 +283,19 @@ def compress(
         return passthrough
     if is_lossy(ds):
         passthrough.notes.append("lossy arrival: stored as received")
+        try:  # never re-encoded; but an administrator should hear of pixels that don't decode
+            source_frames(ds)
+        except BaseException as exc:
+            if isinstance(exc, NOT_A_CODEC_FAILURE):
+                raise
+            passthrough.source_error = f"pixel data does not decode: {_describe(exc)}"
         return passthrough
-    fmt = PixelFormat.from_dataset(ds)
+    try:
+        fmt = PixelFormat.from_dataset(ds)
+    except (AttributeError, TypeError, ValueError) as exc:
+        passthrough.source_error = f"image attributes cannot be read: {_describe(exc)}"
+        passthrough.notes.append(passthrough.source_error)
+        return passthrough
     layout = raw_layout(raw, ds)  # before the pixels are read: offsets are still known
     splice = (raw, layout) if layout is not None else None
     frames: list[np.ndarray] | None = None
@@ -252,13 +311,22 @@ def compress(
         if reason:
             passthrough.notes.append(f"{codec.name}: {reason}")
             continue
-        try:
-            if frames is None:
+        if frames is None:
+            try:
                 frames = source_frames(ds)
+            except BaseException as exc:
+                if isinstance(exc, NOT_A_CODEC_FAILURE):
+                    raise
+                passthrough.source_error = f"pixel data does not decode: {_describe(exc)}"
+                passthrough.notes.append(passthrough.source_error)
+                break
+        try:
             data = encode_dataset(ds, codec, frames, choice.params, splice)
-        except Exception as exc:  # any codec failure must fall back, never lose the object
+        except BaseException as exc:  # any codec failure must fall back, never lose the object
+            if isinstance(exc, NOT_A_CODEC_FAILURE):
+                raise
             passthrough.fallbacks += 1
-            passthrough.notes.append(f"{codec.name} failed: {exc}")
+            passthrough.notes.append(f"{codec.name} failed: {_describe(exc)}")
             log.warning("codec %s failed on %s: %s", codec.name, ds.SOPInstanceUID, exc)
             continue
         if len(data) >= len(raw):
@@ -269,3 +337,7 @@ def compress(
         )
         break
     return outcome
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -28,7 +28,53 @@ ENV_OVERRIDES = {
 }
 
 ON_DUPLICATE = ("keep_first", "replace")
+TABLES = ("node", "move_destinations", "access", "ingest", "limits")
 SERVICES = ("store", "query", "retrieve")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """[ingest]: the acceptance policy (docs/conformance.md) and compression retries."""
+
+    strict: bool  # refuse non-conformant objects instead of keeping them flagged
+    accept_any_sop_class: bool  # accept storage of SOP classes we do not know
+    max_attempts: int  # failed compression attempts before an object is parked
+    retry_seconds: float
+
+
+@dataclass(frozen=True)
+class Limits:
+    """[limits]: what one peer may hold of the node, so that no peer can lock it."""
+
+    association_request_timeout: float  # connect to complete A-ASSOCIATE-RQ
+    idle_timeout: float  # no PDU at all on an association
+    pdu_read_timeout: float  # first to last byte of one PDU
+    max_dataset_bytes: int  # one data set (C-STORE, identifier) at most
+    spool_dataset_bytes: int  # larger received data sets go to a file
+    max_associations: int
+    max_associations_per_ae: int  # by calling AE title
+    max_associations_per_address: int  # by peer IP address
+    max_pending_per_address: int  # connections not yet associated, by IP address
+
+
+# key -> (kind, minimum, maximum); the kinds TOML gives: bool, int, float (ints accepted)
+_INGEST_KEYS: dict[str, tuple[type, float, float]] = {
+    "strict": (bool, 0, 1),
+    "accept_any_sop_class": (bool, 0, 1),
+    "max_attempts": (int, 1, 1000),
+    "retry_seconds": (float, 0.01, 86400),
+}
+_LIMIT_KEYS: dict[str, tuple[type, float, float]] = {
+    "association_request_timeout": (float, 0.1, 3600),
+    "idle_timeout": (float, 1, 86400),
+    "pdu_read_timeout": (float, 0.1, 3600),
+    "max_dataset_bytes": (int, 1 << 16, 1 << 40),
+    "spool_dataset_bytes": (int, 1 << 16, 1 << 40),
+    "max_associations": (int, 1, 4096),
+    "max_associations_per_ae": (int, 1, 4096),
+    "max_associations_per_address": (int, 1, 4096),
+    "max_pending_per_address": (int, 1, 4096),
+}
 
 
 @dataclass(frozen=True)
@@ -77,7 +123,10 @@ class NodeConfig:
     workers: int
     on_duplicate: str
     max_pdu: int
+    fast_paths: bool
     extra_sop_classes: list[str]
+    ingest: IngestConfig
+    limits: Limits
     rules: list[Rule] = field(default_factory=list)
     move_destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
     access: Access = field(default_factory=lambda: Access({}))
@@ -111,6 +160,14 @@ def _check_ae_title(value: Any, where: str) -> str:
     return value.strip()
 
 
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")  # from an environment variable
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false, got {value!r}")
+    return value
+
+
 def _int_in(value: Any, where: str, lo: int, hi: int) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
@@ -119,7 +176,9 @@ def _int_in(value: Any, where: str, lo: int, hi: int) -> int:
     return value
 
 
-def _build_node(raw: dict[str, Any], source: str) -> NodeConfig:
+def _build_node(
+    raw: dict[str, Any], ingest: IngestConfig, limits: Limits, source: str
+) -> NodeConfig:
     """Validate the merged [node] table; `source` names where each value may have come from."""
     where = f"{source}: [node]"
     on_dup = raw["on_duplicate"]
@@ -147,9 +206,43 @@ def _build_node(raw: dict[str, Any], source: str) -> NodeConfig:
         workers=_int_in(raw["workers"], f"{where} workers", 0, 256),
         on_duplicate=on_dup,
         max_pdu=_int_in(raw["max_pdu"], f"{where} max_pdu", 0, 2**31 - 1),
+        fast_paths=_bool(raw["fast_paths"], f"{where} fast_paths"),
         extra_sop_classes=list(extra),
+        ingest=ingest,
+        limits=limits,
         source=source,
     )
+
+
+def _typed_table(
+    table: str, raw: Any, keys: dict[str, tuple[type, float, float]], source: str
+) -> dict[str, Any]:
+    """A [table] of scalars, each checked against its kind and range; errors name the file,
+    the table, the key and what is allowed."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{table}] must be a table")
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ConfigError(
+            f"{source}: [{table}] has unknown key(s) {', '.join(unknown)}; "
+            f"allowed keys: {', '.join(keys)}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        kind, lo, hi = keys[key]
+        where = f"{source}: [{table}] {key}"
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(
+            value, (int, float) if kind is float else int
+        ):
+            what = "a number" if kind is float else "an integer"
+            raise ConfigError(f"{where}: must be {what} from {lo:g} to {hi:g}, got {value!r}")
+        elif not lo <= value <= hi:
+            raise ConfigError(f"{where}: must be from {lo:g} to {hi:g}, got {value!r}")
+        values[key] = kind(value)
+    return values
 
 
 def _parse_host_port(value: Any, where: str) -> tuple[str, int]:
@@ -207,11 +300,11 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
         user = _read_toml(text, source)
-        unknown = sorted(set(user) - {"node", "rules", "move_destinations", "access"})
+        unknown = sorted(set(user) - {*TABLES, "rules"})
         if unknown:
             raise ConfigError(
                 f"{source}: unknown table(s) {', '.join(unknown)}; allowed: [node], [[rules]], "
-                "[move_destinations], [access]"
+                + ", ".join(f"[{t}]" for t in TABLES if t != "node")
             )
         user_node = user.get("node", {})
         if not isinstance(user_node, dict):
@@ -234,7 +327,16 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             node[key] = value
-    config = _build_node(node, source)
+    tables = {
+        name: _typed_table(
+            name,
+            {**defaults[name], **_typed_table(name, user.get(name, {}), keys, source)},
+            keys,
+            source,
+        )
+        for name, keys in (("ingest", _INGEST_KEYS), ("limits", _LIMIT_KEYS))
+    }
+    config = _build_node(node, IngestConfig(**tables["ingest"]), Limits(**tables["limits"]), source)
     config.move_destinations, config.access = _parse_tables(user, source)
     try:
         config.rules = parse_rules(rules_raw)

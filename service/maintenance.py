@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
 from tqdm import tqdm
 
-from compacs.service.compress import source_frames
-from compacs.service.storage.archive import Archive
-from compacs.service.storage.index import Index, Instance
+from compacs.service.compress import EXPLICIT_LE, NOT_A_CODEC_FAILURE, source_frames
+from compacs.service.retrieve import is_private
+from compacs.service.storage.archive import Archive, uid_hash
+from compacs.service.storage.index import STATE_PARKED, Index, Instance
 from compacs.service.transcode import transcode
+from compacs.service.validate import is_valid_uid
 
 log = logging.getLogger("compacs.maintenance")
 
@@ -40,56 +42,106 @@ class Store:
         return cls(Archive(data_dir / "archive"), Index.open(index_url))
 
 
+AS_STORED = "stored"  # export target: the stored bytes (our private syntaxes decoded)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One object a bulk job could not handle; the job goes on and lists it at the end."""
+
+    sop_instance_uid: str
+    blob_path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"SOP {self.sop_instance_uid} ({self.blob_path}): {self.reason}"
+
+
+@dataclass
+class ExportReport:
+    written: list[Path] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
 def export(
     store: Store, instances: list[Instance], out_dir: Path, target: str, progress: bool = True
-) -> list[Path]:
-    """Write each instance as a Part-10 file <out>/<study>/<series>/<sop>.dcm in `target`.
+) -> ExportReport:
+    """Write each instance as a Part-10 file <out>/<study>/<series>/<sop>.dcm in `target`
+    (a transfer syntax UID, or AS_STORED), going on past the ones that fail.
 
-    File names are UIDs, which the node only accepts in digits-and-dots form.
+    File names are UIDs: only those of digits and dots, as the node keeps UIDs with other
+    characters too (flagged) and those must not become paths; the others get a hash.
     """
-    written = []
+    report = ExportReport()
     for inst in tqdm(instances, desc="export", unit="obj", disable=not progress):
-        data = store.archive.read(inst.blob_path, inst.checksum)
-        data = transcode(data, target)
-        series = inst.series
-        path = (
-            out_dir
-            / series.study.study_instance_uid
-            / series.series_instance_uid
-            / f"{inst.sop_instance_uid}.dcm"
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        written.append(path)
-    return written
+        try:
+            data = store.archive.read(inst.blob_path, inst.checksum)
+            if target != AS_STORED:
+                data = transcode(data, target)
+            elif is_private(inst.stored_transfer_syntax):
+                data = transcode(data, EXPLICIT_LE)  # private syntaxes never leave the node
+            series = inst.series
+            path = (
+                out_dir
+                / _file_name(series.study.study_instance_uid)
+                / _file_name(series.series_instance_uid)
+                / f"{_file_name(inst.sop_instance_uid)}.dcm"
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            report.written.append(path)
+        except BaseException as exc:
+            if isinstance(exc, NOT_A_CODEC_FAILURE):
+                raise
+            report.failures.append(Failure(inst.sop_instance_uid, inst.blob_path, _reason(exc)))
+    return report
+
+
+def _file_name(uid: str) -> str:
+    return uid if is_valid_uid(uid) else f"uid-{uid_hash(uid)}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "blob missing"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def verify(store: Store, progress: bool = True) -> list[str]:
-    """Every problem found: bad checksums, undecodable blobs, missing blobs, orphans."""
+    """Every problem found: bad checksums, undecodable blobs, missing blobs, orphans, and the
+    objects the index flags (kept although non-conformant) or parked (compression failed)."""
     failures: list[str] = []
     instances = store.index.instances()
     referenced = set()
     for inst in tqdm(instances, desc="verify", unit="obj", disable=not progress):
         referenced.add(inst.blob_path)
-        where = f"SOP {inst.sop_instance_uid} ({inst.blob_path})"
         try:
             data = store.archive.read(inst.blob_path, inst.checksum)
-        except FileNotFoundError:
-            failures.append(f"{where}: blob missing")
-            continue
-        except OSError as exc:
-            failures.append(f"{where}: {exc}")
-            continue
-        try:
             ds = dcmread(BytesIO(data))
             if "PixelData" in ds:
                 source_frames(ds)
-        except Exception as exc:
-            failures.append(f"{where}: does not decode: {exc}")
+        except BaseException as exc:
+            if isinstance(exc, NOT_A_CODEC_FAILURE):
+                raise
+            failures.append(
+                str(Failure(inst.sop_instance_uid, inst.blob_path, _verify_reason(exc)))
+            )
+    for problem in store.index.problems():
+        where = f"SOP {problem.sop_instance_uid} ({problem.blob_path})"
+        if problem.state == STATE_PARKED:
+            failures.append(f"{where}: parked, compression failed: {problem.last_error}")
+        if problem.defects:
+            failures.append(f"{where}: kept as received, flagged: {problem.defects}")
     failures.extend(
         f"orphan blob {path}: on disk but in no index row" for path in _orphans(store, referenced)
     )
     return failures
+
+
+def _verify_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):  # a missing blob, a checksum mismatch, an I/O error
+        return _reason(exc) if isinstance(exc, FileNotFoundError) else str(exc)
+    return f"does not decode: {_reason(exc)}"
 
 
 def _orphans(store: Store, referenced: set[str]) -> Iterable[str]:

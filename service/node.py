@@ -13,7 +13,7 @@ import threading
 import time
 
 from compacs.service.config import NodeConfig
-from compacs.service.dimse import scp
+from compacs.service.dimse import scp, settings
 from compacs.service.ingest import Ingest
 from compacs.service.storage.archive import Archive
 from compacs.service.storage.index import Index
@@ -24,6 +24,7 @@ log = logging.getLogger("compacs.node")
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        settings.apply(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.archive = Archive(config.data_dir / "archive")
         self.index = Index.open(config.effective_index_url)
@@ -34,6 +35,8 @@ class Node:
 
     def start(self) -> None:
         self.ingest.recover()
+        for leftover in (self.config.data_dir / "spool").glob("spool-*.dcm"):
+            leftover.unlink(missing_ok=True)  # data sets a crash cut off: never acknowledged
         self.server = self.ae.start_server(
             (self.config.host, self.config.port),
             block=False,

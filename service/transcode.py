@@ -13,11 +13,19 @@ from io import BytesIO
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from pydicom.pixels.utils import pack_bits
 from pydicom.uid import UID
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
-from compacs.service.compress import encoded_dataset, is_lossy, part10, source_frames
+from compacs.service.compress import (
+    EXPLICIT_BE,
+    LOSSY_SYNTAXES,
+    encoded_dataset,
+    little_endian_words,
+    part10,
+    source_frames,
+)
 
 NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
@@ -44,10 +52,12 @@ def transcode_dataset(ds: Dataset, target: str) -> Dataset:
         return ds
     has_pixels = "PixelData" in ds
     if target in NATIVE_SYNTAXES:
-        if has_pixels and UID(current).is_compressed:
+        if current == EXPLICIT_BE:
+            little_endian_words(ds)
+            if has_pixels:
+                _native_pixels(ds)
+        elif has_pixels and UID(current).is_compressed:
             _decompress(ds)
-        elif has_pixels and current == "1.2.840.10008.1.2.2":
-            raise TranscodeError("big endian pixel data is only given as received")
         ds.file_meta.TransferSyntaxUID = UID(target)
         return ds
     codec = registry.by_transfer_syntax(target)
@@ -55,8 +65,8 @@ def transcode_dataset(ds: Dataset, target: str) -> Dataset:
         raise TranscodeError(f"cannot encode transfer syntax {target}")
     if not has_pixels:
         raise TranscodeError(f"{target} is an image syntax and this object has no pixel data")
-    if is_lossy(ds):
-        raise TranscodeError("a lossy object is never re-encoded into another compressed syntax")
+    if current in LOSSY_SYNTAXES:
+        raise TranscodeError("a lossily coded object is never re-encoded into another syntax")
     reason = codec.unsupported_reason(PixelFormat.from_dataset(ds))
     if reason:
         raise TranscodeError(f"{codec.name} cannot take this image: {reason}")
@@ -73,8 +83,19 @@ def _decompress(ds: Dataset) -> None:
     if registry.by_transfer_syntax(str(ds.file_meta.TransferSyntaxUID)) is None:
         ds.decompress(generate_instance_uid=False)  # keeps the SOP Instance UID
         return
+    _native_pixels(ds)
+    if str(ds.get("PhotometricInterpretation", "")) in ("YBR_RCT", "YBR_ICT"):
+        ds.PhotometricInterpretation = "RGB"  # the J2K decoder undid the colour transform
+
+
+def _native_pixels(ds: Dataset) -> None:
+    """Native little endian pixel data from the decoded frames, in place."""
     fmt = PixelFormat.from_dataset(ds)
-    pixels = b"".join(np.ascontiguousarray(f, dtype=fmt.dtype).tobytes() for f in source_frames(ds))
+    frames = source_frames(ds)
+    if fmt.bits_allocated == 1:  # bits packed across frames, least significant bit first
+        pixels = pack_bits(np.concatenate([f.ravel() for f in frames]))
+    else:
+        pixels = b"".join(np.ascontiguousarray(f, dtype=fmt.dtype).tobytes() for f in frames)
     ds.PixelData = pixels + b"\0" * (len(pixels) % 2)
     ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
     ds["PixelData"].is_undefined_length = False

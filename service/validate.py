@@ -1,4 +1,19 @@
-"""Checks on received objects, so that bad input gets a DICOM status instead of a crash.
+"""What the node checks on a received object: what it refuses, and what it keeps but flags.
+
+An archive that refuses what a modality sends loses that study at the modality: many
+modalities retry a refused object for ever and block their send queue behind it. So the
+policy (docs/conformance.md, "Acceptance policy") is:
+
+- refused, always: a data set that cannot be parsed, no usable Study, Series or SOP
+  Instance UID (missing, empty, multi-valued, over 64 characters, control characters or
+  backslash: such a value cannot identify the object in the index), or a SOP Instance UID
+  other than the one the C-STORE request names (the sender would believe it stored another
+  instance);
+- kept as received and flagged (a `Defect`), refused only with `[ingest] strict = true`:
+  UIDs with characters outside digits and dots, a SOP Class UID missing or other than the
+  request's, image attributes that cannot be read, pixel data longer or shorter than the
+  attributes say, malformed encapsulated pixel data. Archive paths never come from peer
+  strings (storage/archive.py hashes UIDs), so none of these endangers storage.
 
 Each failed check raises `BadInput` carrying the status to answer and a reason that the
 log line shows with the calling AE title. Nothing here touches the disk or the index.
@@ -8,21 +23,30 @@ from __future__ import annotations
 
 import re
 import struct
+from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.encaps import generate_fragments
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 # Digits and dots, no empty component, at most 64 characters (PS3.5 9.1). Leading zeros
 # are tolerated: they are wrong but common, and harmless since UIDs never become paths.
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# What can identify an object at all: printable ASCII without backslash, 1-64 characters.
+_USABLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,64}$")
 
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
-REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+IDENTITY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# Photometric interpretations whose native pixel data holds two samples per pixel on
+# average: Cb and Cr at half the horizontal rate (PS3.3 C.7.6.3.1.2).
+_HALF_CHROMA = ("YBR_FULL_422", "YBR_PARTIAL_422")
+
+PIXELS = "pixels"  # the kind of defect that rules out decoding and re-encoding
 
 
 class BadInput(Exception):
@@ -32,32 +56,73 @@ class BadInput(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Defect:
+    """Something non-conformant about an object that is stored anyway."""
+
+    kind: str  # PIXELS, "uid", "sop_class"
+    text: str
+
+
 def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and bool(_UID_RE.match(value))
 
 
-def check_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> None:
-    """Raise BadInput if `ds` cannot be archived as the C-STORE request says it is."""
-    for keyword in REQUIRED_UIDS:
-        value = ds.get(keyword)
-        if value in (None, ""):
+def uid_value(ds: Dataset, keyword: str) -> str | None:
+    """The UID as the index keeps it (trailing NUL or space padding dropped), or None when
+    the element is missing, empty or multi-valued."""
+    value = ds.get(keyword)
+    if value is None or isinstance(value, MultiValue):
+        return None
+    text = str(value).rstrip("\0 ")
+    return text or None
+
+
+def inspect(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> list[Defect]:
+    """The defects of an object the node keeps; raises BadInput for one it refuses."""
+    defects: list[Defect] = []
+    for keyword in IDENTITY_UIDS:
+        value = uid_value(ds, keyword)
+        if value is None:
             raise BadInput(STATUS_DATASET_MISMATCH, f"missing {keyword}")
-        if not is_valid_uid(str(value)):
+        if not _USABLE_RE.match(value):
             raise BadInput(
-                STATUS_DATASET_MISMATCH, f"{keyword} {str(value)[:80]!r} is not a valid UID"
+                STATUS_DATASET_MISMATCH,
+                f"{keyword} {value[:80]!r} cannot identify an object (1-64 printable "
+                "characters without backslash)",
             )
-    if str(ds.SOPInstanceUID) != sop_instance_uid:
+        if not is_valid_uid(value):
+            defects.append(Defect("uid", f"{keyword} {value!r} is not a valid UID"))
+    if uid_value(ds, "SOPInstanceUID") != sop_instance_uid.rstrip("\0 "):
         raise BadInput(
             STATUS_DATASET_MISMATCH,
             f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's {sop_instance_uid}",
         )
-    if str(ds.SOPClassUID) != sop_class_uid:
-        raise BadInput(
-            STATUS_DATASET_MISMATCH,
-            f"SOPClassUID {ds.SOPClassUID} differs from the request's {sop_class_uid}",
+    sop_class = uid_value(ds, "SOPClassUID")
+    if sop_class is None:
+        defects.append(Defect("sop_class", "missing SOPClassUID"))
+    elif sop_class != sop_class_uid.rstrip("\0 "):
+        defects.append(
+            Defect(
+                "sop_class", f"SOPClassUID {sop_class} differs from the request's {sop_class_uid}"
+            )
         )
     if "PixelData" in ds:
-        check_pixel_data(ds)
+        try:
+            check_pixel_data(ds)
+        except BadInput as exc:
+            defects.append(Defect(PIXELS, exc.reason))
+    return defects
+
+
+def native_pixel_bytes(
+    rows: int, cols: int, samples: int, frames: int, bits_allocated: int, photometric: str
+) -> int:
+    """The length native Pixel Data must have (before padding to an even length)."""
+    per_row = cols * samples
+    if samples == 3 and photometric in _HALF_CHROMA:
+        per_row = cols * 2
+    return (rows * per_row * frames * bits_allocated + 7) // 8  # 1-bit frames pack together
 
 
 def check_pixel_data(ds: Dataset) -> None:
@@ -99,12 +164,12 @@ def check_pixel_data(ds: Dataset) -> None:
                 f"encapsulated pixel data has {fragments} fragment(s) for {frames} frame(s)",
             )
         return
-    expected_bits = rows * cols * samples * frames * bits_allocated
-    expected = (expected_bits + 7) // 8
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    expected = native_pixel_bytes(rows, cols, samples, frames, bits_allocated, photometric)
     if not expected <= len(value) <= expected + 1:
         raise BadInput(
             STATUS_DATASET_MISMATCH,
             f"PixelData is {len(value)} bytes but Rows {rows} x Columns {cols} x "
-            f"SamplesPerPixel {samples} x NumberOfFrames {frames} x BitsAllocated "
-            f"{bits_allocated} needs {expected}",
+            f"SamplesPerPixel {samples} ({photometric}) x NumberOfFrames {frames} x "
+            f"BitsAllocated {bits_allocated} needs {expected}",
         )

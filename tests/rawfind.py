@@ -76,29 +76,55 @@ def _status(command: bytes) -> int:
     raise RawSCUError("response command set without a Status")
 
 
+def association_request(
+    called: str, calling: bytes, abstract_syntax: str = STUDY_ROOT_FIND, max_pdu: int = 0
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU with one presentation context (explicit VR LE). `calling` is
+    the 16-byte field as sent: tests put there what pynetdicom's own SCU would refuse to."""
+    context = _item(
+        0x20,
+        struct.pack(">B3x", CONTEXT_ID)
+        + _item(0x30, abstract_syntax.encode())
+        + _item(0x40, EXPLICIT_LE.encode()),
+    )
+    user = _item(
+        0x50, _item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, IMPLEMENTATION_UID.encode())
+    )
+    body = (
+        struct.pack(">H2x", 1)
+        + called.encode().ljust(16)
+        + calling.ljust(16)
+        + bytes(32)
+        + _item(0x10, APPLICATION_CONTEXT.encode())
+        + context
+        + user
+    )
+    return _pdu(0x01, body)
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole PDU: its type and body."""
+    head = _read(sock, 6)
+    pdu_type, length = struct.unpack(">BxI", head)
+    return pdu_type, _read(sock, length)
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise RawSCUError("connection closed by the node")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 class RawFindSCU:
     def __init__(self, host: str, port: int, called: str, calling: str = "RAWFIND") -> None:
         self.sock = socket.create_connection((host, port), timeout=60)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        context = _item(
-            0x20,
-            struct.pack(">B3x", CONTEXT_ID)
-            + _item(0x30, STUDY_ROOT_FIND.encode())
-            + _item(0x40, EXPLICIT_LE.encode()),
-        )
-        user = _item(
-            0x50, _item(0x51, struct.pack(">I", 0)) + _item(0x52, IMPLEMENTATION_UID.encode())
-        )
-        body = (
-            struct.pack(">H2x", 1)
-            + called.encode().ljust(16)
-            + calling.encode().ljust(16)
-            + bytes(32)
-            + _item(0x10, APPLICATION_CONTEXT.encode())
-            + context
-            + user
-        )
-        self.sock.sendall(_pdu(0x01, body))
+        self.sock.sendall(association_request(called, calling.encode()))
         pdu_type, reply = self._read_pdu()
         if pdu_type != 0x02:
             raise RawSCUError(f"association not accepted (PDU type 0x{pdu_type:02X})")
@@ -169,16 +195,4 @@ class RawFindSCU:
         self.sock.sendall(_pdu(0x04, pdv))
 
     def _read_pdu(self) -> tuple[int, bytes]:
-        head = self._read(6)
-        pdu_type, length = struct.unpack(">BxI", head)
-        return pdu_type, self._read(length)
-
-    def _read(self, n: int) -> bytes:
-        chunks, got = [], 0
-        while got < n:
-            chunk = self.sock.recv(min(n - got, 1 << 20))
-            if not chunk:
-                raise RawSCUError("connection closed by the node")
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+        return read_pdu(self.sock)

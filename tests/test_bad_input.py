@@ -45,7 +45,7 @@ def breakers():
         ds.StudyInstanceUID = "1.2.3/../../etc"
 
     def dotdot_uid(ds):
-        ds.SeriesInstanceUID = "..\\.."
+        ds.SeriesInstanceUID = "..\\.."  # a backslash makes it two values
 
     def letters_uid(ds):
         ds.StudyInstanceUID = "1.2.abc.4"
@@ -62,40 +62,86 @@ def breakers():
     def frames_disagree(ds):
         ds.NumberOfFrames = 3
 
-    return {
-        "missing StudyInstanceUID": (missing_study, 0xA900),
-        "missing SeriesInstanceUID": (missing_series, 0xA900),
-        "UID with / and ..": (slash_uid, 0xA900),
-        "UID of dots and backslashes": (dotdot_uid, 0xA900),
-        "UID with letters": (letters_uid, 0xA900),
-        "UID over 64 characters": (too_long_uid, 0xA900),
-        "truncated pixel data": (truncated_pixels, 0xA900),
-        "Rows disagree with pixel data": (rows_disagree, 0xA900),
-        "NumberOfFrames disagrees": (frames_disagree, 0xA900),
+    refused = {  # no usable Study, Series or SOP Instance UID: refused whatever the policy
+        "missing StudyInstanceUID": missing_study,
+        "missing SeriesInstanceUID": missing_series,
+        "UID of dots and backslashes": dotdot_uid,
+        "UID over 64 characters": too_long_uid,
     }
+    kept = {  # identifiable, non-conformant: kept as received and flagged (strict: refused)
+        "UID with / and ..": slash_uid,
+        "UID with letters": letters_uid,
+        "truncated pixel data": truncated_pixels,
+        "Rows disagree with pixel data": rows_disagree,
+        "NumberOfFrames disagrees": frames_disagree,
+    }
+    return refused, kept
 
 
-def test_bad_datasets_get_failure_status_and_nothing_is_stored(
-    compacs_node, tmp_path: Path
-) -> None:
-    assoc = associate(compacs_node)
+def _send_all(node, tmp_path: Path, cases: dict) -> dict[str, tuple[int, pydicom.Dataset]]:
+    """Each broken object on one association, then a good one on the same association."""
+    assoc = associate(node)
+    results = {}
     try:
-        for name, (breaker, expected) in breakers().items():
+        for name, breaker in cases.items():
             ds = ct(tmp_path)
             breaker(ds)
             status = assoc.send_c_store(ds)
-            assert status and status.Status == expected, f"{name}: {status}"
-        good = ct(tmp_path)
-        status = assoc.send_c_store(good)
-        assert status.Status == 0x0000  # the same association keeps serving
+            results[name] = (status.Status if status else None, ds)
+        assert assoc.send_c_store(ct(tmp_path)).Status == 0x0000  # it keeps serving
     finally:
         assoc.release()
+    return results
+
+
+def test_unidentifiable_objects_are_refused_and_nothing_is_stored(
+    compacs_node, tmp_path: Path
+) -> None:
+    refused, _kept = breakers()
+    for name, (status, _ds) in _send_all(compacs_node, tmp_path, refused).items():
+        assert status == 0xA900, f"{name}: {status}"
     stats = wait_compressed(compacs_node, 1)
-    assert stats["instances"] == 1  # nothing partial from the bad ones
+    assert stats["instances"] == 1 and stats["flagged"] == 0  # nothing partial
     log = compacs_node.log_text()
     assert "refused from BADSCU" in log and "missing StudyInstanceUID" in log
-    assert "PixelData is" in log
+    assert "cannot identify an object" in log
     assert compacs_node.verify().returncode == 0
+
+
+def test_non_conformant_objects_are_kept_as_received_and_flagged(
+    compacs_node, tmp_path: Path
+) -> None:
+    """An archive never refuses what it can store safely: each is acknowledged, kept byte for
+    byte, flagged in the index (stats counts them, verify lists them) and logged."""
+    _refused, kept = breakers()
+    results = _send_all(compacs_node, tmp_path, kept)
+    for name, (status, _ds) in results.items():
+        assert status == 0x0000, f"{name}: {status}"
+    stats = wait_compressed(compacs_node, 1 + len(kept))
+    assert stats["flagged"] == len(kept), stats
+    # the pixel data that disagrees with its attributes is not compressed: kept as sent
+    assert stats["by_codec"]["passthrough"]["instances"] == 3, stats["by_codec"]
+    res = compacs_node.verify()
+    assert res.returncode == 1
+    for _name, (_status, ds) in results.items():
+        assert f"SOP {ds.SOPInstanceUID} " in res.stdout and "flagged" in res.stdout
+    out = tmp_path / "out"
+    assert compacs_node.export(out, transfer_syntax="stored").returncode == 0
+    exported = {pydicom.dcmread(p, force=True).SOPInstanceUID: p for p in out.rglob("*.dcm")}
+    ds = results["truncated pixel data"][1]
+    assert pydicom.dcmread(exported[ds.SOPInstanceUID]).PixelData == ds.PixelData
+    log = compacs_node.log_text()
+    assert "non-conformant object from BADSCU kept as received" in log
+    assert "is not a valid UID" in log and "PixelData is" in log
+
+
+def test_strict_policy_refuses_non_conformant_objects(make_node, tmp_path: Path) -> None:
+    node = make_node("[ingest]\nstrict = true\n")
+    _refused, kept = breakers()
+    for name, (status, _ds) in _send_all(node, tmp_path, kept).items():
+        assert status == 0xA900, f"{name}: {status}"
+    assert wait_compressed(node, 1)["instances"] == 1
+    assert "([ingest] strict = true)" in node.log_text()
 
 
 def test_undecodable_dataset_gets_c000(compacs_node, tmp_path: Path, monkeypatch) -> None:
@@ -119,6 +165,22 @@ def test_undecodable_dataset_gets_c000(compacs_node, tmp_path: Path, monkeypatch
         assoc.release()
     assert "refused from BADSCU" in compacs_node.log_text()
     assert compacs_node.echo().returncode == 0
+
+
+def test_any_sop_class_is_stored_when_the_config_says_so(make_node, tmp_path: Path) -> None:
+    node = make_node("[ingest]\naccept_any_sop_class = true\n")
+    private = "1.2.826.0.1.3680043.8.498.1.77"  # a private storage SOP class
+    ds = ct(tmp_path)
+    ds.SOPClassUID = private
+    ds.file_meta.MediaStorageSOPClassUID = private
+    ae = AE(ae_title="BADSCU")
+    ae.add_requested_context(private, ExplicitVRLittleEndian)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    try:
+        assert assoc.is_established and assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert wait_compressed(node, 1)["instances"] == 1
 
 
 def test_unknown_sop_class_is_refused_in_negotiation(compacs_node) -> None:

@@ -119,7 +119,7 @@ def test_roundtrip_is_bit_exact(codec: Codec, name: str) -> None:
 @pytest.mark.parametrize("name", REAL_FILES)
 @pytest.mark.parametrize("codec", FRAME_CODECS, ids=lambda c: c.name)
 def test_pydicom_decoders_read_what_we_write(codec: Codec, name: str) -> None:
-    _supported(codec, name)
+    fmt = _supported(codec, name)
     _, frames = _source(name)
     ds = _dataset(codec, name)
     plugins = _pydicom_plugins(codec.transfer_syntax_uid)
@@ -127,6 +127,8 @@ def test_pydicom_decoders_read_what_we_write(codec: Codec, name: str) -> None:
         pytest.skip("pydicom 3.0.2 has no JPEG XL decoder (tests/test_jpegxl.py reads the files)")
     assert plugins, f"pydicom has no decoder for {codec.transfer_syntax_uid}"
     for plugin in plugins:
+        if plugin == "pillow" and fmt.bits_allocated > 8 and fmt.samples_per_pixel > 1:
+            continue  # pydicom refuses it: "Pillow cannot decode 16-bit multi-sample data"
         got = list(iter_pixels(ds, raw=True, decoding_plugin=plugin))
         _assert_same_frames(got, frames)
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from pydicom import Dataset
-from pydicom import config as pydicom_config
+from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
@@ -33,10 +35,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from compacs.service import query, retrieve
 from compacs.service.config import Access, NodeConfig
-from compacs.service.dimse import find_responses
+from compacs.service.dimse import admission, find_responses, internals, receive_limits
+from compacs.service.dimse.admission import REJECT_CALLING_AE, Admission
 from compacs.service.ingest import Ingest
 from compacs.service.storage.index import Index
-from compacs.service.validate import STATUS_CANNOT_UNDERSTAND
 
 log = logging.getLogger("compacs.scp")
 
@@ -67,33 +69,43 @@ IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 QUERY_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", IMPLICIT_VR_LE]
 
 
+# Not storage SOP classes although "Storage" is in their names.
+_NOT_STORED = {
+    "1.2.840.10008.1.20.1",  # Storage Commitment Push Model
+    "1.2.840.10008.1.20.2",  # Storage Commitment Pull Model (retired)
+    "1.2.840.10008.1.3.10",  # Media Storage Directory Storage (DICOMDIR, a file only)
+}
+
+
 def storage_sop_classes(config: NodeConfig) -> list[str]:
-    return sorted(set(_STORAGE_CLASSES.values()) | set(config.extra_sop_classes))
+    """Every storage SOP class of the DICOM dictionary, retired ones included (old
+    ultrasound and NM systems still send them), and those of `[node] extra_sop_classes`."""
+    dictionary = {
+        uid
+        for uid, (name, kind, *_rest) in UID_dictionary.items()
+        if kind == "SOP Class" and "Storage" in name and uid not in _NOT_STORED
+    }
+    return sorted(dictionary | set(_STORAGE_CLASSES.values()) | set(config.extra_sop_classes))
 
 
 def handle_store(event: evt.Event, ingest: Ingest) -> int:
-    calling = event.assoc.requestor.ae_title
     request = event.request
     if _refused(event, ingest.config.access, "store"):
         return STATUS_NOT_AUTHORISED
-    try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        raw = event.encoded_dataset()
-    except Exception as exc:  # pydicom could not decode what the peer sent
-        log.warning(
-            "refused from %s: dataset cannot be decoded: %s (status 0x%04X)",
-            calling,
-            exc,
-            STATUS_CANNOT_UNDERSTAND,
-        )
-        return STATUS_CANNOT_UNDERSTAND
-    return ingest.receive(
-        raw, ds, calling, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+    args = (
+        event.assoc.requestor.ae_title,
+        str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID),
     )
+    spooled = getattr(request, "_dataset_path", None)  # receive_limits: a big data set
+    if spooled is None:
+        return ingest.receive(event.encoded_dataset(), *args)
+    with open(spooled, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as raw:
+        return ingest.receive(raw, *args)
 
 
 STATUS_NOT_AUTHORISED = 0x0124
+PYNETDICOM_THREAD_CEILING = 4096
 
 
 def _refused(event: evt.Event, access: Access, service: str) -> bool:
@@ -111,20 +123,67 @@ def _refused(event: evt.Event, access: Access, service: str) -> bool:
     return True
 
 
-def handle_requested(event: evt.Event, access: Access) -> None:
-    """EVT_REQUESTED: reject callers that the [access] table allows nothing at all."""
+def handle_requested(event: evt.Event, access: Access, admission: Admission) -> None:
+    """EVT_REQUESTED: reject invalid calling AE titles, callers that the [access] table
+    allows nothing at all, and requests past the [limits] on associations."""
     requestor = event.assoc.requestor
-    calling = str(requestor.primitive.calling_ae_title).strip()  # negotiation not done yet
-    if not access.allows_any(calling, requestor.address):
+    raw_calling = str(requestor.primitive.calling_ae_title)  # negotiation not done yet
+    refusal = admission.refusal(event.assoc, raw_calling, requestor.address)
+    if refusal is None and not access.allows_any(raw_calling.strip(), requestor.address):
+        refusal = REJECT_CALLING_AE, "not in [access]"
+    if refusal is None:
+        return
+    reason, why = refusal
+    log.warning(
+        "association rejected: calling AE %s from %s: %s",
+        raw_calling.strip(),
+        requestor.address,
+        why,
+    )
+    # then kill() as pynetdicom's own rejections do, which lets the DUL send the A-ASSOCIATE-RJ
+    event.assoc.acse.send_reject(*reason)
+    event.assoc.kill()
+
+
+def handle_accepted(event: evt.Event, access: Access, admission: Admission) -> None:
+    """EVT_ACCEPTED: log, and answer a caller that may not retrieve 0x0124 on C-GET/C-MOVE."""
+    admission.accepted(event.assoc)
+    requestor = event.assoc.requestor
+    log.info(
+        "association accepted: %s from %s:%s", requestor.ae_title, requestor.address, requestor.port
+    )
+    if not access.allows("retrieve", requestor.ae_title, requestor.address):
+        refuse_retrieve(event.assoc)
+
+
+def refuse_retrieve(assoc: Any) -> None:
+    """Answer this association's C-GET and C-MOVE requests with 0x0124 (Refused: not
+    authorised) before pynetdicom's service classes see them: their handler protocol has no
+    way to refuse a C-MOVE but 0xA801 (unknown destination). Replaces the association's
+    `_serve_request` (pynetdicom 3.0.4); on another version the handlers still refuse, with
+    the statuses pynetdicom lets them give."""
+    if not internals.guards("0x0124 for C-GET/C-MOVE of callers that may not retrieve"):
+        return
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        kind = type(msg)  # the request primitive, as pynetdicom queues it
+        if kind not in (C_GET, C_MOVE) or not msg.is_valid_request:
+            serve(msg, context_id)
+            return
+        rsp = kind()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+        rsp.Status = STATUS_NOT_AUTHORISED
+        requestor = assoc.requestor
         log.warning(
-            "association rejected: calling AE %s from %s is not in [access]",
-            calling,
+            "refused retrieve for %s from %s: not in [access] retrieve",
+            requestor.ae_title,
             requestor.address,
         )
-        # rejected-permanent, service-user, calling AE title not recognised; then kill() as
-        # pynetdicom's own rejections do, which lets the DUL send the A-ASSOCIATE-RJ
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-        event.assoc.kill()
+        assoc.dimse.send_msg(rsp, context_id)
+
+    assoc._serve_request = serve_request
 
 
 # C-FIND SOP class -> query information model of service/query.py
@@ -249,7 +308,8 @@ def handle_get(event: evt.Event, ingest: Ingest) -> Iterator:
 
 
 def handle_move(event: evt.Event, ingest: Ingest) -> Iterator:
-    """EVT_C_MOVE: a new association to the destination from [move_destinations]."""
+    """EVT_C_MOVE: a new association to the destination from [move_destinations]. A caller
+    that may not retrieve is answered 0x0124 before this runs (refuse_retrieve)."""
     calling = event.assoc.requestor.ae_title
     destination = str(event.move_destination).strip()
     address = ingest.config.move_destinations.get(destination)
@@ -285,19 +345,29 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
-def _no_delay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN: disable Nagle on the association's socket. pynetdicom leaves it on, and
-    a C-FIND-RQ/RSP exchange (command and data set in separate sends) then waits for delayed
-    ACKs: a one-match C-FIND measured 88 ms with Nagle on both ends, 50 ms with it off on
-    one end, 6 ms with it off on both."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+def handle_conn_open(event: evt.Event, config: NodeConfig, admission: Admission) -> None:
+    """EVT_CONN_OPEN (before the association's threads start): limits, and no Nagle.
+
+    pynetdicom leaves Nagle on, and a C-FIND-RQ/RSP exchange (command and data set in
+    separate sends) then waits for delayed ACKs: a one-match C-FIND measured 88 ms with
+    Nagle on both ends, 50 ms with it off on one end, 6 ms with it off on both."""
+    assoc = event.assoc
+    admission.connection_opened(assoc, assoc.requestor.address)
+    receive_limits.install(assoc, config.limits, config.max_pdu, config.data_dir / "spool")
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _log_association(kind: str) -> Callable[[evt.Event], None]:
+def _association_ended(kind: str | None, admission: Admission) -> Callable[[evt.Event], None]:
+    """Free the association's slot; log how it ended (kind None: the connection's close,
+    which follows every end and a connection that never associated: not logged)."""
+
     def handler(event: evt.Event) -> None:
+        admission.ended(event.assoc)
+        if kind is None:
+            return
         requestor = event.assoc.requestor
         log.info(
             "association %s: %s from %s:%s",
@@ -337,18 +407,14 @@ def server_contexts(ae: AE) -> list[PresentationContext]:
 
 
 def build_ae(config: NodeConfig) -> AE:
-    # pynetdicom's default event handlers format every PDU and DIMSE message for its debug
-    # log, which cli.py turns off: 7 ms of CPU for each association a getscu opens (py-spy).
-    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
-    # pydicom checks every value it reads against its VR and only warns (WARN mode): 3 ms per
-    # getscu association in UID regexes alone. validate.py checks what the node relies on.
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = config.max_pdu
-    ae.maximum_associations = 64
-    ae.network_timeout = 60
+    # admission.py counts and limits associations; pynetdicom's own count would include
+    # connections that never asked for one
+    ae.maximum_associations = PYNETDICOM_THREAD_CEILING
+    ae.network_timeout = config.limits.idle_timeout
     ae.dimse_timeout = 60
-    ae.acse_timeout = 30
+    ae.acse_timeout = admission.ESTABLISHED_ACSE_TIMEOUT
     ae.add_supported_context(Verification)
     syntaxes = [UID(ts) for ts in STORAGE_TRANSFER_SYNTAXES]
     for uid in storage_sop_classes(config):
@@ -360,16 +426,19 @@ def build_ae(config: NodeConfig) -> AE:
 
 
 def handlers(ingest: Ingest, index: Index) -> list:
+    config = ingest.config
+    gate = Admission(config.limits)  # one per server: it counts all of its associations
     return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ingest]),
-        (evt.EVT_C_FIND, handle_find, [index, ingest.config.ae_title, ingest.config.access]),
+        (evt.EVT_C_FIND, handle_find, [index, config.ae_title, config.access]),
         (evt.EVT_C_GET, handle_get, [ingest]),
         (evt.EVT_C_MOVE, handle_move, [ingest]),
-        (evt.EVT_REQUESTED, handle_requested, [ingest.config.access]),
-        (evt.EVT_CONN_OPEN, _no_delay),
-        (evt.EVT_ACCEPTED, _log_association("accepted")),
-        (evt.EVT_RELEASED, _log_association("released")),
-        (evt.EVT_ABORTED, _log_association("aborted")),
-        (evt.EVT_REJECTED, _log_association("rejected")),
+        (evt.EVT_CONN_OPEN, handle_conn_open, [config, gate]),
+        (evt.EVT_REQUESTED, handle_requested, [config.access, gate]),
+        (evt.EVT_ACCEPTED, handle_accepted, [config.access, gate]),
+        (evt.EVT_RELEASED, _association_ended("released", gate)),
+        (evt.EVT_ABORTED, _association_ended("aborted", gate)),
+        (evt.EVT_REJECTED, _association_ended("rejected", gate)),
+        (evt.EVT_CONN_CLOSE, _association_ended(None, gate)),
     ]

@@ -46,12 +46,23 @@ from sqlalchemy.orm import (
 
 STATE_PENDING = "pending"  # acknowledged, durable as received, compression not yet done
 STATE_STORED = "stored"  # in its final stored form
+STATE_PARKED = "parked"  # compression failed [ingest] max_attempts times: kept as received
 
 
 class ReceivedVersion(NamedTuple):
-    received_pixel_hash: str | None
+    received_hash: str | None
     received_transfer_syntax: str
     blob_path: str
+
+
+class Problem(NamedTuple):
+    """An instance an administrator should hear of: flagged defects, or parked."""
+
+    sop_instance_uid: str
+    blob_path: str
+    state: str
+    defects: str | None
+    last_error: str | None
 
 
 class PendingObject(NamedTuple):
@@ -125,10 +136,16 @@ class Instance(Base):
     bits_stored: Mapped[int | None] = mapped_column(Integer)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
-    # As received: the syntax and a hash of the pixel data bytes, to recognise re-sends.
+    # As received: the syntax and a hash of the data set (without its file meta group), to
+    # tell a harmless re-send from a changed one.
     received_transfer_syntax: Mapped[str] = mapped_column(String(64))
     received_size: Mapped[int] = mapped_column(BigInteger)
-    received_pixel_hash: Mapped[str | None] = mapped_column(String(80))
+    received_hash: Mapped[str | None] = mapped_column(String(80))
+    # Why the object is kept as received although non-conformant (validate.Defect texts and
+    # undecodable pixel data), "; "-joined; NULL when nothing was found.
+    defects: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
     # As stored: while pending, the blob is the received object under incoming/.
     state: Mapped[str] = mapped_column(String(16), index=True)
     stored_transfer_syntax: Mapped[str] = mapped_column(String(64))
@@ -160,6 +177,39 @@ class AuditEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
+def _get_or_add(
+    s: Session, model: type, key: Any, value: str, values: dict[str, Any], update: bool
+) -> Any:
+    row = s.scalar(select(model).where(key == value))
+    if row is None:
+        row = model(**{key.key: value}, **values)
+        s.add(row)
+    elif update:
+        for name, new in values.items():
+            setattr(row, name, new)
+    s.flush()
+    return row
+
+
+def _uid(ds: Any, keyword: str) -> str:
+    """A UID as the index keys it: validate.inspect has made sure it is there."""
+    return str(ds.get(keyword)).rstrip("\0 ")
+
+
+def _instance_values(ds: Any) -> dict[str, Any]:
+    """The instance columns read from the data set (ingest names the SOP class when the data
+    set lacks one: the request's)."""
+    return {
+        "sop_instance_uid": _uid(ds, "SOPInstanceUID"),
+        **({"sop_class_uid": _uid(ds, "SOPClassUID")} if ds.get("SOPClassUID") else {}),
+        "instance_number": _int(ds, "InstanceNumber"),
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+        "bits_stored": _int(ds, "BitsStored"),
+        "number_of_frames": _int(ds, "NumberOfFrames"),
+    }
+
+
 def _text(ds: Any, keyword: str, limit: int | None = None) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
@@ -172,7 +222,7 @@ def _int(ds: Any, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -223,14 +273,14 @@ class Index:
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(
-                    table.c.received_pixel_hash, table.c.received_transfer_syntax, table.c.blob_path
+                    table.c.received_hash, table.c.received_transfer_syntax, table.c.blob_path
                 ).where(table.c.sop_instance_uid == sop_uid)
             ).first()
         return ReceivedVersion(*row) if row else None
 
     def add_received(self, ds: Any, **fields: Any) -> None:
         """Index a newly received object (state pending), creating its patient/study/series."""
-        series_uid = str(ds.SeriesInstanceUID)
+        series_uid = _uid(ds, "SeriesInstanceUID")
         with self.write_lock:
             series_pk = self._series_pks.get(series_uid)
             if series_pk is None:
@@ -241,27 +291,98 @@ class Index:
             with self.engine.begin() as conn:
                 conn.execute(
                     Instance.__table__.insert().values(
-                        sop_instance_uid=str(ds.SOPInstanceUID),
                         series_pk=series_pk,
-                        sop_class_uid=str(ds.SOPClassUID),
-                        instance_number=_int(ds, "InstanceNumber"),
-                        rows=_int(ds, "Rows"),
-                        columns=_int(ds, "Columns"),
-                        bits_stored=_int(ds, "BitsStored"),
-                        number_of_frames=_int(ds, "NumberOfFrames"),
-                        state=STATE_PENDING,
-                        **fields,
+                        **{"state": STATE_PENDING, **_instance_values(ds), **fields},
                     )
                 )
                 conn.execute(_COUNT_INSTANCE, {"pk": series_pk})
 
-    def replace_received(self, sop_uid: str, **fields: Any) -> None:
-        """Point an existing instance at a newly received version (on_duplicate = replace)."""
+    def replace_received(self, ds: Any, **fields: Any) -> None:
+        """Point an existing instance at a newly received version (on_duplicate = replace).
+
+        The new version's patient, study and series values replace the index's, and an
+        instance re-sent under another study or series moves there (its counters follow).
+        """
         with self.writing() as s:
-            inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-            for key, value in fields.items():
+            inst = s.scalar(
+                select(Instance).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))
+            )
+            series = self._series_for(s, ds, update=True)
+            if inst.series_pk != series.id:
+                s.execute(
+                    update(Series)
+                    .where(Series.id == inst.series_pk)
+                    .values(instance_count=Series.instance_count - 1)
+                )
+                series.instance_count += 1
+            for key, value in {**_instance_values(ds), **fields}.items():
                 setattr(inst, key, value)
+            inst.series_pk = series.id
             inst.state, inst.codec, inst.stored_at = STATE_PENDING, None, None
+            inst.attempts, inst.last_error = 0, None
+        self._series_pks.clear()  # a series may have moved to another study
+
+    def record_failure(
+        self, sop_uid: str, expected_blob: str, error: str, max_attempts: int
+    ) -> str | None:
+        """Count a failed compression attempt: the row's state afterwards (pending, or parked
+        after `max_attempts`), or None if the row no longer holds that blob (replaced)."""
+        table = Instance.__table__
+        mine = (
+            (table.c.sop_instance_uid == sop_uid)
+            & (table.c.state == STATE_PENDING)
+            & (table.c.blob_path == expected_blob)
+        )
+        with self.write_lock, self.engine.begin() as conn:
+            attempts = conn.execute(select(table.c.attempts).where(mine)).scalar()
+            if attempts is None:
+                return None
+            state = STATE_PARKED if attempts + 1 >= max_attempts else STATE_PENDING
+            conn.execute(
+                table.update()
+                .where(mine)
+                .values(attempts=attempts + 1, last_error=error[:2000], state=state)
+            )
+            return state
+
+    def still_pending(self, sop_uid: str, expected_blob: str) -> bool:
+        """Whether the row still waits for compression of that very blob."""
+        table = Instance.__table__
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(table.c.id).where(
+                        table.c.sop_instance_uid == sop_uid,
+                        table.c.state == STATE_PENDING,
+                        table.c.blob_path == expected_blob,
+                    )
+                ).first()
+                is not None
+            )
+
+    def blob_paths(self, prefix: str) -> set[str]:
+        """The blobs under `prefix` that rows point at."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(Instance.blob_path).where(Instance.blob_path.startswith(prefix))
+            )
+            return {path for (path,) in rows}
+
+    def problems(self) -> list[Problem]:
+        """Flagged and parked instances, for verify."""
+        with self.reading() as s:
+            rows = s.execute(
+                select(
+                    Instance.sop_instance_uid,
+                    Instance.blob_path,
+                    Instance.state,
+                    Instance.defects,
+                    Instance.last_error,
+                )
+                .where((Instance.defects.is_not(None)) | (Instance.state == STATE_PARKED))
+                .order_by(Instance.id)
+            )
+            return [Problem(*r) for r in rows]
 
     def mark_stored(self, sop_uid: str, expected_blob: str, **fields: Any) -> bool:
         """Record the compressed form; False if the instance changed meanwhile (replaced)."""
@@ -313,47 +434,44 @@ class Index:
                 )
             )
 
-    def _series_for(self, s: Session, ds: Any) -> Series:
-        patient_id = _text(ds, "PatientID", 64) or ""
-        patient = s.scalar(select(Patient).where(Patient.patient_id == patient_id))
-        if patient is None:
-            patient = Patient(
-                patient_id=patient_id,
-                patient_name=_text(ds, "PatientName"),
-                patient_birth_date=_text(ds, "PatientBirthDate", 8),
-                patient_sex=_text(ds, "PatientSex", 16),
-            )
-            s.add(patient)
-            s.flush()
-        study_uid = str(ds.StudyInstanceUID)
-        study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-        if study is None:
-            study = Study(
-                study_instance_uid=study_uid,
-                patient_pk=patient.id,
-                study_date=_text(ds, "StudyDate", 8),
-                study_time=_text(ds, "StudyTime", 16),
-                accession_number=_text(ds, "AccessionNumber", 64),
-                study_id=_text(ds, "StudyID", 64),
-                study_description=_text(ds, "StudyDescription"),
-                referring_physician_name=_text(ds, "ReferringPhysicianName"),
-            )
-            s.add(study)
-            s.flush()
-        series_uid = str(ds.SeriesInstanceUID)
-        series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
-        if series is None:
-            series = Series(
-                series_instance_uid=series_uid,
-                study_pk=study.id,
-                modality=_text(ds, "Modality", 16),
-                series_number=_int(ds, "SeriesNumber"),
-                series_description=_text(ds, "SeriesDescription"),
-                body_part_examined=_text(ds, "BodyPartExamined", 64),
-            )
-            s.add(series)
-            s.flush()
-        return series
+    def _series_for(self, s: Session, ds: Any, update: bool = False) -> Series:
+        """The series row of `ds`, created with its study and patient where missing; with
+        `update`, existing rows take the values of `ds` (a replaced object)."""
+        patient_values = {
+            "patient_name": _text(ds, "PatientName"),
+            "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+            "patient_sex": _text(ds, "PatientSex", 16),
+        }
+        patient = _get_or_add(
+            s, Patient, Patient.patient_id, _text(ds, "PatientID", 64) or "", patient_values, update
+        )
+        study_values = {
+            "patient_pk": patient.id,
+            "study_date": _text(ds, "StudyDate", 8),
+            "study_time": _text(ds, "StudyTime", 16),
+            "accession_number": _text(ds, "AccessionNumber", 64),
+            "study_id": _text(ds, "StudyID", 64),
+            "study_description": _text(ds, "StudyDescription"),
+            "referring_physician_name": _text(ds, "ReferringPhysicianName"),
+        }
+        study = _get_or_add(
+            s, Study, Study.study_instance_uid, _uid(ds, "StudyInstanceUID"), study_values, update
+        )
+        series_values = {
+            "study_pk": study.id,
+            "modality": _text(ds, "Modality", 16),
+            "series_number": _int(ds, "SeriesNumber"),
+            "series_description": _text(ds, "SeriesDescription"),
+            "body_part_examined": _text(ds, "BodyPartExamined", 64),
+        }
+        return _get_or_add(
+            s,
+            Series,
+            Series.series_instance_uid,
+            _uid(ds, "SeriesInstanceUID"),
+            series_values,
+            update,
+        )
 
     # --- reading for export, verify, stats ---
     def instances(
@@ -414,6 +532,8 @@ class Index:
             pending = s.scalar(
                 select(func.count(Instance.id)).where(Instance.state == STATE_PENDING)
             )
+            parked = s.scalar(select(func.count(Instance.id)).where(Instance.state == STATE_PARKED))
+            flagged = s.scalar(select(func.count(Instance.id)).where(Instance.defects.is_not(None)))
 
             def grouped(column: Any) -> dict[str, dict[str, Any]]:
                 rows = s.execute(
@@ -434,6 +554,8 @@ class Index:
                 **_totals(*totals),
                 "studies": studies,
                 "pending": pending,
+                "parked": parked,
+                "flagged": flagged,
                 "by_modality": grouped(Series.modality),
                 "by_codec": grouped(Instance.codec),
             }
