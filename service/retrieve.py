@@ -26,7 +26,6 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from compacs.codecs import registry
 from compacs.service import wire
-from compacs.service.compress import LOSSY_SYNTAXES
 from compacs.service.dimse import bulk_store
 from compacs.service.dimse.bulk_store import bulk_stores
 from compacs.service.dimse.polling import fast_polling, poll_fast
@@ -86,18 +85,12 @@ def candidate_syntaxes(inst: Instance) -> list[str]:
 
 def _producible(ts: str, inst: Instance) -> bool:
     """The stored bytes are in `ts`, or it is native, or an available lossless encoder makes
-    it from the decoded pixels of an object not stored lossily (transcode's rules). The
-    syntax an object arrived in is not enough: JPEG Lossless (.4.70) arrives, no encoder
-    makes it."""
+    it from the decoded pixels (transcode's rules). The syntax an object arrived in is not
+    enough: JPEG Lossless (.4.70) arrives, no encoder makes it."""
     if ts == inst.stored_transfer_syntax or ts in NATIVE_SYNTAXES:
         return True
     codec = registry.by_transfer_syntax(ts)
-    return (
-        codec is not None
-        and codec.lossless
-        and codec.is_available()
-        and inst.stored_transfer_syntax not in LOSSY_SYNTAXES
-    )
+    return codec is not None and codec.lossless and codec.is_available()
 
 
 def choose_syntax(inst: Instance, accepted: list[str]) -> str | None:

@@ -65,8 +65,13 @@ def transcode_dataset(ds: Dataset, target: str) -> Dataset:
         raise TranscodeError(f"cannot encode transfer syntax {target}")
     if not has_pixels:
         raise TranscodeError(f"{target} is an image syntax and this object has no pixel data")
-    if current in LOSSY_SYNTAXES:
-        raise TranscodeError("a lossily coded object is never re-encoded into another syntax")
+    if UID(current).is_compressed and registry.by_transfer_syntax(current) is None:
+        # Decoded by pydicom first, which fixes what decoding changes (YBR JPEG -> RGB). A
+        # lossily coded object re-encoded losslessly loses nothing more, and says it was
+        # lossy (PS3.3 C.7.6.1.1.5): a peer that accepts only a lossless syntax can read it.
+        _decompress(ds)
+        if current in LOSSY_SYNTAXES:
+            ds.LossyImageCompression = "01"
     reason = codec.unsupported_reason(PixelFormat.from_dataset(ds))
     if reason:
         raise TranscodeError(f"{codec.name} cannot take this image: {reason}")

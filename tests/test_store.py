@@ -147,3 +147,75 @@ def test_every_command_has_help(compacs_node: peers.CompacsProcess, flag: str) -
     ):
         res = compacs_node.cli(*command, flag)
         assert res.returncode == 0 and "usage: compacs" in res.stdout, command
+
+
+def _corrected_report(tmp_path: Path) -> tuple[Path, Path]:
+    """A real SR (no pixel data), and the same SOP Instance re-sent with a corrected text."""
+    first = dicomdata.fresh_copy("reportsi.dcm", tmp_path / "sr")
+    ds = pydicom.dcmread(first)
+    ds.ContentDate = "20261201"
+    ds.PatientName = "CORRECTED^NAME"
+    corrected = tmp_path / "sr" / "corrected.dcm"
+    ds.save_as(corrected)
+    return first, corrected
+
+
+def test_corrected_report_is_not_dropped_as_the_same(
+    compacs_node: peers.CompacsProcess, tmp_path: Path
+) -> None:
+    """keep_first (default): kept first, with a warning and an audit event; never answered
+    as a harmless re-send of the same data set."""
+    first, corrected = _corrected_report(tmp_path)
+    store_all(compacs_node, [first])
+    wait_compressed(compacs_node, 1)
+    store_all(compacs_node, [first])  # the very same data set: a harmless re-send
+    assert "already stored, same data set" in compacs_node.log_text()
+    store_all(compacs_node, [corrected])
+    wait_compressed(compacs_node, 1)
+    log = compacs_node.log_text()
+    assert "re-sent from STORESCU with different content" in log and "keeping the first" in log
+
+
+def test_replace_takes_the_corrected_report_and_its_index_values(make_node, tmp_path: Path) -> None:
+    node = make_node('[node]\non_duplicate = "replace"\n')
+    first, corrected = _corrected_report(tmp_path)
+    store_all(node, [first])
+    wait_compressed(node, 1)
+    store_all(node, [corrected])
+    wait_compressed(node, 1)
+    out = tmp_path / "out"
+    assert node.export(out).returncode == 0
+    (got,) = out.rglob("*.dcm")
+    assert pydicom.dcmread(got).ContentDate == "20261201"
+    # the index answers C-FIND with the corrected patient values
+    res = peers.findscu(node.port, "STUDY", {"PatientName": "CORRECTED*", "StudyInstanceUID": ""})
+    assert "CORRECTED^NAME" in res.stdout, res.stdout[-2000:]
+    assert node.verify().returncode == 0
+
+
+def test_replace_moves_an_image_re_sent_under_another_series(make_node, tmp_path: Path) -> None:
+    """A metadata-only correction of an image: same pixels, the instance now in another
+    series of another study; the old series counts one instance less."""
+    node = make_node('[node]\non_duplicate = "replace"\n')
+    (first,) = dicomdata.ct_series(tmp_path / "a", 1)
+    store_all(node, [first])
+    wait_compressed(node, 1)
+    ds = pydicom.dcmread(first)
+    old_study = ds.StudyInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+        pydicom.uid.generate_uid(),
+        pydicom.uid.generate_uid(),
+    )
+    moved = tmp_path / "moved.dcm"
+    ds.save_as(moved)
+    store_all(node, [moved])
+    wait_compressed(node, 1)
+    res = peers.findscu(
+        node.port,
+        "STUDY",
+        {"StudyInstanceUID": old_study, "NumberOfStudyRelatedInstances": ""},
+    )
+    counts = [line for line in res.stdout.splitlines() if "IS [" in line and "RelatedInst" in line]
+    assert counts and all("IS [0 ]" in line for line in counts), res.stdout[-2000:]
+    res = peers.findscu(node.port, "STUDY", {"StudyInstanceUID": ds.StudyInstanceUID})
+    assert ds.StudyInstanceUID in res.stdout

@@ -43,19 +43,24 @@ from compacs.service.storage.index import Index
 log = logging.getLogger("compacs.scp")
 
 # Storage syntaxes in OUR order of preference: pynetdicom accepts, for each proposed context,
-# the first of these the peer proposed. Lossless compressed first (the sender compresses, or a
-# C-GET requestor gets the stored bytes as they are), then uncompressed, and the lossy ones
-# last, so that a sender is never asked to compress lossily what it offered uncompressed.
+# the first of these the peer proposed. First the lossless ones the node can also produce
+# (the sender compresses; a C-GET requestor, which takes the storage SCP role on the same
+# contexts, gets a syntax every stored object can be given in), then uncompressed, then
+# lossless ones the node can only receive (no encoder makes them: a C-GET requestor that
+# proposed one with explicit VR LE in one context gets explicit VR LE), and the lossy
+# ones last, so that a sender is never asked to compress lossily what it offered
+# uncompressed.
 STORAGE_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
     "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
     "1.2.840.10008.1.2.5",  # RLE Lossless
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
     "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy allowed)
