@@ -45,7 +45,7 @@ from rawfind import RawFindSCU  # noqa: E402
 from sqlalchemy import func, insert, select  # noqa: E402
 
 from compacs.service.query import find_encoded  # noqa: E402
-from compacs.service.storage.index import Index, Instance, Patient, Series, Study  # noqa: E402
+from compacs.service.storage.index import Blob, Index, Instance, Patient, Series, Study  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77"  # pydicom's root + a branch of our own
 CAP = 100  # answers read before the C-CANCEL of the "capped" universal query
@@ -214,14 +214,19 @@ def build(index: Index, n_studies: int, seed: int) -> Built:
         "stored_transfer_syntax": "1.2.840.10008.1.2.4.80",
         "codec": "jpegls",
         "stored_size": 110000,
-        "tier": "hot",
+        # C-FIND never reads blobs: every instance points at one blob row
+        "blob_pk": 1,
+        "blob_offset": 0,
+        "blob_length": 110000,
+        "version": 0,
+        "attempts": 0,
         "received_at": now_db,
         "stored_at": now_db,
     }
 
     template = [constant.get(c) for c in columns]
     variable = ("id", "sop_instance_uid", "series_pk", "sop_class_uid", "instance_number")
-    positions = [columns.index(c) for c in (*variable, "blob_path")]
+    positions = [columns.index(c) for c in variable]
     checksum_pos = columns.index("checksum")
 
     def instances() -> Iterator[tuple[Any, ...]]:
@@ -233,7 +238,7 @@ def build(index: Index, n_studies: int, seed: int) -> Built:
                 row = template.copy()
                 for pos, value in zip(
                     positions,
-                    (ik, uid, sp, SOP_CLASS[modality], number, f"stored/{sp % 256:02x}/{uid}.dcm"),
+                    (ik, uid, sp, SOP_CLASS[modality], number),
                     strict=True,
                 ):
                     row[pos] = value
@@ -241,6 +246,20 @@ def build(index: Index, n_studies: int, seed: int) -> Built:
                 yield tuple(row)
 
     with index.engine.begin() as conn:
+        conn.execute(
+            insert(Blob.__table__),
+            [
+                {
+                    "id": 1,
+                    "tier": "hot",
+                    "path": "hot/bench.dcm",
+                    "kind": "instance",
+                    "size": 1,
+                    "checksum": "sha256:0",
+                    "created_at": now,
+                }
+            ],
+        )
         conn.execute(insert(Patient.__table__), patients)
         conn.execute(insert(Study.__table__), studies)
         conn.execute(insert(Series.__table__), series)
@@ -388,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     node: peers.CompacsProcess | None = None
     index: Index | None = None
     try:
-        index = Index.open(f"sqlite:///{data / 'index.sqlite'}")
+        index = Index.open(f"sqlite:///{data / 'index.sqlite'}", create=True)
         built = build(index, args.studies, args.seed)
         built.bytes = sum(p.stat().st_size for p in data.glob("index.sqlite*"))
         progress(

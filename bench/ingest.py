@@ -198,7 +198,7 @@ class CompacsReceiver(Receiver):
 
             if not db.exists():
                 raise FileNotFoundError(db)
-            self._index = Index.open(f"sqlite:///{db.resolve()}", upgrade=False)
+            self._index = Index.open(f"sqlite:///{db.resolve()}", check=None)
             self._index.stats()
             self.stats_source = "in-process Index.stats() polling, final `compacs stats --json`"
         except Exception as exc:  # noqa: BLE001 - any failure: poll the CLI instead

@@ -47,28 +47,58 @@ def _config(args: argparse.Namespace, **overrides: Any) -> NodeConfig:
     return load_config(getattr(args, "config", None), overrides={"data_dir": data, **overrides})
 
 
-def _open_store(args: argparse.Namespace):  # noqa: ANN202
-    from compacs.service.maintenance import Store
+def _open_service(args: argparse.Namespace):  # noqa: ANN202
+    """The archive service of the --data folder, without compression jobs."""
+    from compacs.service.archive_service import ArchiveService, NoArchive
+    from compacs.service.storage.schema import IndexOutOfDate
 
     config = _config(args)
     try:
-        return Store.open(config.data_dir, config.effective_index_url)
-    except FileNotFoundError as exc:
+        return ArchiveService.open(config)
+    except (NoArchive, IndexOutOfDate) as exc:
         raise UsageError(str(exc)) from exc
 
 
-# --- commands ---------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from compacs.service.node import Node
+    from compacs.service.storage.schema import IndexOutOfDate
 
     config = _config(args, host=args.host, port=args.port, ae_title=args.ae_title)
-    Node(config).run_until_signalled()
+    try:
+        node = Node(config)
+    except IndexOutOfDate as exc:
+        raise UsageError(str(exc)) from exc
+    node.run_until_signalled()
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Bring the index's schema to this compacs' revision (the only command that changes an
+    existing index's schema: `serve` creates an empty one, and refuses an older one)."""
+    from sqlalchemy import create_engine
+
+    from compacs.service.archive_service import redact
+    from compacs.service.storage.schema import current_revision, migrate
+
+    config = _config(args)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    url = config.effective_index_url
+    engine = create_engine(url)
+    try:
+        before = current_revision(engine)
+        migrate(engine)
+        after = current_revision(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        print(f"index {redact(url)} is at revision {after}, the newest: nothing to do")
+    else:
+        print(f"index {redact(url)} upgraded from revision {before or '(empty)'} to {after}")
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    stats = store.index.stats()
+    stats = _open_service(args).index.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -108,15 +138,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             "e.g. 1.2.840.10008.1.2.1 (explicit VR little endian, the default), or "
             f"{AS_STORED} (the stored bytes as they are)"
         )
-    store = _open_store(args)
-    instances = store.index.instances(study_uid=args.study, series_uid=args.series)
+    service = _open_service(args)
+    instances = service.index.instances(study_uid=args.study, series_uid=args.series)
     if not instances:
         raise UsageError(
             "nothing to export: no instance matches"
             if not args.all
             else "nothing to export: the archive is empty"
         )
-    report = export(store, instances, args.out, args.transfer_syntax)
+    report = export(service, instances, args.out, args.transfer_syntax)
     for failure in report.failures:
         print(f"FAILED {failure}")
     print(
@@ -128,11 +158,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from compacs.service.maintenance import verify
 
-    store = _open_store(args)
-    failures = verify(store)
+    service = _open_service(args)
+    failures = verify(service)
     for line in failures:
         print(line)
-    count = len(store.index.instances())
+    count = len(service.index.instances())
     print(f"verified {count} instance(s): {len(failures)} problem(s)")
     return 1 if failures else 0
 
@@ -412,6 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every blob's checksum and that it decodes")
     data_options(p)
     p.set_defaults(func=cmd_verify)
+
+    db = sub.add_parser("db", help="the index's schema")
+    dsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    p = dsub.add_parser(
+        "upgrade", help="bring the index to this compacs' schema (back it up first)"
+    )
+    data_options(p)
+    p.set_defaults(func=cmd_db_upgrade)
 
     codec = sub.add_parser("codec", help="list codecs, or run one on a single file")
     csub = codec.add_subparsers(dest="codec_command", required=True, metavar="ACTION")

@@ -28,7 +28,7 @@ ENV_OVERRIDES = {
 }
 
 ON_DUPLICATE = ("keep_first", "replace")
-TABLES = ("node", "move_destinations", "access", "ingest", "limits")
+TABLES = ("node", "move_destinations", "access", "ingest", "limits", "storage")
 SERVICES = ("store", "query", "retrieve")
 
 
@@ -40,6 +40,7 @@ class IngestConfig:
     accept_any_sop_class: bool  # accept storage of SOP classes we do not know
     max_attempts: int  # failed compression attempts before an object is parked
     retry_seconds: float
+    lease_seconds: float  # how long a claim on a pending object holds without renewal
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,23 @@ class Limits:
     max_pending_per_address: int  # connections not yet associated, by IP address
 
 
+@dataclass(frozen=True)
+class StorageConfig:
+    """[storage]: how the archive keeps its blobs."""
+
+    delete_grace_seconds: float  # a replaced blob is deleted this long after, not before
+
+
 # key -> (kind, minimum, maximum); the kinds TOML gives: bool, int, float (ints accepted)
 _INGEST_KEYS: dict[str, tuple[type, float, float]] = {
     "strict": (bool, 0, 1),
     "accept_any_sop_class": (bool, 0, 1),
     "max_attempts": (int, 1, 1000),
     "retry_seconds": (float, 0.01, 86400),
+    "lease_seconds": (float, 1, 86400),
+}
+_STORAGE_KEYS: dict[str, tuple[type, float, float]] = {
+    "delete_grace_seconds": (float, 0, 30 * 86400),
 }
 _LIMIT_KEYS: dict[str, tuple[type, float, float]] = {
     "association_request_timeout": (float, 0.1, 3600),
@@ -127,6 +139,7 @@ class NodeConfig:
     extra_sop_classes: list[str]
     ingest: IngestConfig
     limits: Limits
+    storage: StorageConfig
     rules: list[Rule] = field(default_factory=list)
     move_destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
     access: Access = field(default_factory=lambda: Access({}))
@@ -176,9 +189,7 @@ def _int_in(value: Any, where: str, lo: int, hi: int) -> int:
     return value
 
 
-def _build_node(
-    raw: dict[str, Any], ingest: IngestConfig, limits: Limits, source: str
-) -> NodeConfig:
+def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: str) -> NodeConfig:
     """Validate the merged [node] table; `source` names where each value may have come from."""
     where = f"{source}: [node]"
     on_dup = raw["on_duplicate"]
@@ -208,8 +219,9 @@ def _build_node(
         max_pdu=_int_in(raw["max_pdu"], f"{where} max_pdu", 0, 2**31 - 1),
         fast_paths=_bool(raw["fast_paths"], f"{where} fast_paths"),
         extra_sop_classes=list(extra),
-        ingest=ingest,
-        limits=limits,
+        ingest=IngestConfig(**tables["ingest"]),
+        limits=Limits(**tables["limits"]),
+        storage=StorageConfig(**tables["storage"]),
         source=source,
     )
 
@@ -334,9 +346,13 @@ def load_config(
             keys,
             source,
         )
-        for name, keys in (("ingest", _INGEST_KEYS), ("limits", _LIMIT_KEYS))
+        for name, keys in (
+            ("ingest", _INGEST_KEYS),
+            ("limits", _LIMIT_KEYS),
+            ("storage", _STORAGE_KEYS),
+        )
     }
-    config = _build_node(node, IngestConfig(**tables["ingest"]), Limits(**tables["limits"]), source)
+    config = _build_node(node, tables, source)
     config.move_destinations, config.access = _parse_tables(user, source)
     try:
         config.rules = parse_rules(rules_raw)

@@ -1,13 +1,13 @@
-"""Offline jobs on a node's data folder: export, verify, stats.
+"""Offline jobs on a node's data folder: export, verify.
 
-They open the index and archive directly (no network), so an administrator can run them
-while the node is stopped, or beside it: reads never block the node's writer (SQLite WAL).
+They go through the archive service (opened without compression jobs, no network), so an
+administrator can run them while the node is stopped, or beside it: reads never block the
+node's writer (SQLite WAL), and files a live node is still writing are not orphans.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -15,31 +15,16 @@ from pathlib import Path
 from pydicom import dcmread
 from tqdm import tqdm
 
+from compacs.service.archive_service import ArchiveService
 from compacs.service.compress import EXPLICIT_LE, NOT_A_CODEC_FAILURE, source_frames
 from compacs.service.retrieve import is_private
-from compacs.service.storage.archive import Archive, uid_hash
-from compacs.service.storage.index import STATE_PARKED, Index, Instance
+from compacs.service.storage.archive import uid_hash
+from compacs.service.storage.index import Instance
+from compacs.service.storage.schema import STATE_PARKED
 from compacs.service.transcode import transcode
 from compacs.service.validate import is_valid_uid
 
 log = logging.getLogger("compacs.maintenance")
-
-
-@dataclass
-class Store:
-    """A node's data folder opened for offline work."""
-
-    archive: Archive
-    index: Index
-
-    @classmethod
-    def open(cls, data_dir: Path, index_url: str) -> Store:
-        if not (data_dir / "archive").is_dir():
-            raise FileNotFoundError(
-                f"{data_dir}: no compacs archive here (expected {data_dir / 'archive'}); "
-                "give the --data folder that `compacs serve` used"
-            )
-        return cls(Archive(data_dir / "archive"), Index.open(index_url))
 
 
 AS_STORED = "stored"  # export target: the stored bytes (our private syntaxes decoded)
@@ -64,7 +49,11 @@ class ExportReport:
 
 
 def export(
-    store: Store, instances: list[Instance], out_dir: Path, target: str, progress: bool = True
+    service: ArchiveService,
+    instances: list[Instance],
+    out_dir: Path,
+    target: str,
+    progress: bool = True,
 ) -> ExportReport:
     """Write each instance as a Part-10 file <out>/<study>/<series>/<sop>.dcm in `target`
     (a transfer syntax UID, or AS_STORED), going on past the ones that fail.
@@ -75,7 +64,7 @@ def export(
     report = ExportReport()
     for inst in tqdm(instances, desc="export", unit="obj", disable=not progress):
         try:
-            data = store.archive.read(inst.blob_path, inst.checksum)
+            data = service.read_instance(inst)
             if target != AS_STORED:
                 data = transcode(data, target)
             elif is_private(inst.stored_transfer_syntax):
@@ -93,7 +82,7 @@ def export(
         except BaseException as exc:
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
-            report.failures.append(Failure(inst.sop_instance_uid, inst.blob_path, _reason(exc)))
+            report.failures.append(Failure(inst.sop_instance_uid, inst.blob.path, _reason(exc)))
     return report
 
 
@@ -107,33 +96,35 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def verify(store: Store, progress: bool = True) -> list[str]:
+def verify(service: ArchiveService, progress: bool = True) -> list[str]:
     """Every problem found: bad checksums, undecodable blobs, missing blobs, orphans, and the
-    objects the index flags (kept although non-conformant) or parked (compression failed)."""
+    objects the index flags (kept although non-conformant) or parked (compression failed).
+    A file younger than a claim's lease may be a live node's write in progress: not an
+    orphan yet."""
     failures: list[str] = []
-    instances = store.index.instances()
-    referenced = set()
-    for inst in tqdm(instances, desc="verify", unit="obj", disable=not progress):
-        referenced.add(inst.blob_path)
+    for inst in tqdm(service.index.instances(), desc="verify", unit="obj", disable=not progress):
         try:
-            data = store.archive.read(inst.blob_path, inst.checksum)
-            ds = dcmread(BytesIO(data))
+            ds = dcmread(BytesIO(service.read_instance(inst)))
             if "PixelData" in ds:
                 source_frames(ds)
         except BaseException as exc:
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
             failures.append(
-                str(Failure(inst.sop_instance_uid, inst.blob_path, _verify_reason(exc)))
+                str(Failure(inst.sop_instance_uid, inst.blob.path, _verify_reason(exc)))
             )
-    for problem in store.index.problems():
+    for problem in service.index.problems():
         where = f"SOP {problem.sop_instance_uid} ({problem.blob_path})"
         if problem.state == STATE_PARKED:
             failures.append(f"{where}: parked, compression failed: {problem.last_error}")
         if problem.defects:
             failures.append(f"{where}: kept as received, flagged: {problem.defects}")
+    known = service.index.blob_paths()
+    young = service.config.ingest.lease_seconds
     failures.extend(
-        f"orphan blob {path}: on disk but in no index row" for path in _orphans(store, referenced)
+        f"orphan blob {path}: on disk but in no index row"
+        for path in service.archive.blobs(older_than=young)
+        if path not in known
     )
     return failures
 
@@ -142,7 +133,3 @@ def _verify_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):  # a missing blob, a checksum mismatch, an I/O error
         return _reason(exc) if isinstance(exc, FileNotFoundError) else str(exc)
     return f"does not decode: {_reason(exc)}"
-
-
-def _orphans(store: Store, referenced: set[str]) -> Iterable[str]:
-    return (p for p in store.archive.all_blobs() if p not in referenced)

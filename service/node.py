@@ -1,8 +1,8 @@
-"""The running node: opens the archive and index, recovers, serves, and stops cleanly.
+"""The running node: opens the archive service, listens, recovers, and stops cleanly.
 
 SIGTERM and SIGINT stop the listener first, let in-flight associations finish their
 stores, let running compression jobs finish, and exit 0; objects still waiting for
-compression stay pending and resume at the next start.
+compression stay pending (released for any process) and resume at the next start.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import signal
 import threading
 import time
 
+from compacs.service.archive_service import ArchiveService, redact
 from compacs.service.config import NodeConfig
 from compacs.service.dimse import scp, settings
-from compacs.service.ingest import Ingest
-from compacs.service.storage.archive import Archive
-from compacs.service.storage.index import Index
 
 log = logging.getLogger("compacs.node")
 
@@ -25,31 +23,29 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         settings.apply(config)
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.archive = Archive(config.data_dir / "archive")
-        self.index = Index.open(config.effective_index_url)
-        self.ingest = Ingest(config, self.archive, self.index)
+        self.service = ArchiveService.open(config, jobs=True, create=True)
         self.ae = scp.build_ae(config)
         self.server = None
         self._stop = threading.Event()
 
     def start(self) -> None:
-        self.ingest.recover()
-        for leftover in (self.config.data_dir / "spool").glob("spool-*.dcm"):
-            leftover.unlink(missing_ok=True)  # data sets a crash cut off: never acknowledged
+        # Listen first: owning the port is what makes this node's previous claims its own
+        # to take over (archive_service.owner_name).
         self.server = self.ae.start_server(
             (self.config.host, self.config.port),
             block=False,
-            evt_handlers=scp.handlers(self.ingest, self.index),
+            evt_handlers=scp.handlers(self.service),
             contexts=scp.server_contexts(self.ae),
         )
+        self.service.recover()
+        self.service.start_housekeeping()
         log.info(
             "compacs %s listening on %s:%d, data in %s, index %s, %d compression worker(s)",
             self.config.ae_title,
             self.config.host,
             self.config.port,
             self.config.data_dir,
-            _redact(self.config.effective_index_url),
+            redact(self.config.effective_index_url),
             self.config.effective_workers,
         )
         log.info("access: %s", self.config.access.describe())
@@ -68,8 +64,7 @@ class Node:
                 a.is_established for a in self.server.active_associations
             ):
                 time.sleep(0.05)
-        self.ingest.shutdown()
-        self.index.close()
+        self.service.close()
         log.info("compacs stopped")
 
     def run_until_signalled(self) -> None:
@@ -80,12 +75,3 @@ class Node:
             pass
         log.info("stop requested: finishing in-flight stores")
         self.stop()
-
-
-def _redact(url: str) -> str:
-    """Index URL for the log, without a password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url

@@ -1,5 +1,6 @@
-"""Where a C-GET or C-MOVE is answered: pick the instances, and give each one in a syntax the
-peer accepted (invariant 4).
+"""What a C-GET or C-MOVE retrieves: the instances it names, and each one made ready in a
+syntax the peer accepted (invariant 4). The sub-operations themselves, on the wire, are
+dimse/suboperations.py's.
 
 The stored bytes pass through when the peer accepted the stored syntax; otherwise the
 object is decoded and, if the peer accepted one, re-encoded into a compressed syntax
@@ -10,45 +11,24 @@ of the study.
 
 from __future__ import annotations
 
-import logging
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from io import BytesIO
-from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
-from pynetdicom import evt
-from pynetdicom.presentation import PresentationContext, build_context
 
 from compacs.codecs import registry
 from compacs.service import wire
-from compacs.service.dimse import bulk_store
-from compacs.service.dimse.bulk_store import bulk_stores
-from compacs.service.dimse.polling import fast_polling, poll_fast
 from compacs.service.query import UNIQUE_KEYS
-from compacs.service.storage.archive import Archive
 from compacs.service.storage.index import Index, Instance
 from compacs.service.transcode import NATIVE_SYNTAXES, TranscodeError, transcode_dataset
-
-log = logging.getLogger("compacs.retrieve")
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 JPEG_LS = "1.2.840.10008.1.2.4.80"
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_UNKNOWN_DESTINATION = 0xA801
 STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_UNABLE_TO_PROCESS = 0xC000
-# Instances read and decoded ahead of the one being sent (memory holds READ_AHEAD + 1).
-READ_AHEAD = 1
-MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
 LEVEL_KEYS = UNIQUE_KEYS  # a retrieve names its instances by the unique keys of each level
 
@@ -134,25 +114,18 @@ def matching_instances(index: Index, identifier: Dataset) -> list[Instance]:
     )
 
 
-def failed_suboperation(inst: Instance) -> Dataset:
-    """A dataset pynetdicom cannot send (no context has this syntax): it counts the
-    sub-operation as failed and lists the SOP Instance UID, as PS3.4 C.4.2.3.1 asks."""
-    ds = Dataset()
-    ds.SOPClassUID = inst.sop_class_uid
-    ds.SOPInstanceUID = inst.sop_instance_uid
-    ds.file_meta = Dataset()
-    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.999")  # no peer accepts it
-    return ds
-
-
-def prepare(archive: Archive, inst: Instance, accepted: list[str]) -> Dataset:
-    """Read one instance and give it in the best syntax the peer accepted: as a
-    wire.WireInstance (stored bytes, maybe with decoded pixels spliced in) where that is
-    safe, else as a transcoded Dataset."""
+def prepare(
+    read: Callable[[Instance], bytes], inst: Instance, accepted: list[str], fast: bool = True
+) -> Dataset:
+    """Read one instance (`read`: the archive service's) and give it in the best syntax
+    the peer accepted: with `fast`, as a wire.WireInstance (stored bytes, maybe with decoded
+    pixels spliced in) where that is safe, else as a transcoded Dataset."""
     target = choose_syntax(inst, accepted)
     if target is None:
         raise TranscodeError(f"the peer accepted none of {candidate_syntaxes(inst)}")
-    blob = archive.read(inst.blob_path, inst.checksum)
+    blob = read(inst)
+    if not fast:
+        return transcode_dataset(dcmread(BytesIO(blob)), target)
     if target == inst.stored_transfer_syntax:
         return wire.as_stored(blob, inst.sop_class_uid, inst.sop_instance_uid, target)
     if target == EXPLICIT_LE:
@@ -160,80 +133,3 @@ def prepare(archive: Archive, inst: Instance, accepted: list[str]) -> Dataset:
         if spliced is not None:
             return spliced
     return transcode_dataset(dcmread(BytesIO(blob)), target)
-
-
-def accepted_for(contexts: list[PresentationContext], sop_class: str, role: str) -> list[str]:
-    """Accepted syntaxes for `sop_class` in which we may send (role 'scu'), peer's order first."""
-    found = []
-    for cx in sorted(contexts, key=lambda c: c.context_id or 0):
-        if cx.abstract_syntax == sop_class and getattr(cx, f"as_{role}"):
-            found.extend(str(ts) for ts in cx.transfer_syntax)
-    return found
-
-
-@dataclass
-class SubAssociation:
-    """Filled by the sub-association's EVT_ACCEPTED, so the C-MOVE generator can see which
-    syntaxes the move destination accepted."""
-
-    assoc: Any = None
-    contexts: list[PresentationContext] = field(default_factory=list)
-
-    def on_accepted(self, event: evt.Event) -> None:
-        self.assoc = event.assoc
-        poll_fast(event.assoc)  # lives only for this C-MOVE
-        bulk_store.enable(event.assoc)
-        self.contexts = list(event.assoc.accepted_contexts)
-
-
-def move_contexts(instances: list[Instance]) -> list[PresentationContext]:
-    """One context per (SOP class, syntax): peers such as Orthanc pick uncompressed when one
-    context offers several syntaxes. Trimmed to 128 by dropping the least wanted first."""
-    wanted: list[tuple[str, str]] = []
-    for inst in instances:
-        for ts in candidate_syntaxes(inst):
-            if (inst.sop_class_uid, ts) not in wanted:
-                wanted.append((inst.sop_class_uid, ts))
-    if len(wanted) > MAX_CONTEXTS:  # keep as-stored and explicit VR LE for every class
-        essential = [w for w in wanted if w[1] == EXPLICIT_LE] + [
-            w for w in wanted if w[1] != EXPLICIT_LE
-        ]
-        wanted = essential[:MAX_CONTEXTS]
-    return [build_context(sop, ts) for sop, ts in wanted]
-
-
-def suboperations(
-    archive: Archive,
-    instances: list[Instance],
-    event: evt.Event,
-    accepted: Callable[[str], list[str]],
-) -> Iterator[tuple[int, Dataset | None]]:
-    """The (status, dataset) pairs of a C-GET/C-MOVE.
-
-    The next instance is read and decoded in a helper thread while pynetdicom sends the
-    current one (CharLS via imagecodecs releases the GIL), so at most two are in memory.
-    """
-    calling = event.assoc.requestor.ae_title
-
-    def load(inst: Instance) -> Dataset:
-        try:
-            return prepare(archive, inst, accepted(inst.sop_class_uid))
-        except Exception as exc:  # damaged blob, no common syntax, decode failure
-            log.error("retrieve of SOP %s for %s failed: %s", inst.sop_instance_uid, calling, exc)
-            return failed_suboperation(inst)
-
-    with (
-        fast_polling(event.assoc),
-        bulk_stores(event.assoc),
-        ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="retrieve") as loader,
-    ):
-        upcoming = deque(loader.submit(load, inst) for inst in instances[:READ_AHEAD])
-        for i in range(len(instances)):
-            ds = upcoming.popleft().result()
-            if i + READ_AHEAD < len(instances):
-                upcoming.append(loader.submit(load, instances[i + READ_AHEAD]))
-            if event.is_cancelled:
-                log.info("retrieve cancelled by %s", calling)
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, ds

@@ -6,6 +6,7 @@ caught by its checksum (invariant 5).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -109,5 +110,9 @@ def test_checksum_catches_a_damaged_blob(
     assert "checksum mismatch" in res.stdout and "1 problem" in res.stdout
     orphan = compacs_node.data_dir / "archive" / "hot" / "stray.dcm"
     orphan.write_bytes(b"x")
+    res = compacs_node.verify()
+    assert "orphan" not in res.stdout  # young: it could be a live node's write in progress
+    old = time.time() - 3600
+    os.utime(orphan, (old, old))
     res = compacs_node.verify()
     assert "orphan blob hot/stray.dcm" in res.stdout and "2 problem" in res.stdout

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as S
 from rawfind import RawFindSCU
 
 from compacs.service.query import QueryError, find, find_encoded
-from compacs.service.storage.index import Index
+from compacs.service.storage.index import Index, NewBlob
 
 # Partial dates ("2020") and ACR-NEMA dates are lenient extensions: pydicom warns on them.
 pytestmark = [
@@ -105,12 +105,13 @@ def fill(index: Index) -> Uids:
                     uids.instances.setdefault(series_uid, []).append(ds.SOPInstanceUID)
                     index.add_received(
                         ds,
+                        NewBlob(f"x/{ds.SOPInstanceUID}.dcm", 1000, "0"),
+                        None,
+                        None,
                         received_transfer_syntax="1.2.840.10008.1.2.1",
                         received_size=1000,
                         stored_transfer_syntax="1.2.840.10008.1.2.1",
                         stored_size=1000,
-                        blob_path=f"x/{ds.SOPInstanceUID}.dcm",
-                        checksum="0",
                     )
     return uids
 
@@ -124,7 +125,7 @@ def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def filled(index_url: str) -> Iterator[tuple[Index, Uids]]:
-    index = Index.open(index_url)
+    index = Index.open(index_url, create=True)
     try:
         yield index, fill(index)
     finally:
@@ -419,7 +420,7 @@ def test_encoded_answers_are_the_bytes_pydicom_writes(
     ],
 )
 def test_bad_requests(tmp_path: Path, model: str, keys: dict[str, str], needle: str) -> None:
-    index = Index.open(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    index = Index.open(f"sqlite:///{tmp_path / 'index.sqlite'}", create=True)
     with pytest.raises(QueryError) as err:
         find(index, wire(**keys), model)  # raised before the first answer is asked for
     assert err.value.status == 0xA900 and needle in err.value.reason

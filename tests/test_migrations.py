@@ -10,7 +10,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy import create_engine, select, text
 
 from compacs.service.query import find
-from compacs.service.storage.index import Index, Series, migrate
+from compacs.service.storage.index import Blob, Index, Instance, NewBlob, Series
+from compacs.service.storage.schema import IndexOutOfDate, check_revision, migrate
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -56,7 +57,8 @@ def test_0002_counts_the_instances_already_indexed(url: str) -> None:
             )
     engine.dispose()
 
-    index = Index.open(url)  # upgrades to head
+    migrate(create_engine(url))  # what `compacs db upgrade` does
+    index = Index.open(url)
     try:
         with index.reading() as s:
             counts = s.execute(select(Series.series_instance_uid, Series.instance_count)).all()
@@ -70,12 +72,13 @@ def test_0002_counts_the_instances_already_indexed(url: str) -> None:
         )
         index.add_received(
             ds,
+            NewBlob("z", 10, "0"),
+            None,
+            None,
             received_transfer_syntax="1.2.840.10008.1.2.1",
             received_size=10,
             stored_transfer_syntax="1.2.840.10008.1.2.1",
             stored_size=10,
-            blob_path="z",
-            checksum="0",
         )
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
@@ -85,3 +88,73 @@ def test_0002_counts_the_instances_already_indexed(url: str) -> None:
         assert answer.NumberOfStudyRelatedInstances == 5
     finally:
         index.close()
+
+
+def test_0004_turns_blob_paths_into_blob_rows_and_references(url: str) -> None:
+    """A 0003 index holding a pending and a stored instance: after the upgrade each has a
+    blob row with its path, size and checksum, a reference to it, version 0 and no claim."""
+    engine = create_engine(url)
+    migrate(engine, "0003")
+    rows = [
+        ("1.2.3.9.1", "stored", "hot/ab/x/y/one-1.dcm", "sha256:aa", 100),
+        ("1.2.3.9.2", "pending", "incoming/two-2.dcm", "sha256:bb", 200),
+    ]
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO patient (patient_id) VALUES ('P9')"))
+        conn.execute(
+            text(
+                "INSERT INTO study (study_instance_uid, patient_pk, created_at)"
+                " SELECT '1.2.3.9', id, CURRENT_TIMESTAMP FROM patient"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO series (series_instance_uid, study_pk, created_at, instance_count)"
+                " SELECT '1.2.3.9.0', id, CURRENT_TIMESTAMP, 2 FROM study"
+            )
+        )
+        for uid, state, path, digest, size in rows:
+            conn.execute(
+                text(
+                    "INSERT INTO instance (sop_instance_uid, series_pk, sop_class_uid,"
+                    " received_transfer_syntax, received_size, state, stored_transfer_syntax,"
+                    " stored_size, blob_path, checksum, tier, received_at, attempts)"
+                    " SELECT :uid, id, '1.2.840.10008.5.1.4.1.1.2', '1.2.840.10008.1.2.1',"
+                    " :size, :state, '1.2.840.10008.1.2.1', :size, :path, :digest, 'hot',"
+                    " CURRENT_TIMESTAMP, 0 FROM series"
+                ),
+                {"uid": uid, "state": state, "path": path, "digest": digest, "size": size},
+            )
+    with pytest.raises(IndexOutOfDate, match="compacs db upgrade"):
+        check_revision(engine, "test")
+    migrate(engine)
+    engine.dispose()
+    index = Index.open(url)
+    try:
+        got = {
+            inst.sop_instance_uid: inst
+            for inst in index.instances()  # blobs loaded with the instances
+        }
+        for uid, state, path, digest, size in rows:
+            inst = got[uid]
+            assert (inst.state, inst.blob.path, inst.blob.size, inst.blob.checksum) == (
+                state,
+                path,
+                size,
+                digest,
+            )
+            assert (inst.blob_offset, inst.blob_length, inst.checksum) == (0, size, digest)
+            assert inst.version == 0 and inst.claimed_by is None and inst.blob.tier == "hot"
+        with index.reading() as s:
+            assert s.query(Blob).count() == 2 and s.query(Instance).count() == 2
+        # the pending one is claimable, as a crashed node's would be
+        (claim,) = index.claim_pending("me", index_lease())
+        assert claim.sop_instance_uid == "1.2.3.9.2" and claim.blob_path == "incoming/two-2.dcm"
+    finally:
+        index.close()
+
+
+def index_lease():  # noqa: ANN201
+    from compacs.service.storage.index import lease
+
+    return lease(60)

@@ -1,7 +1,8 @@
 """The DICOM service class provider: which contexts we accept and the DIMSE event handlers.
 
 Handlers follow pynetdicom's event-handler API: each takes the event, hands the work to the
-module that owns it (ingest for C-STORE) and returns a status, nothing more. One exception:
+archive service (archive_service.py: C-STORE, the instances of a C-GET/C-MOVE, their bytes)
+or to the module that owns it, and returns a status, nothing more. One exception:
 handle_find hands its pending answers, as bytes, to find_responses, which sends them (for
 speed, see there), and yields only the final status.
 """
@@ -34,11 +35,16 @@ from pynetdicom.sop_class import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from compacs.service import query, retrieve
+from compacs.service.archive_service import ArchiveService
 from compacs.service.config import Access, NodeConfig
-from compacs.service.dimse import admission, find_responses, internals, receive_limits
+from compacs.service.dimse import (
+    admission,
+    find_responses,
+    internals,
+    receive_limits,
+    suboperations,
+)
 from compacs.service.dimse.admission import REJECT_CALLING_AE, Admission
-from compacs.service.ingest import Ingest
-from compacs.service.storage.index import Index
 
 log = logging.getLogger("compacs.scp")
 
@@ -93,9 +99,9 @@ def storage_sop_classes(config: NodeConfig) -> list[str]:
     return sorted(dictionary | set(_STORAGE_CLASSES.values()) | set(config.extra_sop_classes))
 
 
-def handle_store(event: evt.Event, ingest: Ingest) -> int:
+def handle_store(event: evt.Event, service: ArchiveService) -> int:
     request = event.request
-    if _refused(event, ingest.config.access, "store"):
+    if _refused(event, service.config.access, "store"):
         return STATUS_NOT_AUTHORISED
     args = (
         event.assoc.requestor.ae_title,
@@ -104,9 +110,9 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
     )
     spooled = getattr(request, "_dataset_path", None)  # receive_limits: a big data set
     if spooled is None:
-        return ingest.receive(event.encoded_dataset(), *args)
+        return service.receive(event.encoded_dataset(), *args)
     with open(spooled, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as raw:
-        return ingest.receive(raw, *args)
+        return service.receive(raw, *args)
 
 
 STATUS_NOT_AUTHORISED = 0x0124
@@ -216,18 +222,21 @@ def _failure(status: int, reason: str) -> Dataset:
 
 
 def handle_find(
-    event: evt.Event, index: Index, ae_title: str, access: Access
+    event: evt.Event, service: ArchiveService
 ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """EVT_C_FIND: one pending response per match, matched in SQL by query.find_encoded.
+    """EVT_C_FIND: one pending response per match, matched in SQL by query.
 
-    The pending responses are sent from bytes by find_responses (pynetdicom's per-answer
-    encoding cost 1.4 ms each); only the final status is yielded to pynetdicom. C-CANCEL is
-    checked before every answer (pynetdicom records it from its receive thread); a bad
-    identifier gets 0xA900/0xC000 with an Error Comment, an index failure 0xC000.
+    With the fast paths on, the pending responses are encoded straight to bytes
+    (query.find_encoded) and sent by find_responses (pynetdicom's per-answer encoding cost
+    1.4 ms each); only the final status is yielded to pynetdicom. Off, they are yielded as
+    Datasets (query.find), as pynetdicom's handler protocol has it. C-CANCEL is checked
+    before every answer (pynetdicom records it from its receive thread); a bad identifier
+    gets 0xA900/0xC000 with an Error Comment, an index failure 0xC000.
     """
+    config = service.config
     calling = event.assoc.requestor.ae_title
     model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "study")
-    if _refused(event, access, "query"):
+    if _refused(event, config.access, "query"):
         yield _failure(STATUS_NOT_AUTHORISED, "calling AE not allowed to query"), None
         return
     try:
@@ -237,11 +246,21 @@ def handle_find(
         yield _failure(query.STATUS_IDENTIFIER_MISMATCH, f"cannot decode identifier: {exc}"), None
         return
     level = query.query_level(identifier)
-    implicit_vr = str(event.context.transfer_syntax) == IMPLICIT_VR_LE
+    fast = internals.fast_paths()
     try:
-        answers = query.find_encoded(
-            index, identifier, model, implicit_vr=implicit_vr, retrieve_ae_title=ae_title
-        )
+        if fast:
+            implicit_vr = str(event.context.transfer_syntax) == IMPLICIT_VR_LE
+            answers = query.find_encoded(
+                service.index,
+                identifier,
+                model,
+                implicit_vr=implicit_vr,
+                retrieve_ae_title=config.ae_title,
+            )
+        else:
+            answers = query.find(
+                service.index, identifier, model, retrieve_ae_title=config.ae_title
+            )
     except query.QueryError as exc:
         log.warning(
             "C-FIND from %s (%s root) refused: %s (status 0x%04X)",
@@ -252,73 +271,77 @@ def handle_find(
         )
         yield _failure(exc.status, exc.reason), None
         return
-    pending = find_responses.PendingResponses(event)
+    pending = find_responses.PendingResponses(event) if fast else None
+    sent = 0
     try:
         for answer in answers:
             if event.is_cancelled:
-                pending.discard()
+                if pending is not None:
+                    pending.discard()
                 log.info(
                     "C-FIND from %s (%s root, %s level) cancelled after %d answer(s)",
                     calling,
                     model,
                     level,
-                    pending.sent,
+                    sent,
                 )
                 yield STATUS_CANCEL, None
                 return
-            pending.send(answer)
-        pending.flush()
+            if pending is not None:
+                pending.send(answer)
+            else:
+                yield STATUS_PENDING, answer
+            sent += 1
+        if pending is not None:
+            pending.flush()
     except SQLAlchemyError as exc:
-        log.error(
-            "C-FIND from %s failed after %d answer(s): index error: %s", calling, pending.sent, exc
-        )
-        with contextlib.suppress(find_responses.AssociationGone):
-            pending.flush()  # the answers found before the failure
+        log.error("C-FIND from %s failed after %d answer(s): index error: %s", calling, sent, exc)
+        if pending is not None:
+            with contextlib.suppress(find_responses.AssociationGone):
+                pending.flush()  # the answers found before the failure
         yield _failure(query.STATUS_UNABLE_TO_PROCESS, "index error"), None
         return
     except find_responses.AssociationGone:
-        log.warning("C-FIND from %s: association ended after %d answer(s)", calling, pending.sent)
+        log.warning("C-FIND from %s: association ended after %d answer(s)", calling, sent)
         return
-    log.info(
-        "C-FIND from %s (%s root, %s level): %d match(es)", calling, model, level, pending.sent
-    )
+    log.info("C-FIND from %s (%s root, %s level): %d match(es)", calling, model, level, sent)
 
 
-def _instances(event: evt.Event, ingest: Ingest, service: str) -> list:
+def _instances(event: evt.Event, service: ArchiveService, what: str) -> list:
     """The instances a C-GET/C-MOVE names; raises (pynetdicom then answers 0xC5xx/0xC4xx)."""
     calling = event.assoc.requestor.ae_title
     try:
-        instances = retrieve.matching_instances(ingest.index, event.identifier)
+        instances = service.instances_for(event.identifier)
     except retrieve.RetrieveError as exc:
-        log.warning("%s from %s refused: %s", service, calling, exc.reason)
+        log.warning("%s from %s refused: %s", what, calling, exc.reason)
         raise
-    log.info("%s from %s: %d instance(s)", service, calling, len(instances))
+    log.info("%s from %s: %d instance(s)", what, calling, len(instances))
     return instances
 
 
-def handle_get(event: evt.Event, ingest: Ingest) -> Iterator:
+def handle_get(event: evt.Event, service: ArchiveService) -> Iterator:
     """EVT_C_GET: sub-operations on the requestor's own association, in syntaxes it accepted."""
-    if _refused(event, ingest.config.access, "retrieve"):
+    if _refused(event, service.config.access, "retrieve"):
         yield _failure(STATUS_NOT_AUTHORISED, "calling AE not allowed to retrieve"), None
         return
-    instances = _instances(event, ingest, "C-GET")
+    instances = _instances(event, service, "C-GET")
     yield len(instances)
     contexts = event.assoc.accepted_contexts
-    yield from retrieve.suboperations(
-        ingest.archive,
+    yield from suboperations.suboperations(
+        service.read_instance,
         instances,
         event,
-        lambda sop_class: retrieve.accepted_for(contexts, sop_class, "scu"),
+        lambda sop_class: suboperations.accepted_for(contexts, sop_class, "scu"),
     )
 
 
-def handle_move(event: evt.Event, ingest: Ingest) -> Iterator:
+def handle_move(event: evt.Event, service: ArchiveService) -> Iterator:
     """EVT_C_MOVE: a new association to the destination from [move_destinations]. A caller
     that may not retrieve is answered 0x0124 before this runs (refuse_retrieve)."""
     calling = event.assoc.requestor.ae_title
     destination = str(event.move_destination).strip()
-    address = ingest.config.move_destinations.get(destination)
-    if address is None or _refused(event, ingest.config.access, "retrieve"):
+    address = service.config.move_destinations.get(destination)
+    if address is None or _refused(event, service.config.access, "retrieve"):
         if address is None:
             log.warning(
                 "C-MOVE from %s: unknown destination %r (add it to [move_destinations])",
@@ -327,22 +350,22 @@ def handle_move(event: evt.Event, ingest: Ingest) -> Iterator:
             )
         yield None, None  # 0xA801 Move Destination Unknown
         return
-    instances = _instances(event, ingest, "C-MOVE")
-    sub = retrieve.SubAssociation()
+    instances = _instances(event, service, "C-MOVE")
+    sub = suboperations.SubAssociation()
     yield (
         address[0],
         address[1],
         {
-            "contexts": retrieve.move_contexts(instances),
+            "contexts": suboperations.move_contexts(instances),
             "evt_handlers": [(evt.EVT_ACCEPTED, sub.on_accepted)],
         },
     )
     yield len(instances)
-    yield from retrieve.suboperations(
-        ingest.archive,
+    yield from suboperations.suboperations(
+        service.read_instance,
         instances,
         event,
-        lambda sop_class: retrieve.accepted_for(sub.contexts, sop_class, "scu"),
+        lambda sop_class: suboperations.accepted_for(sub.contexts, sop_class, "scu"),
     )
 
 
@@ -407,7 +430,10 @@ class _CheapCopyContext(PresentationContext):
 
 
 def server_contexts(ae: AE) -> list[PresentationContext]:
-    """The AE's supported contexts, as cheaply copyable ones for `start_server`."""
+    """The AE's supported contexts, as cheaply copyable ones for `start_server` (with the
+    fast paths on: the copy relies on PresentationContext's attributes in 3.0.4)."""
+    if not internals.fast_paths():
+        return ae.supported_contexts
     return [_CheapCopyContext.of(cx) for cx in ae.supported_contexts]
 
 
@@ -430,15 +456,15 @@ def build_ae(config: NodeConfig) -> AE:
     return ae
 
 
-def handlers(ingest: Ingest, index: Index) -> list:
-    config = ingest.config
+def handlers(service: ArchiveService) -> list:
+    config = service.config
     gate = Admission(config.limits)  # one per server: it counts all of its associations
     return [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [ingest]),
-        (evt.EVT_C_FIND, handle_find, [index, config.ae_title, config.access]),
-        (evt.EVT_C_GET, handle_get, [ingest]),
-        (evt.EVT_C_MOVE, handle_move, [ingest]),
+        (evt.EVT_C_STORE, handle_store, [service]),
+        (evt.EVT_C_FIND, handle_find, [service]),
+        (evt.EVT_C_GET, handle_get, [service]),
+        (evt.EVT_C_MOVE, handle_move, [service]),
         (evt.EVT_CONN_OPEN, handle_conn_open, [config, gate]),
         (evt.EVT_REQUESTED, handle_requested, [config.access, gate]),
         (evt.EVT_ACCEPTED, handle_accepted, [config.access, gate]),

@@ -5,15 +5,24 @@ archive knows files and bytes, the index knows DICOM. Paths are built from hashe
 so no string a peer sends ever becomes part of a path.
 
 Layout under the archive root:
-    incoming/<sop>.dcm                  objects as received, until compressed
-    <tier>/<ab>/<study>/<series>/<sop>.dcm   stored objects (tier: hot, later cold)
-    tmp/                                 temp files of writes in progress (wiped at start)
+    incoming/<sop>-<token>.dcm                   objects as received, until compressed
+    <tier>/<ab>/<study>/<series>/<sop>-<token>.dcm   stored objects (tier: hot, later cold)
+    tmp/                                          temp files of writes in progress
+
+Every write goes to a fresh path (the token is new for each received version and each
+compression attempt), so two processes never write, or delete, the same file. Which files
+are still wanted is the index's to say; the archive only tells how old a file is, so that
+recovery removes what a crash left half-done and never what another live process is
+writing (younger than any lease).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 HASH_CHARS = 32
@@ -21,6 +30,11 @@ HASH_CHARS = 32
 
 class ChecksumError(IOError):
     """A blob's bytes no longer match the checksum recorded when it was written."""
+
+
+def new_token() -> str:
+    """A fresh name part for each write: no two writes, in any process, share a path."""
+    return uuid.uuid4().hex[:16]
 
 
 def uid_hash(uid: str) -> str:
@@ -49,13 +63,16 @@ class Archive:
 
     # --- paths (relative to root, as the index records them) ---
     @staticmethod
-    def incoming_path(sop_uid: str) -> str:
-        return f"incoming/{uid_hash(sop_uid)}.dcm"
+    def incoming_path(sop_uid: str, token: str) -> str:
+        return f"incoming/{uid_hash(sop_uid)}-{token}.dcm"
 
     @staticmethod
-    def stored_path(study_uid: str, series_uid: str, sop_uid: str, tier: str = "hot") -> str:
+    def stored_path(
+        study_uid: str, series_uid: str, sop_uid: str, token: str, tier: str = "hot"
+    ) -> str:
         study = uid_hash(study_uid)
-        return f"{tier}/{study[:2]}/{study}/{uid_hash(series_uid)}/{uid_hash(sop_uid)}.dcm"
+        name = f"{uid_hash(sop_uid)}-{token}.dcm"
+        return f"{tier}/{study[:2]}/{study}/{uid_hash(series_uid)}/{name}"
 
     def abspath(self, relpath: str) -> Path:
         return self.root / relpath
@@ -106,26 +123,45 @@ class Archive:
             raise ChecksumError(f"{relpath}: checksum mismatch (expected {expected_checksum})")
         return data
 
+    def read_range(self, relpath: str, offset: int, length: int, expected_checksum: str) -> bytes:
+        """The `length` bytes at `offset` of a blob (one instance of a volume blob, or a whole
+        Part-10 blob), checked against the checksum recorded for that part."""
+        with open(self.abspath(relpath), "rb") as file:
+            file.seek(offset)
+            data = file.read(length)
+        if len(data) != length:
+            raise ChecksumError(f"{relpath}: {len(data)} bytes at {offset}, expected {length}")
+        if checksum(data) != expected_checksum:
+            raise ChecksumError(f"{relpath}: checksum mismatch (expected {expected_checksum})")
+        return data
+
     def delete(self, relpath: str) -> None:
         self.abspath(relpath).unlink(missing_ok=True)
 
-    def clean_tmp(self) -> int:
-        """Remove temp files left by writes a crash interrupted; they were never acknowledged."""
+    def clean_tmp(self, older_than: float) -> int:
+        """Remove temp files of writes a crash interrupted (never acknowledged), those older
+        than `older_than` seconds: younger ones may be another live process' writes."""
         count = 0
         for leftover in self.tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-            count += 1
+            if age(leftover) > older_than:
+                leftover.unlink(missing_ok=True)
+                count += 1
         return count
 
-    def incoming_files(self) -> list[str]:
-        return sorted(f"incoming/{p.name}" for p in (self.root / "incoming").iterdir())
-
-    def all_blobs(self) -> list[str]:
-        """Every blob on disk (relative paths), for verify's orphan check."""
-        found = []
+    def blobs(self, older_than: float = 0.0) -> Iterator[str]:
+        """Blob files on disk (relative paths) at least `older_than` seconds old."""
         for dirpath, _dirs, files in os.walk(self.root):
             rel = Path(dirpath).relative_to(self.root)
             if rel.parts[:1] == ("tmp",):
                 continue
-            found.extend(str(rel / name) for name in files if name.endswith(".dcm"))
-        return sorted(found)
+            for name in files:
+                if name.endswith(".dcm") and age(Path(dirpath) / name) >= older_than:
+                    yield str(rel / name)
+
+
+def age(path: Path) -> float:
+    """Seconds since the file was last written (0 when it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

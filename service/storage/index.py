@@ -1,12 +1,12 @@
-"""The SQL index: patients, studies, series, instances and an audit trail.
+"""The SQL index: what the archive holds, where each instance's bytes are, and who is
+compressing what (schema.py has the tables and why they look as they do).
 
-SQLAlchemy 2 with portable types only, so the same code runs on SQLite (the embedded
-default, WAL) and PostgreSQL (at scale). The schema is owned by the Alembic migrations in
-`migrations/`; `Index.open` brings any database up to the newest revision.
-
-One node process is one writer: writes go through a lock, which on SQLite avoids the
-3-25 ms lock waits measured with concurrent writers, and on PostgreSQL avoids the
-duplicate-key races of two associations creating the same study at once.
+Several processes may share one index (PostgreSQL; SQLite on one machine): every change
+that others may race is a compare-and-swap (an instance's version, a claim's owner), a
+conditional update, or an insert whose unique-key conflict is taken as "someone else was
+first". Within one process, writes go through a lock: on SQLite that avoids the 3-25 ms
+lock waits measured with concurrent writers. SQLite write transactions begin IMMEDIATE, so
+that a transaction never has to upgrade a read snapshot another process has outdated.
 """
 
 from __future__ import annotations
@@ -14,45 +14,76 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
-from importlib import resources
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
-    BigInteger,
-    DateTime,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
+    Connection,
     bindparam,
     create_engine,
     event,
     func,
+    insert,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import (
-    DeclarativeBase,
-    Mapped,
-    Session,
-    joinedload,
-    mapped_column,
-    relationship,
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, joinedload
+
+from compacs.service.storage.schema import (
+    KIND_INSTANCE,
+    STATE_PARKED,
+    STATE_PENDING,
+    STATE_STORED,
+    AuditEvent,
+    Blob,
+    Instance,
+    Patient,
+    Series,
+    Study,
+    check_revision,
+    is_empty,
+    migrate,
+    utcnow,
 )
 
-STATE_PENDING = "pending"  # acknowledged, durable as received, compression not yet done
-STATE_STORED = "stored"  # in its final stored form
-STATE_PARKED = "parked"  # compression failed [ingest] max_attempts times: kept as received
+__all__ = ["Index", "Instance", "Patient", "Series", "Study", "Blob"]
 
 
 class ReceivedVersion(NamedTuple):
+    """What is held for a SOP Instance UID, to tell a re-send from a new object."""
+
+    instance_id: int
+    version: int
     received_hash: str | None
     received_transfer_syntax: str
+    blob_pk: int
+
+
+@dataclass(frozen=True)
+class NewBlob:
+    """A blob just written durably, to be indexed."""
+
+    path: str
+    size: int
+    checksum: str
+    tier: str = "hot"
+    kind: str = KIND_INSTANCE
+
+
+class Claim(NamedTuple):
+    """A pending instance this process compresses: what the job needs, and the version the
+    result must still find."""
+
+    instance_id: int
+    sop_instance_uid: str
+    version: int
     blob_path: str
+    checksum: str
+    calling_ae: str | None
+    study_instance_uid: str
+    series_instance_uid: str
 
 
 class Problem(NamedTuple):
@@ -65,130 +96,33 @@ class Problem(NamedTuple):
     last_error: str | None
 
 
-class PendingObject(NamedTuple):
-    sop_instance_uid: str
-    blob_path: str
-    checksum: str
-    calling_ae: str | None
-    study_instance_uid: str
-    series_instance_uid: str
+class DuplicateInstance(Exception):
+    """Another association or process indexed this SOP Instance UID first."""
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Patient(Base):
-    __tablename__ = "patient"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
-    patient_name: Mapped[str | None] = mapped_column(Text)
-    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
-    patient_sex: Mapped[str | None] = mapped_column(String(16))
-    studies: Mapped[list[Study]] = relationship(back_populates="patient")
-
-
-class Study(Base):
-    __tablename__ = "study"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
-    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
-    study_time: Mapped[str | None] = mapped_column(String(16))
-    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
-    study_id: Mapped[str | None] = mapped_column(String(64))
-    study_description: Mapped[str | None] = mapped_column(Text)
-    referring_physician_name: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    patient: Mapped[Patient] = relationship(back_populates="studies")
-    series: Mapped[list[Series]] = relationship(back_populates="study")
-
-
-class Series(Base):
-    __tablename__ = "series"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
-    modality: Mapped[str | None] = mapped_column(String(16), index=True)
-    series_number: Mapped[int | None] = mapped_column(Integer)
-    series_description: Mapped[str | None] = mapped_column(Text)
-    body_part_examined: Mapped[str | None] = mapped_column(String(64))
-    # kept by add_received (rows are never deleted): C-FIND's instance counts read it
-    instance_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    study: Mapped[Study] = relationship(back_populates="series")
-    instances: Mapped[list[Instance]] = relationship(back_populates="series")
-
-
-class Instance(Base):
-    __tablename__ = "instance"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    instance_number: Mapped[int | None] = mapped_column(Integer)
-    rows: Mapped[int | None] = mapped_column(Integer)
-    columns: Mapped[int | None] = mapped_column(Integer)
-    bits_stored: Mapped[int | None] = mapped_column(Integer)
-    number_of_frames: Mapped[int | None] = mapped_column(Integer)
-    calling_ae: Mapped[str | None] = mapped_column(String(16))
-    # As received: the syntax and a hash of the data set (without its file meta group), to
-    # tell a harmless re-send from a changed one.
-    received_transfer_syntax: Mapped[str] = mapped_column(String(64))
-    received_size: Mapped[int] = mapped_column(BigInteger)
-    received_hash: Mapped[str | None] = mapped_column(String(80))
-    # Why the object is kept as received although non-conformant (validate.Defect texts and
-    # undecodable pixel data), "; "-joined; NULL when nothing was found.
-    defects: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    last_error: Mapped[str | None] = mapped_column(Text)
-    # As stored: while pending, the blob is the received object under incoming/.
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    stored_transfer_syntax: Mapped[str] = mapped_column(String(64))
-    codec: Mapped[str | None] = mapped_column(String(32), index=True)
-    stored_size: Mapped[int] = mapped_column(BigInteger)
-    blob_path: Mapped[str] = mapped_column(String(255))
-    checksum: Mapped[str] = mapped_column(String(80))
-    tier: Mapped[str] = mapped_column(String(16), default="hot")
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    stored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    series: Mapped[Series] = relationship(back_populates="instances")
-
-
-# Built once: add_received runs it for every instance, on the acknowledgement's path.
-_COUNT_INSTANCE = (
+_COUNT_INSTANCE = (  # built once: add_received runs it for every instance
     update(Series)
     .where(Series.id == bindparam("pk"))
     .values(instance_count=Series.instance_count + 1)
 )
+_INSTANCE = Instance.__table__
+_BLOB = Blob.__table__
 
 
-class AuditEvent(Base):
-    __tablename__ = "audit_event"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    kind: Mapped[str] = mapped_column(String(32), index=True)
-    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    calling_ae: Mapped[str | None] = mapped_column(String(16))
-    detail: Mapped[str | None] = mapped_column(Text)
+def _text(ds: Any, keyword: str, limit: int | None = None) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    text = str(value).strip().replace("\x00", "")
+    return text[:limit] if limit else text
 
 
-def _get_or_add(
-    s: Session, model: type, key: Any, value: str, values: dict[str, Any], update: bool
-) -> Any:
-    row = s.scalar(select(model).where(key == value))
-    if row is None:
-        row = model(**{key.key: value}, **values)
-        s.add(row)
-    elif update:
-        for name, new in values.items():
-            setattr(row, name, new)
-    s.flush()
-    return row
+def _int(ds: Any, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _uid(ds: Any, keyword: str) -> str:
@@ -210,57 +144,59 @@ def _instance_values(ds: Any) -> dict[str, Any]:
     }
 
 
-def _text(ds: Any, keyword: str, limit: int | None = None) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    text = str(value).strip().replace("\x00", "")
-    return text[:limit] if limit else text
-
-
-def _int(ds: Any, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the database schema to the newest Alembic revision (or to `revision`)."""
-    cfg = AlembicConfig()
-    cfg.set_main_option(
-        "script_location", str(resources.files("compacs.service.storage").joinpath("migrations"))
-    )
-    with engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, revision)
+def _blob_values(blob: NewBlob) -> dict[str, Any]:
+    return {
+        "tier": blob.tier,
+        "path": blob.path,
+        "kind": blob.kind,
+        "size": blob.size,
+        "checksum": blob.checksum,
+        "created_at": utcnow(),
+    }
 
 
 class Index:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.write_lock = threading.Lock()
         self._series_pks: dict[str, int] = {}  # series UID -> row id; rows are never deleted
 
     @classmethod
-    def open(cls, url: str, *, upgrade: bool = True) -> Index:
+    def open(cls, url: str, *, create: bool = False, check: str | None = "the index") -> Index:
+        """Open the index. `create`: give an empty database the schema (`compacs serve`,
+        tests); unless `check` is None, refuse an index at another schema revision
+        (schema.check_revision says what to run)."""
         engine = create_engine(url, pool_pre_ping=True)
         if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas)
-        if upgrade:
-            migrate(engine)
+            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "begin", _sqlite_begin)
+        try:
+            if create and is_empty(engine):
+                migrate(engine)
+            if check is not None:
+                check_revision(engine, check)
+        except Exception:
+            engine.dispose()
+            raise
         return cls(engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One serialised write transaction (IMMEDIATE on SQLite), committed on success."""
+        with self.write_lock, self.engine.connect() as conn:
+            conn.info["immediate"] = True
+            with conn.begin():
+                yield conn
+
+    @contextmanager
     def writing(self) -> Iterator[Session]:
-        """One serialised write transaction, committed on success."""
-        with self.write_lock, Session(self.engine, expire_on_commit=False) as session:
-            yield session
-            session.commit()
+        """The same, as an ORM session."""
+        with self._write() as conn, Session(bind=conn, expire_on_commit=False) as s:
+            yield s
+            s.flush()
 
     def reading(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -268,105 +204,305 @@ class Index:
     # --- ingest (hot path: SQLAlchemy Core, cached parent rows; the ORM cost more CPU per
     # image than receiving it did, measured with py-spy) ---
     def received_version(self, sop_uid: str) -> ReceivedVersion | None:
-        """What is held for a SOP Instance UID, to tell a re-send from a new object."""
-        table = Instance.__table__
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(
-                    table.c.received_hash, table.c.received_transfer_syntax, table.c.blob_path
-                ).where(table.c.sop_instance_uid == sop_uid)
+                    _INSTANCE.c.id,
+                    _INSTANCE.c.version,
+                    _INSTANCE.c.received_hash,
+                    _INSTANCE.c.received_transfer_syntax,
+                    _INSTANCE.c.blob_pk,
+                ).where(_INSTANCE.c.sop_instance_uid == sop_uid)
             ).first()
         return ReceivedVersion(*row) if row else None
 
-    def add_received(self, ds: Any, **fields: Any) -> None:
-        """Index a newly received object (state pending), creating its patient/study/series."""
+    def add_received(
+        self, ds: Any, blob: NewBlob, owner: str | None, lease_until: datetime | None, **fields: Any
+    ) -> int:
+        """Index a newly received object and its blob, claimed by `owner` while pending;
+        raises DuplicateInstance when its SOP Instance UID was indexed meanwhile."""
         series_uid = _uid(ds, "SeriesInstanceUID")
-        with self.write_lock:
-            series_pk = self._series_pks.get(series_uid)
-            if series_pk is None:
-                with Session(self.engine) as s:
-                    series_pk = self._series_for(s, ds).id
-                    s.commit()
-                self._series_pks[series_uid] = series_pk
-            with self.engine.begin() as conn:
-                conn.execute(
-                    Instance.__table__.insert().values(
-                        series_pk=series_pk,
-                        **{"state": STATE_PENDING, **_instance_values(ds), **fields},
-                    )
-                )
+        try:
+            with self._write() as conn:
+                series_pk = self._series_pks.get(series_uid)
+                if series_pk is None:
+                    series_pk = self._series_for(conn, ds)
+                blob_pk = conn.execute(
+                    insert(_BLOB).values(**_blob_values(blob))
+                ).inserted_primary_key[0]
+                values = {
+                    "state": STATE_PENDING,
+                    **_instance_values(ds),
+                    "series_pk": series_pk,
+                    "blob_pk": blob_pk,
+                    "blob_offset": 0,
+                    "blob_length": blob.size,
+                    "checksum": blob.checksum,
+                    "claimed_by": owner,
+                    "lease_until": lease_until,
+                    **fields,
+                }
+                instance_pk = conn.execute(insert(_INSTANCE).values(**values)).inserted_primary_key[
+                    0
+                ]
                 conn.execute(_COUNT_INSTANCE, {"pk": series_pk})
+        except IntegrityError as exc:
+            if self.received_version(_uid(ds, "SOPInstanceUID")) is not None:
+                raise DuplicateInstance(str(exc.orig)) from exc
+            raise
+        self._series_pks[series_uid] = series_pk
+        return instance_pk
 
-    def replace_received(self, ds: Any, **fields: Any) -> None:
-        """Point an existing instance at a newly received version (on_duplicate = replace).
+    def replace_received(
+        self,
+        ds: Any,
+        expected: ReceivedVersion,
+        blob: NewBlob,
+        owner: str | None,
+        lease_until: datetime | None,
+        **fields: Any,
+    ) -> bool:
+        """Point an existing instance at a newly received version (on_duplicate = replace);
+        False if it changed since `expected` was read. The version's patient, study and
+        series values replace the index's, and an instance re-sent under another study or
+        series moves there (its counters follow). The old blob is released, not deleted."""
+        try:
+            self._replace(ds, expected, blob, owner, lease_until, fields)
+        except _Conflict:
+            return False
+        self._series_pks.clear()  # a series may have moved to another study
+        return True
 
-        The new version's patient, study and series values replace the index's, and an
-        instance re-sent under another study or series moves there (its counters follow).
-        """
-        with self.writing() as s:
-            inst = s.scalar(
-                select(Instance).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))
-            )
-            series = self._series_for(s, ds, update=True)
-            if inst.series_pk != series.id:
-                s.execute(
+    def _replace(
+        self,
+        ds: Any,
+        expected: ReceivedVersion,
+        blob: NewBlob,
+        owner: str | None,
+        lease_until: datetime | None,
+        fields: dict[str, Any],
+    ) -> None:
+        with self._write() as conn:
+            series_pk = self._series_for(conn, ds, update=True)
+            blob_pk = conn.execute(insert(_BLOB).values(**_blob_values(blob))).inserted_primary_key[
+                0
+            ]
+            old_series = conn.execute(
+                select(_INSTANCE.c.series_pk).where(_INSTANCE.c.id == expected.instance_id)
+            ).scalar()
+            changed = conn.execute(
+                _INSTANCE.update()
+                .where(
+                    _INSTANCE.c.id == expected.instance_id, _INSTANCE.c.version == expected.version
+                )
+                .values(
+                    {
+                        "state": STATE_PENDING,
+                        "codec": None,
+                        "stored_at": None,
+                        "attempts": 0,
+                        "last_error": None,
+                        **_instance_values(ds),
+                        **fields,
+                        "series_pk": series_pk,
+                        "blob_pk": blob_pk,
+                        "blob_offset": 0,
+                        "blob_length": blob.size,
+                        "frame_first": None,
+                        "frame_count": None,
+                        "checksum": blob.checksum,
+                        "claimed_by": owner,
+                        "lease_until": lease_until,
+                        "version": expected.version + 1,
+                    }
+                )
+            ).rowcount
+            if changed != 1:
+                raise _Conflict  # rolls back the blob row too
+            if old_series != series_pk:
+                conn.execute(
                     update(Series)
-                    .where(Series.id == inst.series_pk)
+                    .where(Series.id == old_series)
                     .values(instance_count=Series.instance_count - 1)
                 )
-                series.instance_count += 1
-            for key, value in {**_instance_values(ds), **fields}.items():
-                setattr(inst, key, value)
-            inst.series_pk = series.id
-            inst.state, inst.codec, inst.stored_at = STATE_PENDING, None, None
-            inst.attempts, inst.last_error = 0, None
-        self._series_pks.clear()  # a series may have moved to another study
+                conn.execute(_COUNT_INSTANCE, {"pk": series_pk})
+            _release_if_unreferenced(conn, expected.blob_pk)
 
-    def record_failure(
-        self, sop_uid: str, expected_blob: str, error: str, max_attempts: int
-    ) -> str | None:
-        """Count a failed compression attempt: the row's state afterwards (pending, or parked
-        after `max_attempts`), or None if the row no longer holds that blob (replaced)."""
-        table = Instance.__table__
-        mine = (
-            (table.c.sop_instance_uid == sop_uid)
-            & (table.c.state == STATE_PENDING)
-            & (table.c.blob_path == expected_blob)
-        )
-        with self.write_lock, self.engine.begin() as conn:
-            attempts = conn.execute(select(table.c.attempts).where(mine)).scalar()
+    def mark_stored(self, claim: Claim, owner: str, blob: NewBlob, **fields: Any) -> bool:
+        """Record the compressed form in its new blob; False (nothing changed) if this process
+        no longer holds the claim at that version (replaced, or taken over after its lease
+        ran out). The received blob is released."""
+        try:
+            self._mark_stored(claim, owner, blob, fields)
+        except _Conflict:
+            return False
+        return True
+
+    def _mark_stored(self, claim: Claim, owner: str, blob: NewBlob, fields: dict[str, Any]) -> None:
+        with self._write() as conn:
+            old_blob = conn.execute(
+                select(_INSTANCE.c.blob_pk).where(_INSTANCE.c.id == claim.instance_id)
+            ).scalar()
+            blob_pk = conn.execute(insert(_BLOB).values(**_blob_values(blob))).inserted_primary_key[
+                0
+            ]
+            changed = conn.execute(
+                _INSTANCE.update()
+                .where(*_held(claim, owner))
+                .values(
+                    state=STATE_STORED,
+                    stored_at=utcnow(),
+                    blob_pk=blob_pk,
+                    blob_offset=0,
+                    blob_length=blob.size,
+                    checksum=blob.checksum,
+                    stored_size=blob.size,
+                    claimed_by=None,
+                    lease_until=None,
+                    version=claim.version + 1,
+                    **fields,
+                )
+            ).rowcount
+            if changed != 1:
+                raise _Conflict
+            _release_if_unreferenced(conn, old_blob)
+
+    def record_failure(self, claim: Claim, owner: str, error: str, max_attempts: int) -> str | None:
+        """Count a failed compression attempt: the state afterwards (pending, or parked after
+        `max_attempts`: the claim ends), or None if this process no longer holds the claim."""
+        with self._write() as conn:
+            attempts = conn.execute(
+                select(_INSTANCE.c.attempts).where(*_held(claim, owner))
+            ).scalar()
             if attempts is None:
                 return None
-            state = STATE_PARKED if attempts + 1 >= max_attempts else STATE_PENDING
+            parked = attempts + 1 >= max_attempts
             conn.execute(
-                table.update()
-                .where(mine)
-                .values(attempts=attempts + 1, last_error=error[:2000], state=state)
+                _INSTANCE.update()
+                .where(*_held(claim, owner))
+                .values(
+                    attempts=attempts + 1,
+                    last_error=error[:2000],
+                    state=STATE_PARKED if parked else STATE_PENDING,
+                    **({"claimed_by": None, "lease_until": None} if parked else {}),
+                )
             )
-            return state
+            return STATE_PARKED if parked else STATE_PENDING
 
-    def still_pending(self, sop_uid: str, expected_blob: str) -> bool:
-        """Whether the row still waits for compression of that very blob."""
-        table = Instance.__table__
+    def still_claimed(self, claim: Claim, owner: str) -> bool:
         with self.engine.connect() as conn:
             return (
-                conn.execute(
-                    select(table.c.id).where(
-                        table.c.sop_instance_uid == sop_uid,
-                        table.c.state == STATE_PENDING,
-                        table.c.blob_path == expected_blob,
-                    )
-                ).first()
-                is not None
+                conn.execute(select(_INSTANCE.c.id).where(*_held(claim, owner))).first() is not None
             )
 
-    def blob_paths(self, prefix: str) -> set[str]:
-        """The blobs under `prefix` that rows point at."""
+    # --- claims: which process compresses which pending instance ---
+    def claim_pending(
+        self, owner: str, lease_until: datetime, limit: int = 500, *, own_too: bool = False
+    ) -> list[Claim]:
+        """Claim pending instances nobody holds (never claimed, or their lease ran out: the
+        process died), oldest first; with `own_too` also those this owner name holds (a
+        restart: owner names are host and port, so the holder was this node's previous
+        life). SKIP LOCKED on PostgreSQL: two processes claiming at once get different rows;
+        SQLite has one writer."""
+        now = utcnow()
+        holder = _INSTANCE.c.claimed_by.is_(None) | (_INSTANCE.c.lease_until < now)
+        if own_too:
+            holder = holder | (_INSTANCE.c.claimed_by == owner)
+        free = (_INSTANCE.c.state == STATE_PENDING) & holder
+        pick = select(_INSTANCE.c.id).where(free).order_by(_INSTANCE.c.id).limit(limit)
+        if self.engine.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        with self._write() as conn:
+            ids = [row[0] for row in conn.execute(pick)]
+            if not ids:
+                return []
+            claimed = [
+                row[0]
+                for row in conn.execute(
+                    _INSTANCE.update()
+                    .where(_INSTANCE.c.id.in_(ids), free)
+                    .values(claimed_by=owner, lease_until=lease_until)
+                    .returning(_INSTANCE.c.id)
+                )
+            ]
+            return self._claims(conn, claimed)
+
+    def renew_claims(self, owner: str, lease_until: datetime) -> int:
+        """Extend this process' claims: it is alive."""
+        with self._write() as conn:
+            return conn.execute(
+                _INSTANCE.update()
+                .where(_INSTANCE.c.claimed_by == owner, _INSTANCE.c.state == STATE_PENDING)
+                .values(lease_until=lease_until)
+            ).rowcount
+
+    def release_claims(self, owner: str) -> int:
+        """At a clean stop: let any process take this one's pending instances at once."""
+        with self._write() as conn:
+            return conn.execute(
+                _INSTANCE.update()
+                .where(_INSTANCE.c.claimed_by == owner, _INSTANCE.c.state == STATE_PENDING)
+                .values(claimed_by=None, lease_until=None)
+            ).rowcount
+
+    def _claims(self, conn: Connection, ids: list[int]) -> list[Claim]:
+        if not ids:
+            return []
+        rows = conn.execute(
+            select(
+                _INSTANCE.c.id,
+                _INSTANCE.c.sop_instance_uid,
+                _INSTANCE.c.version,
+                Blob.path,
+                _INSTANCE.c.checksum,
+                _INSTANCE.c.calling_ae,
+                Study.study_instance_uid,
+                Series.series_instance_uid,
+            )
+            .select_from(
+                _INSTANCE.join(Blob.__table__).join(Series.__table__).join(Study.__table__)
+            )
+            .where(_INSTANCE.c.id.in_(ids))
+            .order_by(_INSTANCE.c.id)
+        )
+        return [Claim(*row) for row in rows]
+
+    # --- blobs ---
+    def blob_paths(self) -> set[str]:
+        """Every blob the index knows, released ones included: a file that is not among them
+        and older than any job in flight is an orphan."""
+        with self.engine.connect() as conn:
+            return {path for (path,) in conn.execute(select(_BLOB.c.path))}
+
+    def released_blobs(self, before: datetime) -> list[tuple[int, str]]:
+        """Blobs released before `before` that no instance points at: safe to delete."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(Instance.blob_path).where(Instance.blob_path.startswith(prefix))
+                select(_BLOB.c.id, _BLOB.c.path).where(
+                    _BLOB.c.released_at < before,
+                    ~select(_INSTANCE.c.id).where(_INSTANCE.c.blob_pk == _BLOB.c.id).exists(),
+                )
             )
-            return {path for (path,) in rows}
+            return [tuple(row) for row in rows]
+
+    def forget_blob(self, blob_pk: int) -> None:
+        """Drop the row of a released blob whose file the sweep has deleted."""
+        with self._write() as conn:
+            conn.execute(
+                _BLOB.delete().where(_BLOB.c.id == blob_pk, _BLOB.c.released_at.is_not(None))
+            )
+
+    # --- reading ---
+    def instance(self, instance_pk: int) -> Instance | None:
+        """One instance, read afresh (a reader whose blob was gone looks again)."""
+        with self.reading() as s:
+            return s.scalar(
+                select(Instance)
+                .options(
+                    joinedload(Instance.blob), joinedload(Instance.series).joinedload(Series.study)
+                )
+                .where(Instance.id == instance_pk)
+            )
 
     def problems(self) -> list[Problem]:
         """Flagged and parked instances, for verify."""
@@ -374,50 +510,16 @@ class Index:
             rows = s.execute(
                 select(
                     Instance.sop_instance_uid,
-                    Instance.blob_path,
+                    Blob.path,
                     Instance.state,
                     Instance.defects,
                     Instance.last_error,
                 )
+                .join(Blob)
                 .where((Instance.defects.is_not(None)) | (Instance.state == STATE_PARKED))
                 .order_by(Instance.id)
             )
             return [Problem(*r) for r in rows]
-
-    def mark_stored(self, sop_uid: str, expected_blob: str, **fields: Any) -> bool:
-        """Record the compressed form; False if the instance changed meanwhile (replaced)."""
-        table = Instance.__table__
-        with self.write_lock, self.engine.begin() as conn:
-            result = conn.execute(
-                table.update()
-                .where(
-                    table.c.sop_instance_uid == sop_uid,
-                    table.c.state == STATE_PENDING,
-                    table.c.blob_path == expected_blob,
-                )
-                .values(state=STATE_STORED, stored_at=utcnow(), **fields)
-            )
-            return result.rowcount == 1
-
-    def pending(self) -> list[PendingObject]:
-        """Every object still waiting for compression, oldest first."""
-        with self.reading() as s:
-            rows = s.execute(
-                select(
-                    Instance.sop_instance_uid,
-                    Instance.blob_path,
-                    Instance.checksum,
-                    Instance.calling_ae,
-                    Study.study_instance_uid,
-                    Series.series_instance_uid,
-                )
-                .select_from(Instance)
-                .join(Series)
-                .join(Study)
-                .where(Instance.state == STATE_PENDING)
-                .order_by(Instance.id)
-            )
-            return [PendingObject(*r) for r in rows]
 
     def audit(
         self,
@@ -427,68 +529,70 @@ class Index:
         calling_ae: str | None = None,
         detail: str | None = None,
     ) -> None:
-        with self.writing() as s:
-            s.add(
-                AuditEvent(
-                    kind=kind, sop_instance_uid=sop_uid, calling_ae=calling_ae, detail=detail
+        with self._write() as conn:
+            conn.execute(
+                insert(AuditEvent.__table__).values(
+                    at=utcnow(),
+                    kind=kind,
+                    sop_instance_uid=sop_uid,
+                    calling_ae=calling_ae,
+                    detail=detail,
                 )
             )
 
-    def _series_for(self, s: Session, ds: Any, update: bool = False) -> Series:
+    def _series_for(self, conn: Connection, ds: Any, update: bool = False) -> int:
         """The series row of `ds`, created with its study and patient where missing; with
         `update`, existing rows take the values of `ds` (a replaced object)."""
-        patient_values = {
-            "patient_name": _text(ds, "PatientName"),
-            "patient_birth_date": _text(ds, "PatientBirthDate", 8),
-            "patient_sex": _text(ds, "PatientSex", 16),
-        }
-        patient = _get_or_add(
-            s, Patient, Patient.patient_id, _text(ds, "PatientID", 64) or "", patient_values, update
+        patient = _upsert(
+            conn,
+            Patient,
+            "patient_id",
+            _text(ds, "PatientID", 64) or "",
+            {
+                "patient_name": _text(ds, "PatientName"),
+                "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+                "patient_sex": _text(ds, "PatientSex", 16),
+            },
+            update,
         )
-        study_values = {
-            "patient_pk": patient.id,
-            "study_date": _text(ds, "StudyDate", 8),
-            "study_time": _text(ds, "StudyTime", 16),
-            "accession_number": _text(ds, "AccessionNumber", 64),
-            "study_id": _text(ds, "StudyID", 64),
-            "study_description": _text(ds, "StudyDescription"),
-            "referring_physician_name": _text(ds, "ReferringPhysicianName"),
-        }
-        study = _get_or_add(
-            s, Study, Study.study_instance_uid, _uid(ds, "StudyInstanceUID"), study_values, update
+        study = _upsert(
+            conn,
+            Study,
+            "study_instance_uid",
+            _uid(ds, "StudyInstanceUID"),
+            {
+                "patient_pk": patient,
+                "study_date": _text(ds, "StudyDate", 8),
+                "study_time": _text(ds, "StudyTime", 16),
+                "accession_number": _text(ds, "AccessionNumber", 64),
+                "study_id": _text(ds, "StudyID", 64),
+                "study_description": _text(ds, "StudyDescription"),
+                "referring_physician_name": _text(ds, "ReferringPhysicianName"),
+            },
+            update,
         )
-        series_values = {
-            "study_pk": study.id,
-            "modality": _text(ds, "Modality", 16),
-            "series_number": _int(ds, "SeriesNumber"),
-            "series_description": _text(ds, "SeriesDescription"),
-            "body_part_examined": _text(ds, "BodyPartExamined", 64),
-        }
-        return _get_or_add(
-            s,
+        return _upsert(
+            conn,
             Series,
-            Series.series_instance_uid,
+            "series_instance_uid",
             _uid(ds, "SeriesInstanceUID"),
-            series_values,
+            {
+                "study_pk": study,
+                "modality": _text(ds, "Modality", 16),
+                "series_number": _int(ds, "SeriesNumber"),
+                "series_description": _text(ds, "SeriesDescription"),
+                "body_part_examined": _text(ds, "BodyPartExamined", 64),
+            },
             update,
         )
 
-    # --- reading for export, verify, stats ---
     def instances(
         self, *, study_uid: str | None = None, series_uid: str | None = None
     ) -> list[Instance]:
-        with self.reading() as s:
-            query = (
-                select(Instance)
-                .join(Series)
-                .join(Study)
-                .options(joinedload(Instance.series).joinedload(Series.study))
-            ).order_by(Study.id, Series.id, Instance.instance_number, Instance.id)
-            if study_uid:
-                query = query.where(Study.study_instance_uid == study_uid)
-            if series_uid:
-                query = query.where(Series.series_instance_uid == series_uid)
-            return list(s.scalars(query))
+        return self._instances(
+            study_uids=[study_uid] if study_uid else None,
+            series_uids=[series_uid] if series_uid else None,
+        )
 
     def instances_where(
         self,
@@ -499,23 +603,34 @@ class Index:
         sop_uids: list[str] | None = None,
     ) -> list[Instance]:
         """Instances named by unique keys (C-GET/C-MOVE), in study/series/number order."""
+        return self._instances(
+            patient_ids=patient_ids,
+            study_uids=study_uids,
+            series_uids=series_uids,
+            sop_uids=sop_uids,
+        )
+
+    def _instances(self, **keys: list[str] | None) -> list[Instance]:
+        columns = {
+            "patient_ids": Patient.patient_id,
+            "study_uids": Study.study_instance_uid,
+            "series_uids": Series.series_instance_uid,
+            "sop_uids": Instance.sop_instance_uid,
+        }
         with self.reading() as s:
             query = (
                 select(Instance)
                 .join(Series)
                 .join(Study)
                 .join(Patient)
-                .options(joinedload(Instance.series).joinedload(Series.study))
+                .options(
+                    joinedload(Instance.series).joinedload(Series.study), joinedload(Instance.blob)
+                )
                 .order_by(Study.id, Series.id, Instance.instance_number, Instance.id)
             )
-            if patient_ids:
-                query = query.where(Patient.patient_id.in_(patient_ids))
-            if study_uids:
-                query = query.where(Study.study_instance_uid.in_(study_uids))
-            if series_uids:
-                query = query.where(Series.series_instance_uid.in_(series_uids))
-            if sop_uids:
-                query = query.where(Instance.sop_instance_uid.in_(sop_uids))
+            for key, values in keys.items():
+                if values:
+                    query = query.where(columns[key].in_(values))
             return list(s.scalars(query))
 
     def stats(self) -> dict[str, Any]:
@@ -528,12 +643,9 @@ class Index:
                     func.coalesce(func.sum(Instance.stored_size), 0),
                 )
             ).one()
-            studies = s.scalar(select(func.count(Study.id)))
-            pending = s.scalar(
-                select(func.count(Instance.id)).where(Instance.state == STATE_PENDING)
-            )
-            parked = s.scalar(select(func.count(Instance.id)).where(Instance.state == STATE_PARKED))
-            flagged = s.scalar(select(func.count(Instance.id)).where(Instance.defects.is_not(None)))
+
+            def count(where: Any) -> int:
+                return s.scalar(select(func.count(Instance.id)).where(where))
 
             def grouped(column: Any) -> dict[str, dict[str, Any]]:
                 rows = s.execute(
@@ -545,6 +657,7 @@ class Index:
                     )
                     .select_from(Instance)
                     .join(Series)
+                    .join(Blob)
                     .group_by(column)
                     .order_by(column)
                 )
@@ -552,13 +665,64 @@ class Index:
 
             return {
                 **_totals(*totals),
-                "studies": studies,
-                "pending": pending,
-                "parked": parked,
-                "flagged": flagged,
+                "studies": s.scalar(select(func.count(Study.id))),
+                "pending": count(Instance.state == STATE_PENDING),
+                "parked": count(Instance.state == STATE_PARKED),
+                "flagged": count(Instance.defects.is_not(None)),
                 "by_modality": grouped(Series.modality),
                 "by_codec": grouped(Instance.codec),
+                "by_tier": grouped(Blob.tier),
             }
+
+
+class _Conflict(Exception):
+    """A compare-and-swap found the row changed: the transaction is rolled back."""
+
+
+def _held(claim: Claim, owner: str) -> tuple[Any, ...]:
+    return (
+        _INSTANCE.c.id == claim.instance_id,
+        _INSTANCE.c.version == claim.version,
+        _INSTANCE.c.state == STATE_PENDING,
+        _INSTANCE.c.claimed_by == owner,
+    )
+
+
+def _release_if_unreferenced(conn: Connection, blob_pk: int | None) -> None:
+    if blob_pk is None:
+        return
+    conn.execute(
+        _BLOB.update()
+        .where(
+            _BLOB.c.id == blob_pk,
+            ~select(_INSTANCE.c.id).where(_INSTANCE.c.blob_pk == blob_pk).exists(),
+        )
+        .values(released_at=utcnow())
+    )
+
+
+def _upsert(
+    conn: Connection, model: type, key: str, value: str, values: dict[str, Any], update: bool
+) -> int:
+    """The id of the row whose unique `key` is `value`, inserted if missing. Another process
+    may insert it between our look and our insert: the unique key says so, and we read its
+    row (the savepoint keeps our transaction)."""
+    table = model.__table__
+    row_id = conn.execute(select(table.c.id).where(table.c[key] == value)).scalar()
+    if row_id is None:
+        try:
+            with conn.begin_nested():
+                values = {**values, key: value}
+                if "created_at" in table.c:
+                    values["created_at"] = utcnow()
+                return conn.execute(insert(table).values(**values)).inserted_primary_key[0]
+        except IntegrityError:
+            row_id = conn.execute(select(table.c.id).where(table.c[key] == value)).scalar()
+            if row_id is None:
+                raise
+    if update:
+        conn.execute(table.update().where(table.c.id == row_id).values(**values))
+    return row_id
 
 
 def _totals(count: int, received: int, stored: int) -> dict[str, Any]:
@@ -571,11 +735,22 @@ def _totals(count: int, received: int, stored: int) -> dict[str, Any]:
     }
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """WAL so readers never block the writer; FULL sync so a committed ack survives power loss."""
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    """WAL so readers never block the writer; FULL sync so a committed ack survives power
+    loss. The driver's own transaction handling is off: SQLAlchemy's "begin" event below
+    says how each transaction begins."""
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.pop("immediate", False) else "BEGIN")
+
+
+def lease(seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)

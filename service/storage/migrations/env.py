@@ -8,7 +8,7 @@ a checkout, with `script_location` pointing here.
 from alembic import context
 from sqlalchemy import create_engine
 
-from compacs.service.storage.index import Base
+from compacs.service.storage.schema import Base
 
 target_metadata = Base.metadata
 connection = context.config.attributes.get("connection")

@@ -1,0 +1,192 @@
+"""The one archive service: it owns the config, the index, the archive and the compression
+jobs, and everything else goes through it: the DIMSE handlers, the maintenance commands,
+and later the scheduler and a web face. Nothing else assembles an index and an archive of
+its own.
+
+It also runs the node's housekeeping while it serves: renewing this process' claims,
+taking over pending objects whose owner died, and deleting released blobs once no reader
+can still be sending them (a grace period after they were replaced).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from datetime import timedelta
+
+from pydicom import Dataset
+
+from compacs.service import retrieve
+from compacs.service.config import NodeConfig
+from compacs.service.ingest import Ingest
+from compacs.service.jobs import Jobs
+from compacs.service.storage.archive import Archive, age
+from compacs.service.storage.index import Index, Instance
+from compacs.service.storage.schema import utcnow
+
+log = logging.getLogger("compacs.archive")
+
+
+class NoArchive(FileNotFoundError):
+    """No compacs data folder where one was expected; the message says which to give."""
+
+
+def owner_name(config: NodeConfig) -> str:
+    """This node's name on its claims: the host and the DICOM port, which no two live nodes
+    share, so a restarted node knows its previous life's claims for its own."""
+    return f"{socket.gethostname()}:{config.port}"
+
+
+class ArchiveService:
+    def __init__(
+        self, config: NodeConfig, archive: Archive, index: Index, jobs: Jobs | None = None
+    ) -> None:
+        self.config = config
+        self.archive = archive
+        self.index = index
+        self.jobs = jobs
+        self.ingest = Ingest(config, archive, index, jobs) if jobs is not None else None
+        self._stop = threading.Event()
+        self._housekeeping: threading.Thread | None = None
+
+    @classmethod
+    def open(
+        cls,
+        config: NodeConfig,
+        *,
+        jobs: bool = False,
+        create: bool = False,
+        executor_factory: Callable[[], Executor] | None = None,
+    ) -> ArchiveService:
+        """Open a node's data folder and index. `create` (serve): make the folder, and the
+        schema of an empty index; any other index must be at this compacs' revision
+        (`compacs db upgrade` brings it there). `jobs`: this process compresses."""
+        archive_root = config.data_dir / "archive"
+        if create:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        elif not archive_root.is_dir():
+            raise NoArchive(
+                f"{config.data_dir}: no compacs archive here (expected {archive_root}); "
+                "give the --data folder that `compacs serve` used"
+            )
+        url = config.effective_index_url
+        index = Index.open(url, create=create, check=f"{config.source}: index {redact(url)}")
+        archive = Archive(archive_root)
+        runner = (
+            Jobs(config, archive, index, owner_name(config), executor_factory) if jobs else None
+        )
+        return cls(config, archive, index, runner)
+
+    # --- the DIMSE face's calls ---
+    def receive(self, raw: bytes, calling_ae: str, sop_class: str, sop_inst: str) -> int:
+        """C-STORE: archive one object, return the status to answer."""
+        if self.ingest is None:
+            raise RuntimeError("this archive service was opened without compression jobs")
+        return self.ingest.receive(raw, calling_ae, sop_class, sop_inst)
+
+    def instances_for(self, identifier: Dataset) -> list[Instance]:
+        """C-GET/C-MOVE: the instances an identifier names (raises retrieve.RetrieveError)."""
+        return retrieve.matching_instances(self.index, identifier)
+
+    def read_instance(self, inst: Instance) -> bytes:
+        """The stored bytes of one instance, checked against their checksum. A blob that is
+        gone was replaced meanwhile (compressed, re-sent): the row is read once more and the
+        new blob read instead."""
+        try:
+            return self._read(inst)
+        except FileNotFoundError:
+            fresh = self.index.instance(inst.id)
+            if fresh is None or fresh.blob_pk == inst.blob_pk:
+                raise
+            return self._read(fresh)
+
+    def _read(self, inst: Instance) -> bytes:
+        return self.archive.read_range(
+            inst.blob.path, inst.blob_offset, inst.blob_length, inst.checksum
+        )
+
+    # --- start, housekeeping, stop ---
+    def recover(self) -> int:
+        """At start: drop what a crash left half-done (temp, spool and orphan files older than
+        any live job's lease), and take over this node's and dead nodes' pending objects."""
+        grace = self.config.ingest.lease_seconds
+        removed = self.archive.clean_tmp(older_than=grace)
+        spooled = 0
+        for leftover in (self.config.data_dir / "spool").glob("spool-*.dcm"):
+            if age(leftover) > grace:  # data sets a crash cut off: never acknowledged
+                leftover.unlink(missing_ok=True)
+                spooled += 1
+        known = self.index.blob_paths()
+        orphans = [p for p in self.archive.blobs(older_than=grace) if p not in known]
+        for path in orphans:
+            self.archive.delete(path)
+        queued = self.jobs.claim_abandoned(own_too=True) if self.jobs else 0
+        if removed or spooled or orphans or queued:
+            log.info(
+                "recovery: %d temp, %d spool and %d orphan file(s) removed, %d pending "
+                "object(s) re-queued for compression",
+                removed,
+                spooled,
+                len(orphans),
+                queued,
+            )
+        return queued
+
+    def start_housekeeping(self) -> None:
+        self._housekeeping = threading.Thread(
+            target=self._housekeep, name="compacs-housekeeping", daemon=True
+        )
+        self._housekeeping.start()
+
+    def _housekeep(self) -> None:
+        """Renew claims a few times per lease; take over abandoned work and sweep released
+        blobs about twice per lease."""
+        tick = max(0.5, self.config.ingest.lease_seconds / 4)
+        beat = 0
+        while not self._stop.wait(tick):
+            beat += 1
+            try:
+                if self.jobs is not None:
+                    self.jobs.renew()
+                    if beat % 2 == 0:
+                        self.jobs.claim_abandoned()
+                if beat % 2 == 0:
+                    self.sweep()
+            except Exception:
+                log.exception("housekeeping failed; trying again at the next beat")
+
+    def sweep(self) -> int:
+        """Delete blobs released longer ago than `[storage] delete_grace_seconds`: no C-GET
+        that started before their release can still be reading them."""
+        before = utcnow() - timedelta(seconds=self.config.storage.delete_grace_seconds)
+        count = 0
+        for blob_pk, path in self.index.released_blobs(before):
+            self.archive.delete(path)
+            self.index.forget_blob(blob_pk)
+            count += 1
+        if count:
+            log.info("sweep: %d released blob(s) deleted", count)
+        return count
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self.jobs.wait_idle(timeout) if self.jobs is not None else True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._housekeeping is not None:
+            self._housekeeping.join(timeout=10)
+        if self.jobs is not None:
+            self.jobs.shutdown()
+        self.index.close()
+
+
+def redact(url: str) -> str:
+    """Index URL for messages and logs, without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url

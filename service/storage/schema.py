@@ -1,0 +1,228 @@
+"""The index's tables, and the Alembic migrations that own them.
+
+SQLAlchemy 2 with portable types only, so the same code runs on SQLite (the embedded
+default, WAL) and PostgreSQL (at scale).
+
+Blobs and references: a *blob* is one durable, checksummed file in the archive (a Part-10
+object today, a series volume later); an *instance* points at a blob and at where it sits
+in it (offset and length, and a frame range for volumes) with the checksum of that part.
+So a blob holding a whole series and a single Part-10 file are the same kind of row. An
+instance carries a version for compare-and-swap, and while it waits for compression the
+claim of the process that compresses it (owner and lease), so several processes on one
+index never do, or undo, each other's work. A blob no instance points at any more is
+*released*, and deleted by a sweep after a grace period, never while a reader may still be
+sending it.
+
+Migrations run only from `compacs db upgrade`, and from `compacs serve` on an empty index;
+every other command and a `serve` on an older index refuse to run, saying what to do
+(`check_revision`). Several processes starting at once take an advisory lock on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from importlib import resources
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    inspect,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+STATE_PENDING = "pending"  # acknowledged, durable as received, compression not yet done
+STATE_STORED = "stored"  # in its final stored form
+STATE_PARKED = "parked"  # compression failed [ingest] max_attempts times: kept as received
+
+KIND_INSTANCE = "instance"  # one Part-10 object
+KIND_VOLUME = "volume"  # the pixel data of many instances coded together
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_name: Mapped[str | None] = mapped_column(Text)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_id: Mapped[str | None] = mapped_column(String(64))
+    study_description: Mapped[str | None] = mapped_column(Text)
+    referring_physician_name: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(Text)
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    # kept by add_received (rows are never deleted): C-FIND's instance counts read it
+    instance_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Blob(Base):
+    """A durable, checksummed file of the archive, and where it is."""
+
+    __tablename__ = "blob"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The storage tier that holds it (its archive root), and its path under that root:
+    # paths are made from hashes, never from peer strings.
+    tier: Mapped[str] = mapped_column(String(16), default="hot")
+    path: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default=KIND_INSTANCE)
+    size: Mapped[int] = mapped_column(BigInteger)
+    checksum: Mapped[str] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Set when the last instance pointing at it moved elsewhere; the sweep deletes the file
+    # (and the row) a grace period later, so a C-GET still sending it finishes.
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    # As received: the syntax and a hash of the data set (without its file meta group), to
+    # tell a harmless re-send from a changed one.
+    received_transfer_syntax: Mapped[str] = mapped_column(String(64))
+    received_size: Mapped[int] = mapped_column(BigInteger)
+    received_hash: Mapped[str | None] = mapped_column(String(80))
+    # Why the object is kept as received although non-conformant (validate.Defect texts and
+    # undecodable pixel data), "; "-joined; NULL when nothing was found.
+    defects: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stored_transfer_syntax: Mapped[str] = mapped_column(String(64))
+    codec: Mapped[str | None] = mapped_column(String(32), index=True)
+    stored_size: Mapped[int] = mapped_column(BigInteger)  # the bytes this instance accounts for
+    # The reference: which blob, where in it, and the checksum of that part. While pending,
+    # the blob is the object as received.
+    blob_pk: Mapped[int] = mapped_column(ForeignKey("blob.id"), index=True)
+    blob_offset: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    blob_length: Mapped[int] = mapped_column(BigInteger)
+    frame_first: Mapped[int | None] = mapped_column(Integer)  # in a volume blob
+    frame_count: Mapped[int | None] = mapped_column(Integer)
+    checksum: Mapped[str] = mapped_column(String(80))
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The process compressing it, and until when that claim holds (renewed while it lives).
+    claimed_by: Mapped[str | None] = mapped_column(String(80), index=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    series: Mapped[Series] = relationship(back_populates="instances")
+    blob: Mapped[Blob] = relationship()
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_event"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+# --------------------------------------------------------------------------- migrations
+
+_ADVISORY_LOCK = 0x636F6D7061  # "compa": one schema change at a time on a shared index
+
+
+class IndexOutOfDate(RuntimeError):
+    """The index is at another schema revision than this compacs; the message says what to
+    run."""
+
+
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option(
+        "script_location", str(resources.files("compacs.service.storage").joinpath("migrations"))
+    )
+    return cfg
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head() or ""
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the index is at; None for an empty database (no compacs tables)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def is_empty(engine: Engine) -> bool:
+    return not inspect(engine).get_table_names()
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision` (the newest by default), one process at a time."""
+    cfg = _alembic_config()
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK})
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+
+def check_revision(engine: Engine, where: str) -> None:
+    """Raise IndexOutOfDate unless the index is at this compacs' revision."""
+    head, current = head_revision(), current_revision(engine)
+    if current == head:
+        return
+    if current is None:
+        raise IndexOutOfDate(
+            f"{where}: the index has no compacs schema; start `compacs serve` once, or run "
+            "`compacs db upgrade` with the same --config/--data"
+        )
+    raise IndexOutOfDate(
+        f"{where}: the index is at schema revision {current}, this compacs needs {head}; "
+        "back it up, then run `compacs db upgrade` with the same --config/--data"
+    )
