@@ -239,13 +239,15 @@ def cmd_codec_decode(args: argparse.Namespace) -> int:
 
 def cmd_rules_explain(args: argparse.Namespace) -> int:
     from compacs.codecs.base import PixelFormat
+    from compacs.service.compress import kept_as_received
     from compacs.service.rules import explain, object_attributes
 
     config = _config(args)
     _raw, ds = _read_dicom(args.file)
     fmt = PixelFormat.from_dataset(ds) if "PixelData" in ds else None
+    attrs = object_attributes(ds, args.calling_ae)
     print(f"rules from {config.source}")
-    for line in explain(config.rules, object_attributes(ds, args.calling_ae), fmt):
+    for line in explain(config.rules, attrs, fmt, kept_as_received(ds)):
         print(line)
     return 0
 

@@ -22,31 +22,11 @@ from pydicom.uid import UID
 
 from compacs.codecs import registry
 from compacs.codecs.base import Codec, PixelFormat
+from compacs.service import syntaxes
 from compacs.service.rules import CodecChoice
+from compacs.service.syntaxes import EXPLICIT_BE, EXPLICIT_LE
 
 log = logging.getLogger("compacs.compress")
-
-# Transfer syntaxes whose pixels may have been altered by a lossy process: such objects are
-# stored exactly as received, never decoded and re-encoded (PS3.3 C.7.6.1.1.5 would then
-# demand a new SOP Instance UID, and the loss would compound).
-LOSSY_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.50",  # JPEG baseline
-        "1.2.840.10008.1.2.4.51",  # JPEG extended
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy allowed)
-        "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy allowed)
-        "1.2.840.10008.1.2.4.100",  # MPEG2 and later video syntaxes
-        "1.2.840.10008.1.2.4.101",
-        "1.2.840.10008.1.2.4.102",
-        "1.2.840.10008.1.2.4.103",
-        "1.2.840.10008.1.2.4.104",
-        "1.2.840.10008.1.2.4.105",
-        "1.2.840.10008.1.2.4.106",
-        "1.2.840.10008.1.2.4.107",
-        "1.2.840.10008.1.2.4.108",
-    }
-)
 
 
 @dataclass
@@ -70,7 +50,9 @@ NOT_A_CODEC_FAILURE = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 def is_lossy(ds: Dataset) -> bool:
-    return str(ds.file_meta.TransferSyntaxUID) in LOSSY_SYNTAXES or (
+    """Stored exactly as received, never decoded and re-encoded: PS3.3 C.7.6.1.1.5 would then
+    demand a new SOP Instance UID, and the loss would compound."""
+    return syntaxes.is_lossy(str(ds.file_meta.TransferSyntaxUID)) or (
         str(ds.get("LossyImageCompression", "")).strip() == "01"
     )
 
@@ -136,7 +118,6 @@ def encoded_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params:
     return out
 
 
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
 # Byte strings pydicom writes as they were read, whatever the target byte order: their
 # word size, to swap them when a big endian arrival is written in a little endian syntax.
 _WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
@@ -186,9 +167,6 @@ def encode_dataset(
         if spliced is not None:
             return spliced
     return part10(out)
-
-
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 @dataclass(frozen=True)
@@ -272,17 +250,27 @@ def _splice(raw: bytes, layout: RawLayout, ds: Dataset, out: Dataset) -> bytes |
     return spliced
 
 
+def kept_as_received(ds: Dataset) -> str | None:
+    """Why no codec is even tried on this object (None: the rule's codecs are): the one
+    decision `compress` and `compacs rules explain` share."""
+    if "PixelData" not in ds:
+        return "no pixel data"
+    if is_lossy(ds):
+        return "lossy arrival: stored as received"
+    return None
+
+
 def compress(
     raw: bytes, ds: Dataset, choices: list[CodecChoice] | tuple[CodecChoice, ...]
 ) -> Outcome:
     """Apply a rule's codec choices to one received Part-10 object (`ds` is `raw` parsed)."""
     received_ts = str(ds.file_meta.TransferSyntaxUID)
     passthrough = Outcome(raw, "passthrough", received_ts)
-    if "PixelData" not in ds:
-        passthrough.notes.append("no pixel data")
-        return passthrough
-    if is_lossy(ds):
-        passthrough.notes.append("lossy arrival: stored as received")
+    why = kept_as_received(ds)
+    if why is not None:
+        passthrough.notes.append(why)
+        if "PixelData" not in ds:
+            return passthrough
         try:  # never re-encoded; but an administrator should hear of pixels that don't decode
             source_frames(ds)
         except BaseException as exc:

@@ -16,11 +16,11 @@ from pydicom import dcmread
 from tqdm import tqdm
 
 from compacs.service.archive_service import ArchiveService
-from compacs.service.compress import EXPLICIT_LE, NOT_A_CODEC_FAILURE, source_frames
-from compacs.service.retrieve import is_private
+from compacs.service.compress import NOT_A_CODEC_FAILURE, source_frames
 from compacs.service.storage.archive import uid_hash
 from compacs.service.storage.index import Instance
 from compacs.service.storage.schema import STATE_PARKED
+from compacs.service.syntaxes import EXPLICIT_LE, is_private
 from compacs.service.transcode import transcode
 from compacs.service.validate import is_valid_uid
 

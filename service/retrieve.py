@@ -17,16 +17,18 @@ from io import BytesIO
 from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 
-from compacs.codecs import registry
 from compacs.service import wire
 from compacs.service.query import UNIQUE_KEYS
 from compacs.service.storage.index import Index, Instance
-from compacs.service.transcode import NATIVE_SYNTAXES, TranscodeError, transcode_dataset
-
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-JPEG_LS = "1.2.840.10008.1.2.4.80"
-J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+from compacs.service.syntaxes import (
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    J2K_LOSSLESS,
+    JPEG_LS,
+    is_private,
+    producible,
+)
+from compacs.service.transcode import TranscodeError, transcode_dataset
 
 STATUS_IDENTIFIER_MISMATCH = 0xA900
 
@@ -38,11 +40,6 @@ class RetrieveError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-def is_private(ts: str) -> bool:
-    """Our own syntaxes (2.25 UIDs) are for the archive only: never sent."""
-    return not ts.startswith("1.2.840.10008.")
 
 
 def candidate_syntaxes(inst: Instance) -> list[str]:
@@ -58,19 +55,14 @@ def candidate_syntaxes(inst: Instance) -> list[str]:
     ]
     seen: list[str] = []
     for ts in order:
-        if ts and ts not in seen and not is_private(ts) and _producible(ts, inst):
+        if (
+            ts
+            and ts not in seen
+            and not is_private(ts)
+            and producible(ts, inst.stored_transfer_syntax)
+        ):
             seen.append(ts)
     return seen
-
-
-def _producible(ts: str, inst: Instance) -> bool:
-    """The stored bytes are in `ts`, or it is native, or an available lossless encoder makes
-    it from the decoded pixels (transcode's rules). The syntax an object arrived in is not
-    enough: JPEG Lossless (.4.70) arrives, no encoder makes it."""
-    if ts == inst.stored_transfer_syntax or ts in NATIVE_SYNTAXES:
-        return True
-    codec = registry.by_transfer_syntax(ts)
-    return codec is not None and codec.lossless and codec.is_available()
 
 
 def choose_syntax(inst: Instance, accepted: list[str]) -> str | None:

@@ -195,9 +195,15 @@ def select(rules: list[Rule], attrs: dict[str, Any]) -> Rule | None:
     return next((r for r in rules if not r.mismatches(attrs)), None)
 
 
-def explain(rules: list[Rule], attrs: dict[str, Any], fmt: PixelFormat | None) -> list[str]:
-    """A readable account of which rule matches and which codec it would use, and why."""
+def explain(
+    rules: list[Rule], attrs: dict[str, Any], fmt: PixelFormat | None, kept: str | None = None
+) -> list[str]:
+    """A readable account of which rule matches and which codec it would use, and why.
+    `kept`: why the object is kept as received whatever the rule (compress.kept_as_received)."""
     lines = [f"object: {', '.join(f'{k}={v!r}' for k, v in attrs.items())}"]
+    if kept is not None:
+        lines.append(f"kept as received, no codec tried: {kept}")
+        return lines
     chosen = None
     for rule in rules:
         misses = rule.mismatches(attrs)

@@ -18,19 +18,13 @@ from pydicom.uid import UID
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
+from compacs.service import syntaxes
 from compacs.service.compress import (
-    EXPLICIT_BE,
-    LOSSY_SYNTAXES,
     encoded_dataset,
     little_endian_words,
     part10,
     source_frames,
 )
-
-NATIVE_SYNTAXES = {
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-}
 
 
 class TranscodeError(ValueError):
@@ -51,8 +45,8 @@ def transcode_dataset(ds: Dataset, target: str) -> Dataset:
     if current == target:
         return ds
     has_pixels = "PixelData" in ds
-    if target in NATIVE_SYNTAXES:
-        if current == EXPLICIT_BE:
+    if target in syntaxes.NATIVE:
+        if current == syntaxes.EXPLICIT_BE:
             little_endian_words(ds)
             if has_pixels:
                 _native_pixels(ds)
@@ -70,7 +64,7 @@ def transcode_dataset(ds: Dataset, target: str) -> Dataset:
         # lossily coded object re-encoded losslessly loses nothing more, and says it was
         # lossy (PS3.3 C.7.6.1.1.5): a peer that accepts only a lossless syntax can read it.
         _decompress(ds)
-        if current in LOSSY_SYNTAXES:
+        if syntaxes.is_lossy(current):
             ds.LossyImageCompression = "01"
     reason = codec.unsupported_reason(PixelFormat.from_dataset(ds))
     if reason:

@@ -29,7 +29,8 @@ from pydicom.uid import UID
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
-from compacs.service.compress import EXPLICIT_LE, source_frames
+from compacs.service.compress import source_frames
+from compacs.service.syntaxes import EXPLICIT_LE
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _ITEM, _SEQUENCE_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000) and (FFFE,E0DD), read as LE uint32

@@ -23,6 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dicomdata  # noqa: E402
 import peers  # noqa: E402
 
+# The modules whose node tests run twice: with the fast paths that replace pynetdicom
+# internals (dimse/internals.py) and with pynetdicom's own send paths (COMPACS_FAST_PATHS=0).
+BOTH_PATHS = {"test_find", "test_retrieve", "test_syntax_choice"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    uses_node = {"make_node", "compacs_node"} & set(metafunc.fixturenames)
+    if uses_node and metafunc.module.__name__ in BOTH_PATHS:
+        metafunc.parametrize("fast_paths", ["fast", "plain"], indirect=True)
+
+
+@pytest.fixture
+def fast_paths(request: pytest.FixtureRequest) -> bool:
+    """Whether nodes started by make_node use the fast paths (True unless parametrized)."""
+    return getattr(request, "param", "fast") == "fast"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "peers: needs DCMTK and/or Orthanc (installed via apt)")
@@ -81,7 +97,7 @@ MakeNode = Callable[..., peers.CompacsProcess]
 
 @pytest.fixture
 def make_node(
-    tmp_path: Path, request: pytest.FixtureRequest, debian_peers: None
+    tmp_path: Path, request: pytest.FixtureRequest, debian_peers: None, fast_paths: bool
 ) -> Iterator[MakeNode]:
     """Factory: ``make_node(config=None, env=None, *, ae_title="COMPACS", extra_args=(),
     data_dir=None, port=None, start=True) -> CompacsProcess``.
@@ -112,7 +128,7 @@ def make_node(
             port=port,
             ae_title=ae_title,
             config=config,
-            env=env,
+            env={**({} if fast_paths else {"COMPACS_FAST_PATHS": "0"}), **(env or {})},
             extra_args=extra_args,
         )
         nodes.append(node)

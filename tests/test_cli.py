@@ -78,3 +78,27 @@ def test_rules_explain_names_rule_and_codec(tmp_path: Path) -> None:
         "rules", "explain", "--calling-ae", "X", str(dicomdata.testdata_path("SC_rgb.dcm"))
     )
     assert "Modality is 'OT'" in res.stdout and "stored as received" not in res.stdout
+
+
+def test_rules_explain_says_a_lossy_arrival_is_kept_as_received() -> None:
+    """The same decision as ingest's compress(): no rule's codec is tried on it."""
+    res = compacs("rules", "explain", str(dicomdata.testdata_path("SC_rgb_jpeg_lossy_gdcm.dcm")))
+    assert res.returncode == 0, res.stderr
+    assert "kept as received, no codec tried: lossy arrival" in res.stdout
+
+
+def test_commands_refuse_an_index_at_an_older_revision(tmp_path: Path) -> None:
+    """Only `compacs db upgrade` changes an existing index's schema; it says so."""
+    from sqlalchemy import create_engine
+
+    from compacs.service.storage.schema import migrate
+
+    data = tmp_path / "data"
+    (data / "archive").mkdir(parents=True)
+    migrate(create_engine(f"sqlite:///{data / 'index.sqlite'}"), "0002")
+    res = compacs("stats", "--data", str(data))
+    assert res.returncode == 2
+    assert "revision 0002" in res.stderr and "compacs db upgrade" in res.stderr
+    res = compacs("db", "upgrade", "--data", str(data))
+    assert res.returncode == 0 and "upgraded from revision 0002" in res.stdout, res.stderr
+    assert compacs("stats", "--data", str(data)).returncode == 0

@@ -72,7 +72,7 @@ def test_env_overrides_file_and_flags_override_env(tmp_path: Path) -> None:
         ("[node\n", ["not valid TOML"]),
         ('[ingest]\nstrict = "yes"\n', ["[ingest] strict", "true or false"]),
         ("[ingest]\nmax_attempts = 0\n", ["[ingest] max_attempts", "from 1 to 1000"]),
-        ("[limits]\nidle_timeout = \"60\"\n", ["[limits] idle_timeout", "a number"]),
+        ('[limits]\nidle_timeout = "60"\n', ["[limits] idle_timeout", "a number"]),
         ("[limits]\nmax_assocs = 3\n", ["max_assocs", "allowed keys", "max_associations"]),
         ("[limit]\n", ["unknown table(s) limit", "[limits]"]),
     ],

@@ -43,9 +43,11 @@ def stored_study(compacs_node, samples, tmp_path: Path) -> tuple[str, list[Path]
 
 
 def test_getscu_uncompressed_only_gets_exact_pixels(
-    compacs_node, stored_study, tmp_path: Path
+    compacs_node, stored_study, tmp_path: Path, fast_paths: bool
 ) -> None:
     study, files = stored_study
+    paths = "pynetdicom fast paths on" if fast_paths else "pynetdicom fast paths off"
+    assert paths in compacs_node.log_text()
     out = tmp_path / "get"
     res = peers.getscu(compacs_node.port, "STUDY", {"StudyInstanceUID": study}, out, extra=())
     assert res.returncode == 0, res.stdout[-3000:]

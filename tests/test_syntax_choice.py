@@ -24,10 +24,10 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from compacs.service.compress import compress, source_frames
 from compacs.service.config import load_config
-from compacs.service.dimse.scp import STORAGE_TRANSFER_SYNTAXES
 from compacs.service.retrieve import choose_syntax
 from compacs.service.rules import object_attributes, select
 from compacs.service.storage.index import Instance
+from compacs.service.syntaxes import STORAGE_ACCEPTED
 from compacs.service.transcode import transcode_dataset
 
 EXPLICIT_LE = str(ExplicitVRLittleEndian)
@@ -53,7 +53,7 @@ def test_every_accepted_pair_is_producible_and_pixel_exact(samples, key: str) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = [np.asarray(f) for f in source_frames(source)]
-    for offered in STORAGE_TRANSFER_SYNTAXES:
+    for offered in STORAGE_ACCEPTED:
         target = choose_syntax(inst, [offered, EXPLICIT_LE])
         assert target in (offered, EXPLICIT_LE), (key, offered, target)
         if target == stored_ts:

@@ -32,7 +32,9 @@ def configure(fast_paths: bool) -> None:
     if env is not None:
         fast_paths = env.strip().lower() not in ("0", "false", "no", "off")
     _state["fast_paths"] = fast_paths
-    if not version_matches():
+    if version_matches():
+        log.info("pynetdicom fast paths %s", "on" if fast_paths else "off (pynetdicom's own)")
+    else:
         log.warning(
             "pynetdicom %s is not the version compacs was tested with (%s): its fast paths "
             "and receive limits are off, pynetdicom's own paths are used",

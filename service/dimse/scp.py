@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from compacs.service import query, retrieve
+from compacs.service import query, retrieve, syntaxes
 from compacs.service.archive_service import ArchiveService
 from compacs.service.config import Access, NodeConfig
 from compacs.service.dimse import (
@@ -48,33 +48,6 @@ from compacs.service.dimse.admission import REJECT_CALLING_AE, Admission
 
 log = logging.getLogger("compacs.scp")
 
-# Storage syntaxes in OUR order of preference: pynetdicom accepts, for each proposed context,
-# the first of these the peer proposed. First the lossless ones the node can also produce
-# (the sender compresses; a C-GET requestor, which takes the storage SCP role on the same
-# contexts, gets a syntax every stored object can be given in), then uncompressed, then
-# lossless ones the node can only receive (no encoder makes them: a C-GET requestor that
-# proposed one with explicit VR LE in one context gets explicit VR LE), and the lossy
-# ones last, so that a sender is never asked to compress lossily what it offered
-# uncompressed.
-STORAGE_TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
-    "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy allowed)
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended
-]
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 # Only these two: find_responses writes answers in little endian, implicit or explicit VR.
 QUERY_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", IMPLICIT_VR_LE]
@@ -447,10 +420,10 @@ def build_ae(config: NodeConfig) -> AE:
     ae.dimse_timeout = 60
     ae.acse_timeout = admission.ESTABLISHED_ACSE_TIMEOUT
     ae.add_supported_context(Verification)
-    syntaxes = [UID(ts) for ts in STORAGE_TRANSFER_SYNTAXES]
+    storage = [UID(ts) for ts in syntaxes.STORAGE_ACCEPTED]  # in syntaxes.py's order
     for uid in storage_sop_classes(config):
         # both roles: peers store to us, and take the SCP role for C-GET sub-operations
-        ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
+        ae.add_supported_context(uid, storage, scu_role=True, scp_role=True)
     for uid in [*FIND_MODELS, *RETRIEVE_MODELS]:
         ae.add_supported_context(uid, QUERY_TRANSFER_SYNTAXES)
     return ae

@@ -28,8 +28,9 @@ from compacs.service import retrieve
 from compacs.service.dimse import bulk_store, internals
 from compacs.service.dimse.bulk_store import bulk_stores
 from compacs.service.dimse.polling import fast_polling, poll_fast
-from compacs.service.retrieve import EXPLICIT_LE, candidate_syntaxes
+from compacs.service.retrieve import candidate_syntaxes
 from compacs.service.storage.index import Instance
+from compacs.service.syntaxes import EXPLICIT_LE
 
 log = logging.getLogger("compacs.retrieve")
 
