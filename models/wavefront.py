@@ -37,6 +37,7 @@ from .features import (
 from .runtime import Model
 
 LAG = 4  # columns per row of the wavefront
+RING = 8  # cached columns per row: > the 5 between a row's newest write and its oldest read
 
 
 def schedule(rows: int, columns: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -89,13 +90,16 @@ class Batch:
         # the 5-D arrays cost three times the network itself).
         self.fshape = (b, rows + 3, columns + 6)  # padded 3 above, left and right (7×7)
         self.feats = np.zeros((int(np.prod(self.fshape)), N_FEATURES), dtype=np.float32)
-        self.cshape = (b, rows + 1, columns + 2)  # padded 1 above, left and right (3×3)
+        # A row's activations are read by the next row 4 to 6 columns later (the lag), so
+        # each cached row is a ring of RING columns: memory per tile is rows·RING·L·C floats,
+        # not rows·columns·L·C (211 MB for one 512² tile, 4 GB for a 20-slice batch).
+        self.cshape = (b, rows + 1, RING)  # padded 1 above (row 0 stays zero)
         layers, channels = model.blocks, model.channels
         self.cache = np.zeros((int(np.prod(self.cshape)), layers * channels), dtype=np.float32)
         taps = np.array(model.first_taps)
         self.ftaps = taps[:, 0] * self.fshape[2] + taps[:, 1]
         block = np.array(model.meta["block_taps"])
-        self.btaps = block[:, 0] * self.cshape[2] + block[:, 1]
+        self.brow, self.bcol = block[:, 0] * RING, block[:, 1] - 1
         self.trace: np.ndarray | None = None
 
     def predict(self, bb: np.ndarray, ii: np.ndarray, jj: np.ndarray):
@@ -103,11 +107,13 @@ class Batch:
         n_px, layers, channels = len(bb), self.model.blocks, self.model.channels
         corner = (bb * self.fshape[1] + ii) * self.fshape[2] + jj  # (i-3, j-3) in padded rows
         feat = self.feats.take(corner[:, None] + self.ftaps, axis=0).reshape(n_px, -1)
-        corner = (bb * self.cshape[1] + ii) * self.cshape[2] + jj  # (i-1, j-1)
-        nb = self.cache.take(corner[:, None] + self.btaps, axis=0)  # (n, 4, L·C)
-        nb = nb.reshape(n_px, len(self.btaps), layers, channels).transpose(2, 0, 1, 3)
+        above = ((bb * self.cshape[1] + ii) * RING)[:, None]  # padded row i: image row i-1
+        cols = jj[:, None] + self.bcol
+        nb = self.cache.take(above + self.brow + cols % RING, axis=0)  # (n, 4, L·C)
+        nb[(cols < 0) | (cols >= self.columns)] = 0  # zero padding left and right
+        nb = nb.reshape(n_px, len(self.bcol), layers, channels).transpose(2, 0, 1, 3)
         h, acc = self.model.run_step(feat, np.ascontiguousarray(nb).reshape(layers, n_px, -1))
-        self.cache[corner + self.cshape[2] + 1] = h.transpose(1, 0, 2).reshape(n_px, -1)
+        self.cache[above[:, 0] + RING + jj % RING] = h.transpose(1, 0, 2).reshape(n_px, -1)
         if self.trace is not None:
             self.trace[bb, ii, jj] = acc
         flat, width = self.recon.reshape(-1), self.columns + 1
