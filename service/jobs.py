@@ -177,7 +177,7 @@ class Jobs:
         self._make_executor = executor_factory
         # in flight: the job and the executor running it
         self._jobs: dict[Future, tuple[Job, Executor]] = {}
-        self._in_flight: set[int] = set()  # instance ids
+        self._in_flight: set[tuple[int, int]] = set()  # (instance id, version) of each claim
         self._retries: set[threading.Timer] = set()
         self._closing = False
         self._lock = threading.Lock()
@@ -192,9 +192,9 @@ class Jobs:
         whatever happens here (another attempt, or another process after the lease), and a
         pool that broke is made anew."""
         with self._lock:
-            if claim.instance_id in self._in_flight or self._closing:
+            if (claim.instance_id, claim.version) in self._in_flight or self._closing:
                 return
-            self._in_flight.add(claim.instance_id)
+            self._in_flight.add((claim.instance_id, claim.version))
         job = Job(claim, self._stored_path(claim))
         for _ in range(2):
             executor = self.executor
@@ -211,7 +211,7 @@ class Jobs:
             future.add_done_callback(self._finish)
             return
         with self._lock:
-            self._in_flight.discard(claim.instance_id)
+            self._in_flight.discard((claim.instance_id, claim.version))
             self.idle.notify_all()
 
     def _stored_path(self, claim: Claim) -> str:
@@ -275,7 +275,7 @@ class Jobs:
         finally:
             with self._lock:
                 self._jobs.pop(future, None)
-                self._in_flight.discard(claim.instance_id)
+                self._in_flight.discard((claim.instance_id, claim.version))
                 self.idle.notify_all()
 
     def _failed(self, claim: Claim, exc: BaseException) -> None:

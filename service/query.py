@@ -40,11 +40,13 @@ from pydicom import Dataset, config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
-from sqlalchemy import and_, exists, func, literal, or_, select
+from sqlalchemy import and_, case, exists, func, literal, or_, select
+from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from compacs.service.dimse.identifier_encoding import IdentifierEncoder, Target
-from compacs.service.storage.index import Index, Instance, Patient, Series, Study
+from compacs.service.storage.index import Blob, Index, Instance, Patient, Series, Study
+from compacs.service.storage.schema import HOT_TIER
 
 LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 MODEL_LEVELS: dict[str, tuple[str, ...]] = {"patient": LEVELS, "study": LEVELS[1:]}
@@ -218,6 +220,33 @@ _COMPUTED: dict[str, _Computed] = {
 }
 
 
+def _availability(depth: int) -> ColumnElement[Any]:
+    """InstanceAvailability from the blobs' tier: ONLINE while every instance below the row
+    sits on the hot tier, NEARLINE once one was moved to a colder tier (retrieval decodes it
+    from there: slower, never refused). Driven from the (few) cold blobs through their index."""
+    inner = aliased(Instance)
+    cold = (
+        select(Blob.id)
+        .join(inner, inner.blob_pk == Blob.id)
+        .where(Blob.tier != HOT_TIER)
+    )
+    if depth == 3:
+        cold = cold.where(inner.id == Instance.id)
+    elif depth == 2:
+        cold = cold.where(inner.series_pk == Series.id)
+    else:
+        inner_series = aliased(Series)
+        cold = cold.join(inner_series, inner.series_pk == inner_series.id)
+        if depth == 1:
+            cold = cold.where(inner_series.study_pk == Study.id)
+        else:
+            inner_study = aliased(Study)
+            cold = cold.join(inner_study, inner_series.study_pk == inner_study.id).where(
+                inner_study.patient_pk == Patient.id
+            )
+    return case((cold.exists(), "NEARLINE"), else_="ONLINE")
+
+
 @dataclass
 class _Plan:
     """What one C-FIND runs: the statement (without paging) and how to answer each row."""
@@ -330,7 +359,9 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
                 template.add_new(elem.tag, "AE", None)
             continue
         if tag == _INSTANCE_AVAILABILITY:
-            template.InstanceAvailability = "ONLINE"  # every stored object is on disk
+            keywords.append("InstanceAvailability")
+            columns.append(_availability(depth))
+            seen.add("InstanceAvailability")
             continue
         keyword = elem.keyword
         attr, computed = _ATTRS.get(keyword), _COMPUTED.get(keyword)

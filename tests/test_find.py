@@ -335,6 +335,38 @@ def test_paging_returns_everything_once(filled: tuple[Index, Uids]) -> None:
     assert [a.StudyInstanceUID for a in answers] == list(uids.study.values())
 
 
+def test_instance_availability_follows_the_tier(filled: tuple[Index, Uids]) -> None:
+    """ONLINE on the hot tier; NEARLINE at every level above an instance on a colder one."""
+    from sqlalchemy import select, update
+
+    from compacs.service.storage.index import Blob, Instance
+
+    index, uids = filled
+    cold_sop = uids.instances[uids.series["A"][0]][0]
+    with index.writing() as s:
+        pk = s.scalar(select(Instance.blob_pk).where(Instance.sop_instance_uid == cold_sop))
+        s.execute(update(Blob).where(Blob.id == pk).values(tier="cold"))
+    studies = {
+        a.StudyInstanceUID: a.InstanceAvailability
+        for a in find(index, query("STUDY", StudyInstanceUID="", InstanceAvailability=""), "study")
+    }
+    assert studies[uids.study["A"]] == "NEARLINE"
+    assert {v for k, v in studies.items() if k != uids.study["A"]} == {"ONLINE"}
+    series = query("SERIES", StudyInstanceUID=uids.study["A"], SeriesInstanceUID="")
+    series.InstanceAvailability = ""
+    by_series = {a.SeriesInstanceUID: a.InstanceAvailability for a in find(index, series, "study")}
+    assert by_series[uids.series["A"][0]] == "NEARLINE"
+    image = query("IMAGE", SeriesInstanceUID=uids.series["A"][0], SOPInstanceUID="")
+    image.InstanceAvailability = ""
+    by_sop = {a.SOPInstanceUID: a.InstanceAvailability for a in find(index, image, "study")}
+    assert by_sop.pop(cold_sop) == "NEARLINE" and set(by_sop.values()) <= {"ONLINE"}
+    patients = query("PATIENT", PatientID="", InstanceAvailability="")
+    assert {a.InstanceAvailability for a in find(index, patients, "patient")} == {
+        "ONLINE",
+        "NEARLINE",
+    }
+
+
 def encoded_cases(uids: Uids) -> list[tuple[str, Dataset, str | None]]:
     """(model, identifier, RetrieveAETitle) covering every VR, level and kind of template
     element find() answers with: constants, zero-length unknown and lower-level keys, an

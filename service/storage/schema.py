@@ -44,6 +44,7 @@ STATE_PENDING = "pending"  # acknowledged, durable as received, compression not 
 STATE_STORED = "stored"  # in its final stored form
 STATE_PARKED = "parked"  # compression failed [ingest] max_attempts times: kept as received
 
+HOT_TIER = "hot"  # where received objects land; later tiers are colder
 KIND_INSTANCE = "instance"  # one Part-10 object
 KIND_VOLUME = "volume"  # the pixel data of many instances coded together
 
@@ -105,7 +106,7 @@ class Blob(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # The storage tier that holds it (its archive root), and its path under that root:
     # paths are made from hashes, never from peer strings.
-    tier: Mapped[str] = mapped_column(String(16), default="hot")
+    tier: Mapped[str] = mapped_column(String(16), default=HOT_TIER, index=True)
     path: Mapped[str] = mapped_column(String(255), unique=True)
     kind: Mapped[str] = mapped_column(String(16), default=KIND_INSTANCE)
     size: Mapped[int] = mapped_column(BigInteger)

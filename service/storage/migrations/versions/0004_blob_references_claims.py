@@ -39,6 +39,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("blob", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_blob_released_at"), ["released_at"], unique=False)
+        batch_op.create_index(batch_op.f("ix_blob_tier"), ["tier"], unique=False)
     # One row per path (paths were unique per instance; grouped all the same, so that an
     # index a hand or a test filled with shared paths migrates too)
     op.execute(
