@@ -112,28 +112,34 @@ class ArchiveService:
     def recover(self) -> int:
         """At start: drop what a crash left half-done (temp, spool and orphan files older than
         any live job's lease), and take over this node's and dead nodes' pending objects."""
-        grace = self.config.ingest.lease_seconds
-        removed = self.archive.clean_tmp(older_than=grace)
-        spooled = 0
-        for leftover in (self.config.data_dir / "spool").glob("spool-*.dcm"):
-            if age(leftover) > grace:  # data sets a crash cut off: never acknowledged
-                leftover.unlink(missing_ok=True)
-                spooled += 1
-        known = self.index.blob_paths()
-        orphans = [p for p in self.archive.blobs(older_than=grace) if p not in known]
-        for path in orphans:
-            self.archive.delete(path)
+        removed = self.remove_leftovers()
         queued = self.jobs.claim_abandoned(own_too=True) if self.jobs else 0
-        if removed or spooled or orphans or queued:
+        if removed or queued:
             log.info(
-                "recovery: %d temp, %d spool and %d orphan file(s) removed, %d pending "
-                "object(s) re-queued for compression",
+                "recovery: %d leftover file(s) removed, %d pending object(s) re-queued for "
+                "compression",
                 removed,
-                spooled,
-                len(orphans),
                 queued,
             )
         return queued
+
+    def remove_leftovers(self, under: str = "") -> int:
+        """Delete what dead writers left (any process': temp and spool files, and blobs no
+        index row knows, in the archive or `under` one of its folders), once older than a
+        lease: a live one would have indexed its files by then. Housekeeping looks at
+        incoming/ only (the whole tree is walked at start and by verify)."""
+        grace = self.config.ingest.lease_seconds
+        removed = self.archive.clean_tmp(older_than=grace)
+        for leftover in (self.config.data_dir / "spool").glob("spool-*.dcm"):
+            if age(leftover) > grace:  # data sets a crash cut off: never acknowledged
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        known = self.index.blob_paths()
+        for path in [p for p in self.archive.blobs(grace, under) if p not in known]:
+            if path not in self.index.blob_paths():  # looked at again: indexed meanwhile?
+                self.archive.delete(path)
+                removed += 1
+        return removed
 
     def start_housekeeping(self) -> None:
         self._housekeeping = threading.Thread(
@@ -143,7 +149,7 @@ class ArchiveService:
 
     def _housekeep(self) -> None:
         """Renew claims a few times per lease; take over abandoned work and sweep released
-        blobs about twice per lease."""
+        blobs about twice per lease; remove dead writers' leftovers every two leases."""
         tick = max(0.5, self.config.ingest.lease_seconds / 4)
         beat = 0
         while not self._stop.wait(tick):
@@ -155,6 +161,8 @@ class ArchiveService:
                         self.jobs.claim_abandoned()
                 if beat % 2 == 0:
                     self.sweep()
+                if beat % 8 == 0:
+                    self.remove_leftovers(under="incoming")
             except Exception:
                 log.exception("housekeeping failed; trying again at the next beat")
 

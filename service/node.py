@@ -37,8 +37,6 @@ class Node:
             evt_handlers=scp.handlers(self.service),
             contexts=scp.server_contexts(self.ae),
         )
-        self.service.recover()
-        self.service.start_housekeeping()
         log.info(
             "compacs %s listening on %s:%d, data in %s, index %s, %d compression worker(s)",
             self.config.ae_title,
@@ -52,6 +50,8 @@ class Node:
         log.info(
             "rules: %s (from %s)", ", ".join(r.name for r in self.config.rules), self.config.source
         )
+        self.service.recover()
+        self.service.start_housekeeping()
 
     def stop(self, grace: float = 60.0) -> None:
         """Stop accepting, let in-flight stores finish (up to `grace` s), then shut down."""

@@ -100,7 +100,7 @@ def make_node(
     tmp_path: Path, request: pytest.FixtureRequest, debian_peers: None, fast_paths: bool
 ) -> Iterator[MakeNode]:
     """Factory: ``make_node(config=None, env=None, *, ae_title="COMPACS", extra_args=(),
-    data_dir=None, port=None, start=True) -> CompacsProcess``.
+    data_dir=None, port=None, start=True, log_path=None) -> CompacsProcess``.
 
     ``config`` is a path or TOML text (written to tmp_path). Data dirs are tmp_path/data,
     tmp_path/data1, ...; logs beside them (compacs-data.log). Restart a node with
@@ -117,6 +117,7 @@ def make_node(
         data_dir: Path | None = None,
         port: int | None = None,
         start: bool = True,
+        log_path: Path | None = None,
     ) -> peers.CompacsProcess:
         index = len(nodes)
         if isinstance(config, str) and not Path(config).exists():
@@ -130,6 +131,7 @@ def make_node(
             config=config,
             env={**({} if fast_paths else {"COMPACS_FAST_PATHS": "0"}), **(env or {})},
             extra_args=extra_args,
+            log_path=log_path,
         )
         nodes.append(node)
         if start:

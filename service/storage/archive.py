@@ -148,9 +148,10 @@ class Archive:
                 count += 1
         return count
 
-    def blobs(self, older_than: float = 0.0) -> Iterator[str]:
-        """Blob files on disk (relative paths) at least `older_than` seconds old."""
-        for dirpath, _dirs, files in os.walk(self.root):
+    def blobs(self, older_than: float = 0.0, under: str = "") -> Iterator[str]:
+        """Blob files on disk (relative paths) at least `older_than` seconds old, in the
+        whole archive or `under` one of its folders."""
+        for dirpath, _dirs, files in os.walk(self.root / under):
             rel = Path(dirpath).relative_to(self.root)
             if rel.parts[:1] == ("tmp",):
                 continue
