@@ -137,6 +137,11 @@ class Codec(Backend):
     def decode_frame(self, data: bytes, fmt: PixelFormat) -> np.ndarray:
         raise NotImplementedError
 
+    def error_bound(self, params: dict[str, Any]) -> int:
+        """The max |error| these parameters allow: 0 for a lossless codec (verified
+        bit-exact); a bounded-error codec says its bound, which the runner checks."""
+        return 0
+
 
 def int_param(codec: str, params: dict[str, Any], key: str, default: int, allowed: range) -> int:
     """An integer parameter from a rule (an int) or the command line (its decimal string).

@@ -83,6 +83,9 @@ class Learned(Codec):
         """True only for δ = 0: any δ > 0 result is lossy in DICOM's sense (invariant 3)."""
         return parse_delta(params) == 0
 
+    def error_bound(self, params: dict[str, Any]) -> int:
+        return parse_delta(params)
+
     def unsupported_reason(self, fmt: PixelFormat) -> str | None:
         if fmt.samples_per_pixel != 1:
             return (
@@ -249,7 +252,8 @@ class Learned(Codec):
             words = np.frombuffer(data, dtype="<u4", count=nbytes // 4, offset=pos)
             tiles.append((lo, hi, d, base, offset, words.astype(np.uint32)))
             pos += nbytes
-        if pos != len(data):
+        # DICOM pads an encapsulated fragment to an even length with one zero byte
+        if pos != len(data) and not (len(data) == pos + 1 and data[-1] == 0):
             raise ValueError(f"learned-codec bitstream has {len(data) - pos} bytes too many/few")
         return header, tiles
 

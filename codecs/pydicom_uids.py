@@ -1,4 +1,5 @@
-"""The JPEG XL transfer syntaxes (PS3.5 Supplement 232), taught to pydicom 3.0.2.
+"""The JPEG XL transfer syntaxes (PS3.5 Supplement 232), taught to pydicom 3.0.2; and
+compacs' private syntaxes, registered with pydicom's public API for private ones.
 
 pydicom 3.0.2 predates them: `UID("1.2.840.10008.1.2.4.110").is_transfer_syntax` is False,
 so `dcmwrite` refuses such a dataset and `is_compressed` raises. pydicom decides all of that
@@ -16,6 +17,7 @@ import logging
 
 import pydicom
 from pydicom._uid_dict import UID_dictionary
+from pydicom.uid import UID, register_transfer_syntax
 
 log = logging.getLogger("compacs.codecs")
 
@@ -57,3 +59,11 @@ def register() -> bool:
         return False
     UID_dictionary.update(missing)
     return True
+
+
+def private_syntax(uid: str) -> UID:
+    """A private transfer syntax of compacs (Part-10 objects whose frames a private codec
+    coded: encapsulated in explicit VR little endian, never sent to peers), registered so that
+    pydicom reads and writes such files. The UID returned carries its encoding: file meta
+    elements must hold it (a plain string of the same UID would not)."""
+    return register_transfer_syntax(uid, implicit_vr=False, little_endian=True)

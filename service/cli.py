@@ -217,9 +217,16 @@ def cmd_codec_encode(args: argparse.Namespace) -> int:
     if outcome.codec != codec.name and codec.transfer_syntax_uid:
         raise UsageError(f"{args.input}: {codec.name} not applied: {'; '.join(outcome.notes)}")
     args.output.write_bytes(outcome.data)
+    derived = outcome.derived
+    checked = (
+        "verified bit-exact"
+        if derived is None
+        else f"LOSSY: max |error| {derived.max_error} (bound {derived.bound}), a new instance "
+        f"{derived.sop_instance_uid} derived from {derived.source_sop_instance_uid}"
+    )
     print(
         f"{args.output}: {codec.name}, {len(raw)} -> {len(outcome.data)} bytes "
-        f"(ratio {len(raw) / len(outcome.data):.2f}), verified bit-exact"
+        f"(ratio {len(raw) / len(outcome.data):.2f}), {checked}"
     )
     return 0
 

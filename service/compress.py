@@ -15,13 +15,16 @@ from io import BytesIO
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import dcmwrite, write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
-from pydicom.uid import UID
+from pydicom.uid import generate_uid
 
 from compacs.codecs import registry
 from compacs.codecs.base import Codec, PixelFormat
+from compacs.codecs.pydicom_uids import private_syntax
 from compacs.service import syntaxes
 from compacs.service.rules import CodecChoice
 from compacs.service.syntaxes import EXPLICIT_BE, EXPLICIT_LE
@@ -41,6 +44,7 @@ class Outcome:
     # Set when the pixel data as received does not decode: the object is kept as received
     # and the index flags it (a damaged or mutated compressed arrival).
     source_error: str | None = None
+    derived: Derived | None = None  # a bounded-error result, a new instance
 
 
 # What a failing codec may raise and still count as a failed attempt. Native extensions
@@ -87,35 +91,115 @@ def _little_endian(frame: np.ndarray) -> np.ndarray:
 
 def _pydicom_plugin(ds: Dataset) -> str:
     # gdcm mis-decodes signed data with BitsStored < BitsAllocated (DESIGN.md pitfalls).
-    return "pylibjpeg" if UID(ds.file_meta.TransferSyntaxUID).is_compressed else ""
+    return "pylibjpeg" if syntaxes.is_encapsulated(str(ds.file_meta.TransferSyntaxUID)) else ""
 
 
-def encoded_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params: dict) -> Dataset:
-    """`ds` with its frames encoded by `codec`, each verified bit-exact.
+def encoded_frames(
+    codec: Codec, frames: list[np.ndarray], fmt: PixelFormat, params: dict
+) -> tuple[list[bytes], int]:
+    """Each frame encoded and decoded again: bit-exact for a lossless codec, within its
+    error bound for a bounded-error one; the codestreams and the largest error measured.
 
     Raises ValueError on a verification mismatch; the caller falls back.
     """
-    fmt = PixelFormat.from_dataset(ds)
-    encoded = []
+    bound = codec.error_bound(params)
+    encoded, max_error = [], 0
     for i, frame in enumerate(frames):
         data = codec.encode_frame(frame, fmt, **params)
         decoded = codec.decode_frame(data, fmt)
-        if decoded.shape != frame.shape or not np.array_equal(decoded, frame):
-            raise ValueError(f"frame {i} does not decode bit-exact")
+        if decoded.shape != frame.shape:
+            raise ValueError(f"frame {i} decodes to shape {decoded.shape}, not {frame.shape}")
+        if bound == 0:
+            if not np.array_equal(decoded, frame):
+                raise ValueError(f"frame {i} does not decode bit-exact")
+        else:
+            error = int(np.max(np.abs(decoded.astype(np.int64) - frame.astype(np.int64))))
+            if error > bound:
+                raise ValueError(f"frame {i}: max |error| {error} exceeds the bound {bound}")
+            max_error = max(max_error, error)
         encoded.append(data)
-    # A shallow copy shares its elements with `ds`: changed ones are replaced, never assigned
-    # to, so the caller's dataset keeps its own pixel data (a later codec may need it).
-    out = Dataset(ds)
-    out.file_meta = Dataset(ds.file_meta)
+    return encoded, max_error
+
+
+def encoded_dataset(ds: Dataset, codec: Codec, frames: list[np.ndarray], params: dict) -> Dataset:
+    """`ds` with its frames encoded by `codec` and verified (encoded_frames); a bounded-error
+    result becomes a lossy derived object (`derive`)."""
+    return _encoded(ds, codec, frames, params)[0]
+
+
+def _encoded(
+    ds: Dataset, codec: Codec, frames: list[np.ndarray], params: dict
+) -> tuple[Dataset, Derived | None]:
+    fmt = PixelFormat.from_dataset(ds)
+    encoded, max_error = encoded_frames(codec, frames, fmt, params)
+    out = with_frames(ds, codec, encoded, fmt)
+    bound = codec.error_bound(params)
+    if not bound:
+        return out, None
+    ratio = sum(f.nbytes for f in frames) / max(1, sum(len(e) for e in encoded))
+    derive(out, ds, codec, bound, max_error, ratio)
+    return out, Derived(str(out.SOPInstanceUID), str(ds.SOPInstanceUID), bound, max_error)
+
+
+def with_frames(ds: Dataset, codec: Codec, encoded: list[bytes], fmt: PixelFormat) -> Dataset:
+    """A copy of `ds` holding `encoded` as its encapsulated Pixel Data in `codec`'s syntax.
+
+    A shallow copy shares its elements with `ds`: changed ones are replaced, never assigned
+    to, so the caller's dataset keeps its own pixel data and syntax (a later codec may need
+    them)."""
+    out = shallow_copy(ds)
+    out.file_meta = FileMetaDataset(shallow_copy(ds.file_meta))
     if str(ds.file_meta.TransferSyntaxUID) == EXPLICIT_BE:
         little_endian_words(out)
-    out.file_meta["TransferSyntaxUID"] = DataElement(0x00020010, "UI", codec.transfer_syntax_uid)
+    out.file_meta["TransferSyntaxUID"] = DataElement(0x00020010, "UI", _syntax_value(codec))
     out[0x7FE00010] = DataElement(
         0x7FE00010, "OB", encapsulate(encoded, has_bot=len(encoded) > 1), is_undefined_length=True
     )
     if fmt.samples_per_pixel > 1:  # compressed colour frames are always colour-by-pixel
         out[0x00280006] = DataElement(0x00280006, "US", 0)
     return out
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A bounded-error result: a new instance derived from the one received (invariant 3)."""
+
+    sop_instance_uid: str
+    source_sop_instance_uid: str
+    bound: int
+    max_error: int
+
+
+LOSSY_METHOD = "COMPACS_NEAR"  # (0028,2114), CS: no defined term names this codec
+
+
+def derive(
+    out: Dataset, source: Dataset, codec: Codec, bound: int, max_error: int, ratio: float
+) -> None:
+    """Make `out` what PS3.3 asks of an image after lossy compression (C.7.6.1.1.5): Lossy
+    Image Compression 01 with the ratio and method appended to those it had, Image Type
+    DERIVED, a new SOP Instance UID, and the source in the Source Image Sequence."""
+
+    def values(keyword: str) -> list:
+        value = source.get(keyword)
+        if value is None or value == "":
+            return []
+        return list(value) if isinstance(value, MultiValue) else [value]
+
+    image_type = values("ImageType") or ["DERIVED", "SECONDARY"]
+    out.ImageType = ["DERIVED", *image_type[1:]]
+    out.LossyImageCompression = "01"
+    out.LossyImageCompressionRatio = [*values("LossyImageCompressionRatio"), round(ratio, 2)]
+    out.LossyImageCompressionMethod = [*values("LossyImageCompressionMethod"), LOSSY_METHOD]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    out.SourceImageSequence = [*source.get("SourceImageSequence", []), reference]
+    out.DerivationDescription = (
+        f"compacs {codec.name}, near-lossless: max |error| {max_error} (bound {bound})"
+    )[:1024]
+    out.SOPInstanceUID = generate_uid()
+    out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
 
 
 # Byte strings pydicom writes as they were read, whatever the target byte order: their
@@ -134,7 +218,7 @@ def little_endian_words(ds: Dataset) -> None:
         if elem.VR == "SQ":
             items = []
             for item in elem.value:
-                copy = Dataset(item)
+                copy = shallow_copy(item)
                 little_endian_words(copy)
                 items.append(copy)
             ds[elem.tag] = DataElement(elem.tag, "SQ", items)
@@ -143,6 +227,20 @@ def little_endian_words(ds: Dataset) -> None:
         if size and elem.value and len(elem.value) % size == 0:
             swapped = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
             ds[elem.tag] = DataElement(elem.tag, elem.VR, swapped)
+
+
+def _syntax_value(codec: Codec) -> str:
+    """The Transfer Syntax UID element's value: for a private syntax the UID that pydicom was
+    told the encoding of (pydicom_uids.private_syntax), so that it writes the file."""
+    uid = codec.transfer_syntax_uid
+    return private_syntax(uid) if syntaxes.is_private(uid) else uid
+
+
+def shallow_copy(ds: Dataset) -> Dataset:
+    """A new data set holding the same elements. Not `Dataset(ds)` nor `copy.copy(ds)`:
+    pydicom 3.0 lets those share `ds`'s element dict, so replacing an element of the "copy"
+    replaced it in `ds` too (a failed codec left the source in its syntax)."""
+    return Dataset(dict(ds.items()))
 
 
 def part10(ds: Dataset) -> bytes:
@@ -157,16 +255,19 @@ def encode_dataset(
     frames: list[np.ndarray],
     params: dict,
     splice: tuple[bytes, RawLayout] | None = None,
-) -> bytes:
-    """Part-10 bytes of `encoded_dataset`; spliced into the received bytes when `splice`
-    gives them and where they sit (see `raw_layout`)."""
-    out = encoded_dataset(ds, codec, frames, params)
+) -> tuple[bytes, Derived | None]:
+    """Part-10 bytes of `encoded_dataset` (spliced into the received bytes when `splice`
+    gives them and where they sit, see `raw_layout`), and what was derived if the codec
+    is bounded-error (then more than the pixel data changes: never spliced)."""
+    out, derived = _encoded(ds, codec, frames, params)
+    if derived is not None:
+        return part10(out), derived
     if splice is not None:
         raw, layout = splice
         spliced = _splice(raw, layout, ds, out)
         if spliced is not None:
-            return spliced
-    return part10(out)
+            return spliced, None
+    return part10(out), None
 
 
 @dataclass(frozen=True)
@@ -309,7 +410,7 @@ def compress(
                 passthrough.notes.append(passthrough.source_error)
                 break
         try:
-            data = encode_dataset(ds, codec, frames, choice.params, splice)
+            data, derived = encode_dataset(ds, codec, frames, choice.params, splice)
         except BaseException as exc:  # any codec failure must fall back, never lose the object
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
@@ -321,7 +422,12 @@ def compress(
             passthrough.notes.append(f"{codec.name}: no gain ({len(data)} >= {len(raw)} bytes)")
             continue
         outcome = Outcome(
-            data, codec.name, codec.transfer_syntax_uid, passthrough.notes, passthrough.fallbacks
+            data,
+            codec.name,
+            codec.transfer_syntax_uid,
+            passthrough.notes,
+            passthrough.fallbacks,
+            derived=derived,
         )
         break
     return outcome

@@ -83,7 +83,7 @@ def _encoding_defects(raw: bytes, ds: Dataset) -> list[Defect]:
     from compacs.service.wire import dataset_start
 
     said = UID(ds.file_meta.get("TransferSyntaxUID", ""))
-    if not said.is_transfer_syntax or said.is_deflated:
+    if said.is_private or not said.is_transfer_syntax or said.is_deflated:
         return []
     try:
         start = dataset_start(raw)

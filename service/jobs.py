@@ -36,7 +36,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from compacs.service import rules as rules_mod
-from compacs.service.compress import NOT_A_CODEC_FAILURE, compress
+from compacs.service.compress import NOT_A_CODEC_FAILURE, Derived, compress
 from compacs.service.config import NodeConfig
 from compacs.service.storage.archive import Archive, new_token
 from compacs.service.storage.index import Claim, Index, NewBlob, lease
@@ -64,6 +64,7 @@ class JobResult:
     notes: tuple[str, ...]
     fallbacks: int
     source_error: str | None  # the pixel data as received does not decode
+    derived: Derived | None  # a bounded-error result: a new instance
 
 
 class JobError(Exception):
@@ -132,6 +133,7 @@ def _run_job(job: Job) -> JobResult:
         tuple(outcome.notes),
         outcome.fallbacks,
         outcome.source_error,
+        outcome.derived,
     )
 
 
@@ -313,6 +315,7 @@ class Jobs:
             stored_transfer_syntax=result.transfer_syntax,
             codec=result.codec,
             **({"defects": result.source_error} if result.source_error else {}),
+            **(_derived_fields(result.derived) if result.derived else {}),
         )
         if not stored:  # replaced, or another process took over: our file belongs to no row
             self.archive.delete(job.stored)
@@ -340,6 +343,24 @@ class Jobs:
             ratio,
             f" ({'; '.join(result.notes)})" if result.notes else "",
         )
+        if result.derived:
+            derived = result.derived
+            log.warning(
+                "SOP %s stored LOSSILY as derived SOP %s (codec %s, max |error| %d, bound %d: "
+                "a rule allows it)",
+                derived.source_sop_instance_uid,
+                derived.sop_instance_uid,
+                result.codec,
+                derived.max_error,
+                derived.bound,
+            )
+            self.index.audit(
+                "lossy_derived",
+                sop_uid=derived.sop_instance_uid,
+                calling_ae=claim.calling_ae,
+                detail=f"from {derived.source_sop_instance_uid}, {result.codec}, "
+                f"max |error| {derived.max_error} <= {derived.bound}",
+            )
         if result.fallbacks:
             self.index.audit(
                 "codec_fallback",
@@ -377,6 +398,15 @@ class Jobs:
             log.info(
                 "%d object(s) still pending compression; they resume at the next start", released
             )
+
+
+def _derived_fields(derived: Derived) -> dict:
+    return {
+        "sop_instance_uid": derived.sop_instance_uid,
+        "derived_from": derived.source_sop_instance_uid,
+        "lossy_bound": derived.bound,
+        "max_error": derived.max_error,
+    }
 
 
 def flagged(index: Index, sop_uid: str, calling_ae: str, defects: str, as_received: bool) -> None:

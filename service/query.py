@@ -225,11 +225,7 @@ def _availability(depth: int) -> ColumnElement[Any]:
     sits on the hot tier, NEARLINE once one was moved to a colder tier (retrieval decodes it
     from there: slower, never refused). Driven from the (few) cold blobs through their index."""
     inner = aliased(Instance)
-    cold = (
-        select(Blob.id)
-        .join(inner, inner.blob_pk == Blob.id)
-        .where(Blob.tier != HOT_TIER)
-    )
+    cold = select(Blob.id).join(inner, inner.blob_pk == Blob.id).where(Blob.tier != HOT_TIER)
     if depth == 3:
         cold = cold.where(inner.id == Instance.id)
     elif depth == 2:

@@ -85,6 +85,13 @@ def producible(uid: str, stored: str) -> bool:
     return codec is not None and codec.lossless and codec.is_available()
 
 
+def is_encapsulated(uid: str) -> bool:
+    """Whether pixel data in `uid` is encapsulated (compressed): every syntax but the native
+    and deflated ones, compacs' private ones included (pydicom's UID properties raise for
+    private syntaxes it was not told of)."""
+    return uid not in NATIVE and uid not in (EXPLICIT_BE, DEFLATED_LE)
+
+
 def is_private(uid: str) -> bool:
     """Our own syntaxes (2.25 UIDs) are for the archive only: never sent."""
     return not uid.startswith("1.2.840.10008.")

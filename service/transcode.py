@@ -50,7 +50,7 @@ def transcode_dataset(ds: Dataset, target: str) -> Dataset:
             little_endian_words(ds)
             if has_pixels:
                 _native_pixels(ds)
-        elif has_pixels and UID(current).is_compressed:
+        elif has_pixels and syntaxes.is_encapsulated(current):
             _decompress(ds)
         ds.file_meta.TransferSyntaxUID = UID(target)
         return ds
@@ -59,7 +59,7 @@ def transcode_dataset(ds: Dataset, target: str) -> Dataset:
         raise TranscodeError(f"cannot encode transfer syntax {target}")
     if not has_pixels:
         raise TranscodeError(f"{target} is an image syntax and this object has no pixel data")
-    if UID(current).is_compressed and registry.by_transfer_syntax(current) is None:
+    if syntaxes.is_encapsulated(current) and registry.by_transfer_syntax(current) is None:
         # Decoded by pydicom first, which fixes what decoding changes (YBR JPEG -> RGB). A
         # lossily coded object re-encoded losslessly loses nothing more, and says it was
         # lossy (PS3.3 C.7.6.1.1.5): a peer that accepts only a lossless syntax can read it.

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+
+from compacs.service import syntaxes
 
 # Digits and dots, no empty component, at most 64 characters (PS3.5 9.1). Leading zeros
 # are tolerated: they are wrong but common, and harmless since UIDs never become paths.
@@ -150,8 +151,8 @@ def check_pixel_data(ds: Dataset) -> None:
     value = ds["PixelData"].value
     if value is None:
         raise BadInput(STATUS_DATASET_MISMATCH, "PixelData is empty")
-    tsyntax = UID(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else None
-    if tsyntax is not None and tsyntax.is_encapsulated:
+    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if tsyntax and syntaxes.is_encapsulated(tsyntax):
         try:
             fragments = sum(1 for _ in generate_fragments(value))
         except (ValueError, struct.error) as exc:

@@ -120,7 +120,7 @@ def make_node(
         log_path: Path | None = None,
     ) -> peers.CompacsProcess:
         index = len(nodes)
-        if isinstance(config, str) and not Path(config).exists():
+        if isinstance(config, str) and ("\n" in config or not Path(config).exists()):
             cfg_file = tmp_path / f"compacs{index or ''}.toml"
             cfg_file.write_text(config)
             config = cfg_file

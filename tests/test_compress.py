@@ -94,3 +94,13 @@ def test_implicit_vr_arrival_is_reserialised_and_exact(samples) -> None:
     assert outcome.codec == "jpegls"
     assert np.array_equal(out.pixel_array, pydicom.dcmread(BytesIO(raw)).pixel_array)
     assert out.PatientName == ds.PatientName and out.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_the_source_dataset_is_left_as_received(ct_raw) -> None:
+    """pydicom 3.0's Dataset(ds) shares ds's elements: the runner's copy must not, or a codec
+    that is tried and not kept leaves the source in its syntax for the next one."""
+    raw, ds = ct_raw
+    syntax, pixels = str(ds.file_meta.TransferSyntaxUID), ds.PixelData
+    outcome = compress(raw, ds, [CodecChoice("jpegls")])
+    assert outcome.codec == "jpegls"
+    assert str(ds.file_meta.TransferSyntaxUID) == syntax and ds.PixelData == pixels

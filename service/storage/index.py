@@ -212,7 +212,10 @@ class Index:
                     _INSTANCE.c.received_hash,
                     _INSTANCE.c.received_transfer_syntax,
                     _INSTANCE.c.blob_pk,
-                ).where(_INSTANCE.c.sop_instance_uid == sop_uid)
+                ).where(
+                    (_INSTANCE.c.sop_instance_uid == sop_uid)
+                    | (_INSTANCE.c.derived_from == sop_uid)
+                )
             ).first()
         return ReceivedVersion(*row) if row else None
 

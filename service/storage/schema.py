@@ -137,6 +137,11 @@ class Instance(Base):
     # Why the object is kept as received although non-conformant (validate.Defect texts and
     # undecodable pixel data), "; "-joined; NULL when nothing was found.
     defects: Mapped[str | None] = mapped_column(Text)
+    # A bounded-error result is a new instance derived from the one received: the row takes
+    # the new SOP Instance UID and keeps the received one, the bound and the error measured.
+    derived_from: Mapped[str | None] = mapped_column(String(64), index=True)
+    lossy_bound: Mapped[int | None] = mapped_column(Integer)
+    max_error: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), index=True)
