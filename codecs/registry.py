@@ -62,3 +62,12 @@ def get_volume(name: str) -> VolumeCodec:
     except KeyError:
         known = ", ".join(volume_names())
         raise KeyError(f"unknown volume codec {name!r} (known: {known})") from None
+
+
+def volume_by_transfer_syntax(uid: str) -> VolumeCodec | None:
+    """The available volume codec whose private syntax is `uid` (a multi-frame instance
+    coded as one volume); None otherwise."""
+    for codec in _VOLUME_CODECS:
+        if uid and codec.transfer_syntax_uid == uid and codec.is_available():
+            return codec
+    return None

@@ -25,7 +25,8 @@ from compacs.service.ingest import Ingest
 from compacs.service.jobs import Jobs
 from compacs.service.storage.archive import Archive, age
 from compacs.service.storage.index import Index, Instance
-from compacs.service.storage.schema import utcnow
+from compacs.service.storage.schema import HOT_TIER, utcnow
+from compacs.service.tiering.volumes import VolumeReader
 
 log = logging.getLogger("compacs.archive")
 
@@ -45,12 +46,16 @@ class ArchiveService:
         self, config: NodeConfig, archive: Archive, index: Index, jobs: Jobs | None = None
     ) -> None:
         self.config = config
-        self.archive = archive
+        self.archive = archive  # the hot tier's, where objects arrive
+        self.archives = {HOT_TIER: archive, **{t.name: Archive(t.root) for t in config.tiers}}
+        self.volumes = VolumeReader()
         self.index = index
         self.jobs = jobs
         self.ingest = Ingest(config, archive, index, jobs) if jobs is not None else None
         self._stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
+        self._scheduler = None
+        self.owner = owner_name(config)
 
     @classmethod
     def open(
@@ -104,9 +109,32 @@ class ArchiveService:
             return self._read(fresh)
 
     def _read(self, inst: Instance) -> bytes:
-        return self.archive.read_range(
-            inst.blob.path, inst.blob_offset, inst.blob_length, inst.checksum
-        )
+        archive = self.archive_for(inst.blob.tier)
+        if inst.frame_first is not None:  # a slice of a series volume
+            return self.volumes.slice_part10(
+                archive.abspath(inst.blob.path),
+                inst.blob_offset,
+                inst.blob_length,
+                inst.checksum,
+                inst.frame_first,
+                inst.codec,
+            )
+        return archive.read_range(inst.blob.path, inst.blob_offset, inst.blob_length, inst.checksum)
+
+    def archive_for(self, tier: str) -> Archive:
+        """The archive root of a tier (a blob on a tier no longer in the config: say so)."""
+        try:
+            return self.archives[tier]
+        except KeyError:
+            raise FileNotFoundError(
+                f"tier {tier!r} holds this blob but is not in the config's [[tiers]]: add it "
+                "back (name and root) to read it"
+            ) from None
+
+    def mark_accessed(self, instance_ids: list[int]) -> None:
+        """Retrieved now (C-GET, C-MOVE): tiers with since = "accessed" count from here."""
+        if instance_ids:
+            self.index.mark_accessed(instance_ids)
 
     # --- start, housekeeping, stop ---
     def recover(self) -> int:
@@ -135,10 +163,11 @@ class ArchiveService:
                 leftover.unlink(missing_ok=True)
                 removed += 1
         known = self.index.blob_paths()
-        for path in [p for p in self.archive.blobs(grace, under) if p not in known]:
-            if path not in self.index.blob_paths():  # looked at again: indexed meanwhile?
-                self.archive.delete(path)
-                removed += 1
+        for archive in self.archives.values() if not under else [self.archive]:
+            for path in [p for p in archive.blobs(grace, under) if p not in known]:
+                if path not in self.index.blob_paths():  # looked at again: indexed meanwhile?
+                    archive.delete(path)
+                    removed += 1
         return removed
 
     def start_housekeeping(self) -> None:
@@ -171,19 +200,43 @@ class ArchiveService:
         that started before their release can still be reading them."""
         before = utcnow() - timedelta(seconds=self.config.storage.delete_grace_seconds)
         count = 0
-        for blob_pk, path in self.index.released_blobs(before):
-            self.archive.delete(path)
+        for blob_pk, tier, path in self.index.released_blobs(before):
+            self.archive_for(tier).delete(path)
             self.index.forget_blob(blob_pk)
             count += 1
         if count:
             log.info("sweep: %d released blob(s) deleted", count)
         return count
 
+    # --- tiering ---
+    def tier_run(self, now=None, *, progress: bool = False, executor=None):  # noqa: ANN001, ANN201
+        """Move what is due (tiering/moves.py); a RunReport."""
+        from compacs.service.tiering import moves
+
+        return moves.run_due(
+            self, self.owner, now, progress=progress, executor=executor, stop=self._stop.is_set
+        )
+
+    def fixity_run(self, *, limit: int = 1000, progress: bool = False):  # noqa: ANN201
+        """Re-read and check blobs that are due (tiering/fixity.py); a FixityReport."""
+        from compacs.service.tiering import fixity
+
+        return fixity.run(self, limit=limit, progress=progress)
+
+    def start_scheduler(self) -> None:
+        from compacs.service.tiering import scheduler
+
+        self._scheduler = scheduler.start(self, self.owner)
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self.jobs.wait_idle(timeout) if self.jobs is not None else True
 
     def close(self) -> None:
         self._stop.set()
+        if self._scheduler is not None:
+            from compacs.service.tiering import scheduler
+
+            scheduler.stop(self._scheduler)  # waits for a running job: it stops after its move
         if self._housekeeping is not None:
             self._housekeeping.join(timeout=10)
         if self.jobs is not None:

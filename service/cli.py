@@ -167,6 +167,100 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _tier_service(args: argparse.Namespace):  # noqa: ANN202
+    import os
+    import socket
+
+    service = _open_service(args)
+    if not service.config.tiers:
+        raise UsageError(
+            f"{service.config.source}: no [[tiers]] in the config: nothing to move (see "
+            "deploy/compacs.example.toml)"
+        )
+    service.owner = f"{socket.gethostname()}:cli:{os.getpid()}"  # not a node's claims
+    return service
+
+
+def cmd_tier_run(args: argparse.Namespace) -> int:
+    """Run the due tier moves once (what the node's scheduler runs), with a progress bar;
+    Ctrl-C stops after the current move, and the next run goes on from there."""
+    from datetime import UTC, datetime
+
+    service = _tier_service(args)
+    now = None
+    if args.as_of:
+        try:
+            now = datetime.fromisoformat(args.as_of)
+        except ValueError as exc:
+            raise UsageError(f"--as-of {args.as_of!r}: give a date, e.g. 2027-03-01") from exc
+        now = now if now.tzinfo else now.replace(tzinfo=UTC)
+    try:
+        removed = service.remove_leftovers()  # what a killed earlier run left half-written
+        if removed:
+            print(f"removed {removed} file(s) an interrupted run left")
+        report = service.tier_run(now, progress=True)
+    finally:
+        service.close()
+    for line in report.failed:
+        print(f"FAILED {line}")
+    print(f"tier run: {report.line()}")
+    return 1 if report.failed else 0
+
+
+def cmd_tier_fixity(args: argparse.Namespace) -> int:
+    service = _open_service(args)
+    try:
+        report = service.fixity_run(limit=args.limit, progress=True)
+    finally:
+        service.close()
+    for line in report.failed:
+        print(f"FIXITY FAILURE {line}")
+    print(f"fixity: {report.checked} blob(s) checked, {len(report.failed)} failed")
+    return 1 if report.failed else 0
+
+
+def cmd_tier_status(args: argparse.Namespace) -> int:
+    """Per tier: what it holds and what was saved; what is due now; fixity; the last run."""
+    from compacs.service.tiering import moves
+
+    service = _open_service(args)
+    try:
+        stats = service.index.stats()
+        backlog: dict[str, int] = {}
+        for move in moves.plan(service, moves.utcnow(), limit=10**9):
+            backlog[move.tier.name] = backlog.get(move.tier.name, 0) + len(move.rows)
+        fixity = service.index.fixity_summary()
+        last = service.index.last_audit("tier_run")
+        failures = service.index.fixity_failures()
+    finally:
+        service.close()
+    tiers = ["hot", *(t.name for t in service.config.tiers)]
+    if args.json:
+        print(json.dumps(
+            {"tiers": stats["by_tier"], "backlog": backlog, "fixity": fixity,
+             "fixity_failures": failures, "last_run": last}, indent=2, default=str,
+        ))  # fmt: skip
+        return 1 if failures else 0
+    print(
+        f"{'tier':<10} {'instances':>10} {'received':>12} {'stored':>12} {'saved':>12} {'due':>8}"
+    )
+    for name in tiers:
+        row = stats["by_tier"].get(name, {"instances": 0, "bytes_received": 0, "bytes_stored": 0})
+        saved = row["bytes_received"] - row["bytes_stored"]
+        print(
+            f"{name:<10} {row['instances']:>10} {_mb(row['bytes_received']):>12} "
+            f"{_mb(row['bytes_stored']):>12} {_mb(saved):>12} {backlog.get(name, 0):>8}"
+        )
+    print(
+        f"\nfixity: {fixity['checked']} of {fixity['blobs']} blob(s) checked, "
+        f"{fixity['failed']} failed; oldest check {fixity['oldest_check'] or 'never'}"
+    )
+    for tier, path, error in failures:
+        print(f"FIXITY FAILURE {tier}/{path}: {error}")
+    print(f"last tier run: {last or 'never'}")
+    return 1 if failures else 0
+
+
 def cmd_codec_list(args: argparse.Namespace) -> int:
     from compacs.codecs import registry
 
@@ -451,6 +545,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every blob's checksum and that it decodes")
     data_options(p)
     p.set_defaults(func=cmd_verify)
+
+    tier = sub.add_parser("tier", help="move objects to colder tiers; fixity; status")
+    tsub = tier.add_subparsers(dest="tier_command", required=True, metavar="ACTION")
+    p = tsub.add_parser("run", help="run the due tier moves once, with a progress bar")
+    data_options(p)
+    p.add_argument("--as-of", help="judge what is due as if it were this date (YYYY-MM-DD)")
+    p.set_defaults(func=cmd_tier_run)
+    p = tsub.add_parser("status", help="per tier: objects, bytes saved, backlog; fixity")
+    data_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_tier_status)
+    p = tsub.add_parser("fixity", help="re-read and check the blobs due for a check, once")
+    data_options(p)
+    p.add_argument("--limit", type=int, default=1000, help="blobs at most (default 1000)")
+    p.set_defaults(func=cmd_tier_fixity)
 
     db = sub.add_parser("db", help="the index's schema")
     dsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

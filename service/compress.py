@@ -68,12 +68,18 @@ def source_frames(ds: Dataset) -> list[np.ndarray]:
     stored and objects that arrived in that syntax read alike; anything else by pydicom.
     """
     fmt = PixelFormat.from_dataset(ds)
-    codec = registry.by_transfer_syntax(str(ds.file_meta.TransferSyntaxUID))
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    codec = registry.by_transfer_syntax(syntax)
     if codec is not None:
         from pydicom.encaps import generate_frames
 
         frames = generate_frames(ds.PixelData, number_of_frames=fmt.number_of_frames)
         return [codec.decode_frame(f, fmt) for f in frames]
+    volume = registry.volume_by_transfer_syntax(syntax)
+    if volume is not None:  # one fragment: the frames coded together (a tier's volume form)
+        from pydicom.encaps import generate_fragments
+
+        return volume.decode_frames(b"".join(generate_fragments(ds.PixelData)), fmt)
     return [
         _little_endian(np.ascontiguousarray(f))
         for f in iter_pixels(ds, raw=True, decoding_plugin=_pydicom_plugin(ds))
@@ -227,6 +233,14 @@ def little_endian_words(ds: Dataset) -> None:
         if size and elem.value and len(elem.value) % size == 0:
             swapped = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
             ds[elem.tag] = DataElement(elem.tag, elem.VR, swapped)
+
+
+def ours(syntax: str) -> bool:
+    """Whether one of compacs' codecs decodes `syntax` (source_frames does, not pydicom)."""
+    return (
+        registry.by_transfer_syntax(syntax) is not None
+        or registry.volume_by_transfer_syntax(syntax) is not None
+    )
 
 
 def _syntax_value(codec: Codec) -> str:

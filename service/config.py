@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from compacs.service.rules import Rule, parse_rules
+from compacs.service.tiering.policy import Tier, parse_tiers
 
 DEFAULTS_NAME = "<embedded defaults>"
 
@@ -28,7 +29,7 @@ ENV_OVERRIDES = {
 }
 
 ON_DUPLICATE = ("keep_first", "replace")
-TABLES = ("node", "move_destinations", "access", "ingest", "limits", "storage")
+TABLES = ("node", "move_destinations", "access", "ingest", "limits", "storage", "tiering")
 SERVICES = ("store", "query", "retrieve")
 
 
@@ -59,6 +60,17 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TieringConfig:
+    """[tiering]: when the tier and fixity jobs run, and how much of the CPU they may take."""
+
+    every_minutes: float  # the tier run's period inside `compacs serve`; 0: never scheduled
+    cpu_share: float  # of one core, so that ingest keeps priority
+    stable_minutes: float  # a series with no new instance for this long may be packed
+    fixity_every_hours: float  # 0: never scheduled
+    fixity_max_age_days: float  # blobs checked longer ago than this are due again
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     """[storage]: how the archive keeps its blobs."""
 
@@ -72,6 +84,13 @@ _INGEST_KEYS: dict[str, tuple[type, float, float]] = {
     "max_attempts": (int, 1, 1000),
     "retry_seconds": (float, 0.01, 86400),
     "lease_seconds": (float, 1, 86400),
+}
+_TIERING_KEYS: dict[str, tuple[type, float, float]] = {
+    "every_minutes": (float, 0, 7 * 24 * 60),
+    "cpu_share": (float, 0.05, 1),
+    "stable_minutes": (float, 0, 30 * 24 * 60),
+    "fixity_every_hours": (float, 0, 365 * 24),
+    "fixity_max_age_days": (float, 0, 3650),
 }
 _STORAGE_KEYS: dict[str, tuple[type, float, float]] = {
     "delete_grace_seconds": (float, 0, 30 * 86400),
@@ -140,7 +159,9 @@ class NodeConfig:
     ingest: IngestConfig
     limits: Limits
     storage: StorageConfig
+    tiering: TieringConfig
     rules: list[Rule] = field(default_factory=list)
+    tiers: list[Tier] = field(default_factory=list)
     move_destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
     access: Access = field(default_factory=lambda: Access({}))
     source: str = DEFAULTS_NAME
@@ -222,6 +243,7 @@ def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: 
         ingest=IngestConfig(**tables["ingest"]),
         limits=Limits(**tables["limits"]),
         storage=StorageConfig(**tables["storage"]),
+        tiering=TieringConfig(**tables["tiering"]),
         source=source,
     )
 
@@ -312,11 +334,11 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
         user = _read_toml(text, source)
-        unknown = sorted(set(user) - {*TABLES, "rules"})
+        unknown = sorted(set(user) - {*TABLES, "rules", "tiers"})
         if unknown:
             raise ConfigError(
                 f"{source}: unknown table(s) {', '.join(unknown)}; allowed: [node], [[rules]], "
-                + ", ".join(f"[{t}]" for t in TABLES if t != "node")
+                "[[tiers]], " + ", ".join(f"[{t}]" for t in TABLES if t != "node")
             )
         user_node = user.get("node", {})
         if not isinstance(user_node, dict):
@@ -350,6 +372,7 @@ def load_config(
             ("ingest", _INGEST_KEYS),
             ("limits", _LIMIT_KEYS),
             ("storage", _STORAGE_KEYS),
+            ("tiering", _TIERING_KEYS),
         )
     }
     config = _build_node(node, tables, source)
@@ -358,4 +381,8 @@ def load_config(
         config.rules = parse_rules(rules_raw)
     except ValueError as exc:
         raise ConfigError(f"{rules_source}: {exc}") from exc
+    try:
+        config.tiers = parse_tiers(user.get("tiers"), config.data_dir)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
     return config

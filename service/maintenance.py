@@ -121,10 +121,15 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
             failures.append(f"{where}: kept as received, flagged: {problem.defects}")
     known = service.index.blob_paths()
     young = service.config.ingest.lease_seconds
+    for tier, archive in service.archives.items():
+        failures.extend(
+            f"orphan blob {path} (tier {tier}): on disk but in no index row"
+            for path in archive.blobs(older_than=young)
+            if path not in known
+        )
     failures.extend(
-        f"orphan blob {path}: on disk but in no index row"
-        for path in service.archive.blobs(older_than=young)
-        if path not in known
+        f"fixity: blob {path} (tier {tier}) failed its last check: {error}"
+        for tier, path, error in service.index.fixity_failures()
     )
     return failures
 

@@ -52,6 +52,7 @@ class Node:
         )
         self.service.recover()
         self.service.start_housekeeping()
+        self.service.start_scheduler()
 
     def stop(self, grace: float = 60.0) -> None:
         """Stop accepting, let in-flight stores finish (up to `grace` s), then shut down."""

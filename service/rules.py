@@ -101,7 +101,7 @@ def object_attributes(ds: Dataset, calling_ae: str = "") -> dict[str, Any]:
     }
 
 
-def _parse_condition(key: str, spec: Any, where: str) -> Condition:
+def parse_condition(key: str, spec: Any, where: str) -> Condition:
     if key not in MATCH_KEYS:
         raise ValueError(
             f"{where} match key {key!r} is unknown; allowed keys: {', '.join(MATCH_KEYS)}"
@@ -129,7 +129,7 @@ def _parse_condition(key: str, spec: Any, where: str) -> Condition:
     return Condition(key, values=tuple(v.strip() if isinstance(v, str) else v for v in values))
 
 
-def _parse_codec(spec: Any, where: str) -> CodecChoice:
+def parse_codec(spec: Any, where: str) -> CodecChoice:
     if isinstance(spec, str):
         name, params = spec, {}
     elif isinstance(spec, dict) and set(spec) <= {"codec", "params"} and "codec" in spec:
@@ -183,8 +183,8 @@ def parse_rules(raw: Any) -> list[Rule]:
         rules.append(
             Rule(
                 name=name,
-                conditions=tuple(_parse_condition(k, v, where) for k, v in match.items()),
-                codecs=tuple(_parse_codec(c, f"{where} codecs[{j}]") for j, c in enumerate(codecs)),
+                conditions=tuple(parse_condition(k, v, where) for k, v in match.items()),
+                codecs=tuple(parse_codec(c, f"{where} codecs[{j}]") for j, c in enumerate(codecs)),
             )
         )
     return rules

@@ -273,3 +273,86 @@ def mr_series_volume() -> Volume:
         photometric_interpretation="MONOCHROME2",
     )
     return fmt, tuple(np.ascontiguousarray(s, dtype="<i2") for s in vol)
+
+
+# --- real volumes as DICOM files to store (tiering tests) ------------------------------
+
+
+def real_ct_series(out_dir: Path | str) -> list[Path]:
+    """The 20 slices of the real TotalSegmentator CT series (JPEG 2000 lossless, as
+    received from its scanner's export), with fresh UIDs: one study, one series."""
+    study, series = generate_uid(), generate_uid()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, src in enumerate(ct_series_files()):
+        ds = pydicom.dcmread(src)
+        if not ds.get("SOPClassUID"):  # its anonymiser emptied it; the file meta has it
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        _refresh_uids(ds, study, series)
+        path = out / f"ct_real_{i:02d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def real_mr_series(out_dir: Path | str) -> list[Path]:
+    """TotalSegmentator's real MR volume (20 slices of 91 × 117, signed 16-bit) as 20 MR
+    slices in one series, uncompressed (the wrapper is MR_small's; the pixels are real)."""
+    fmt, frames = mr_series_volume()
+    template = pydicom.dcmread(testdata_path("MR_small.dcm"))
+    study, series = generate_uid(), generate_uid()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(frames):
+        ds = pydicom.dcmread(testdata_path("MR_small.dcm"))
+        _refresh_uids(ds, study, series)
+        ds.Rows, ds.Columns = fmt.rows, fmt.columns
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.InstanceNumber = i + 1
+        ds.ImageOrientationPatient = template.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])
+        ds.ImagePositionPatient = [0, 0, float(i) * 5]
+        ds.SliceLocation = float(i) * 5
+        ds.PixelData = np.ascontiguousarray(frame, dtype="<i2").tobytes()
+        ds["PixelData"].VR = "OW"
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        for kw in (
+            "SmallestImagePixelValue",
+            "LargestImagePixelValue",
+            "WindowCenter",
+            "WindowWidth",
+        ):
+            if kw in ds:
+                del ds[kw]
+        path = out / f"mr_real_{i:02d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def real_us_cine(out_dir: Path | str, frames: int = 30) -> Path:
+    """A real ultrasound cine (pydicom-data's color3d_jpeg_baseline.dcm, 480 × 640) decoded
+    once from its JPEG baseline to uncompressed YBR_FULL frames, as a multi-frame US object."""
+    src = pydicom.dcmread(testdata_path("color3d_jpeg_baseline.dcm"))
+    pixels = np.stack(frames_of(src, range(frames)))
+    ds = pydicom.dcmread(testdata_path("color3d_jpeg_baseline.dcm"), stop_before_pixels=True)
+    _refresh_uids(ds)
+    ds.NumberOfFrames = frames
+    ds.PhotometricInterpretation = "YBR_FULL"
+    ds.PlanarConfiguration = 0
+    for kw in (
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
+    ):
+        if kw in ds:
+            del ds[kw]
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "us_cine.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path

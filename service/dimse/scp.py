@@ -305,6 +305,7 @@ def handle_get(event: evt.Event, service: ArchiveService) -> Iterator:
         instances,
         event,
         lambda sop_class: suboperations.accepted_for(contexts, sop_class, "scu"),
+        service.mark_accessed,
     )
 
 
@@ -339,6 +340,7 @@ def handle_move(event: evt.Event, service: ArchiveService) -> Iterator:
         instances,
         event,
         lambda sop_class: suboperations.accepted_for(sub.contexts, sop_class, "scu"),
+        service.mark_accessed,
     )
 
 

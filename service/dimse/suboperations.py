@@ -98,8 +98,10 @@ def suboperations(
     instances: list[Instance],
     event: evt.Event,
     accepted: Callable[[str], list[str]],
+    accessed: Callable[[list[int]], None] = lambda ids: None,
 ) -> Iterator[tuple[int, Dataset | None]]:
-    """The (status, dataset) pairs of a C-GET/C-MOVE; `read` is the archive service's.
+    """The (status, dataset) pairs of a C-GET/C-MOVE; `read` is the archive service's, and
+    `accessed` is told which instances were read (tier policies count from last access).
 
     The next instance is read and decoded in a helper thread while pynetdicom sends the
     current one (CharLS via imagecodecs releases the GIL), so at most two are in memory.
@@ -126,6 +128,8 @@ def suboperations(
                 upcoming.append(loader.submit(load, instances[i + READ_AHEAD]))
             if event.is_cancelled:
                 log.info("retrieve cancelled by %s", calling)
+                accessed([inst.id for inst in instances[:i]])
                 yield STATUS_CANCEL, None
                 return
             yield STATUS_PENDING, ds
+        accessed([inst.id for inst in instances])

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import (
     Connection,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -470,6 +471,188 @@ class Index:
         )
         return [Claim(*row) for row in rows]
 
+    # --- tier moves: stored instances, claimed while they move ---
+    def tier_candidates(self, after_id: int, limit: int) -> list[Any]:
+        """Stored instances nobody moves, in id order from `after_id`, with what a tier policy
+        and a move need to know of them."""
+        now = utcnow()
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(
+                        _INSTANCE.c.id,
+                        _INSTANCE.c.version,
+                        _INSTANCE.c.sop_instance_uid,
+                        Study.study_instance_uid,
+                        Series.series_instance_uid,
+                        _INSTANCE.c.series_pk,
+                        Series.modality,
+                        _INSTANCE.c.sop_class_uid,
+                        _INSTANCE.c.calling_ae,
+                        _INSTANCE.c.bits_stored,
+                        _INSTANCE.c.number_of_frames,
+                        _INSTANCE.c.rows,
+                        _INSTANCE.c.columns,
+                        _INSTANCE.c.received_at,
+                        _INSTANCE.c.accessed_at,
+                        Blob.tier,
+                        Blob.kind,
+                        Blob.path,
+                        _INSTANCE.c.blob_offset,
+                        _INSTANCE.c.blob_length,
+                        _INSTANCE.c.checksum,
+                        _INSTANCE.c.frame_first,
+                        _INSTANCE.c.codec,
+                        _INSTANCE.c.stored_transfer_syntax,
+                        _INSTANCE.c.stored_size,
+                    )
+                    .select_from(
+                        _INSTANCE.join(Blob.__table__).join(Series.__table__).join(Study.__table__)
+                    )
+                    .where(
+                        _INSTANCE.c.id > after_id,
+                        _INSTANCE.c.state == STATE_STORED,
+                        _INSTANCE.c.claimed_by.is_(None) | (_INSTANCE.c.lease_until < now),
+                    )
+                    .order_by(_INSTANCE.c.id)
+                    .limit(limit)
+                ).mappings()
+            )
+
+    def series_instances(self, series_pks: list[int]) -> dict[int, tuple[int, int, datetime]]:
+        """Per series: instances, how many of them are stored, and the last one's arrival."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    _INSTANCE.c.series_pk,
+                    func.count(_INSTANCE.c.id),
+                    func.sum(case((_INSTANCE.c.state == STATE_STORED, 1), else_=0)),
+                    func.max(_INSTANCE.c.received_at),
+                )
+                .where(_INSTANCE.c.series_pk.in_(series_pks))
+                .group_by(_INSTANCE.c.series_pk)
+            )
+            return {pk: (n, int(stored or 0), last) for pk, n, stored, last in rows}
+
+    def claim_stored(
+        self, wanted: list[tuple[int, int]], owner: str, lease_until: datetime
+    ) -> set[int]:
+        """Claim stored instances (id, version) to move them; the ids claimed."""
+        now = utcnow()
+        claimed: set[int] = set()
+        with self._write() as conn:
+            for instance_id, version in wanted:
+                changed = conn.execute(
+                    _INSTANCE.update()
+                    .where(
+                        _INSTANCE.c.id == instance_id,
+                        _INSTANCE.c.version == version,
+                        _INSTANCE.c.state == STATE_STORED,
+                        _INSTANCE.c.claimed_by.is_(None) | (_INSTANCE.c.lease_until < now),
+                    )
+                    .values(claimed_by=owner, lease_until=lease_until)
+                ).rowcount
+                if changed:
+                    claimed.add(instance_id)
+        return claimed
+
+    def renew_move_claims(self, ids: list[int], owner: str, lease_until: datetime) -> None:
+        with self._write() as conn:
+            conn.execute(
+                _INSTANCE.update()
+                .where(_INSTANCE.c.id.in_(ids), _INSTANCE.c.claimed_by == owner)
+                .values(lease_until=lease_until)
+            )
+
+    def unclaim(self, ids: list[int], owner: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                _INSTANCE.update()
+                .where(_INSTANCE.c.id.in_(ids), _INSTANCE.c.claimed_by == owner)
+                .values(claimed_by=None, lease_until=None)
+            )
+
+    def commit_move(self, owner: str, tier: str, blobs: list[NewBlob], placed: list[Any]) -> bool:
+        """Point the moved instances at their new blobs on `tier`, all in one transaction,
+        each only if still at the version it was claimed at by `owner`; the old blobs are
+        released. False (nothing changed) if any of them changed meanwhile."""
+        try:
+            with self._write() as conn:
+                pks = [
+                    conn.execute(insert(_BLOB).values(**_blob_values(b))).inserted_primary_key[0]
+                    for b in blobs
+                ]
+                old = set()
+                for p in placed:
+                    held = (
+                        _INSTANCE.c.id == p.instance_id,
+                        _INSTANCE.c.version == p.version,
+                        _INSTANCE.c.state == STATE_STORED,
+                        _INSTANCE.c.claimed_by == owner,
+                    )
+                    before = conn.execute(select(_INSTANCE.c.blob_pk).where(*held)).scalar()
+                    if before is None:
+                        raise _Conflict
+                    old.add(before)
+                    conn.execute(
+                        _INSTANCE.update()
+                        .where(*held)
+                        .values(
+                            blob_pk=pks[p.blob],
+                            blob_offset=p.offset,
+                            blob_length=p.length,
+                            checksum=p.checksum,
+                            frame_first=p.frame_first,
+                            frame_count=None if p.frame_first is None else 1,
+                            stored_size=p.stored_size,
+                            stored_transfer_syntax=p.transfer_syntax,
+                            codec=p.codec,
+                            claimed_by=None,
+                            lease_until=None,
+                            version=p.version + 1,
+                        )
+                    )
+                for blob_pk in old:
+                    _release_if_unreferenced(conn, blob_pk)
+        except _Conflict:
+            return False
+        return True
+
+    def record_fixity(self, blob_pk: int, error: str | None) -> None:
+        with self._write() as conn:
+            conn.execute(
+                _BLOB.update()
+                .where(_BLOB.c.id == blob_pk)
+                .values(verified_at=utcnow(), fixity_error=error)
+            )
+
+    def fixity_due(self, before: datetime, limit: int) -> list[tuple[int, str, str, str, str]]:
+        """Blobs (id, tier, path, checksum, kind) held and not checked since `before`."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_BLOB.c.id, _BLOB.c.tier, _BLOB.c.path, _BLOB.c.checksum, _BLOB.c.kind)
+                .where(
+                    _BLOB.c.released_at.is_(None),
+                    _BLOB.c.verified_at.is_(None) | (_BLOB.c.verified_at < before),
+                )
+                .order_by(_BLOB.c.verified_at.is_not(None), _BLOB.c.verified_at, _BLOB.c.id)
+                .limit(limit)
+            )
+            return [tuple(row) for row in rows]
+
+    def fixity_summary(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            held = _BLOB.c.released_at.is_(None)
+            total, checked, failed, oldest = conn.execute(
+                select(
+                    func.count(_BLOB.c.id),
+                    func.count(_BLOB.c.verified_at),
+                    func.count(_BLOB.c.fixity_error),
+                    func.min(_BLOB.c.verified_at),
+                ).where(held)
+            ).one()
+        return {"blobs": total, "checked": checked, "failed": failed, "oldest_check": oldest}
+
     # --- blobs ---
     def blob_paths(self) -> set[str]:
         """Every blob the index knows, released ones included: a file that is not among them
@@ -477,16 +660,35 @@ class Index:
         with self.engine.connect() as conn:
             return {path for (path,) in conn.execute(select(_BLOB.c.path))}
 
-    def released_blobs(self, before: datetime) -> list[tuple[int, str]]:
-        """Blobs released before `before` that no instance points at: safe to delete."""
+    def released_blobs(self, before: datetime) -> list[tuple[int, str, str]]:
+        """Blobs (id, tier, path) released before `before` that no instance points at: safe
+        to delete."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(_BLOB.c.id, _BLOB.c.path).where(
+                select(_BLOB.c.id, _BLOB.c.tier, _BLOB.c.path).where(
                     _BLOB.c.released_at < before,
                     ~select(_INSTANCE.c.id).where(_INSTANCE.c.blob_pk == _BLOB.c.id).exists(),
                 )
             )
             return [tuple(row) for row in rows]
+
+    def fixity_failures(self) -> list[tuple[str, str, str]]:
+        """Blobs (tier, path, error) whose last fixity check failed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_BLOB.c.tier, _BLOB.c.path, _BLOB.c.fixity_error)
+                .where(_BLOB.c.fixity_error.is_not(None), _BLOB.c.released_at.is_(None))
+                .order_by(_BLOB.c.id)
+            )
+            return [tuple(row) for row in rows]
+
+    def mark_accessed(self, instance_ids: list[int]) -> None:
+        with self._write() as conn:
+            conn.execute(
+                _INSTANCE.update()
+                .where(_INSTANCE.c.id.in_(instance_ids))
+                .values(accessed_at=utcnow())
+            )
 
     def forget_blob(self, blob_pk: int) -> None:
         """Drop the row of a released blob whose file the sweep has deleted."""
@@ -523,6 +725,18 @@ class Index:
                 .order_by(Instance.id)
             )
             return [Problem(*r) for r in rows]
+
+    def last_audit(self, kind: str) -> str | None:
+        """When and what the last audit event of `kind` said."""
+        table = AuditEvent.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(table.c.at, table.c.detail)
+                .where(table.c.kind == kind)
+                .order_by(table.c.id.desc())
+                .limit(1)
+            ).first()
+        return f"{row[0]}: {row[1]}" if row else None
 
     def audit(
         self,

@@ -115,6 +115,9 @@ class Blob(Base):
     # Set when the last instance pointing at it moved elsewhere; the sweep deletes the file
     # (and the row) a grace period later, so a C-GET still sending it finishes.
     released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    # Fixity: when the blob was last re-read and checked, and what was wrong with it.
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    fixity_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Instance(Base):
@@ -162,6 +165,7 @@ class Instance(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     stored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    accessed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # retrieved
     series: Mapped[Series] = relationship(back_populates="instances")
     blob: Mapped[Blob] = relationship()
 
