@@ -102,3 +102,33 @@ def test_commands_refuse_an_index_at_an_older_revision(tmp_path: Path) -> None:
     res = compacs("db", "upgrade", "--data", str(data))
     assert res.returncode == 0 and "upgraded from revision 0002" in res.stdout, res.stderr
     assert compacs("stats", "--data", str(data)).returncode == 0
+
+
+def test_hevc_encodes_a_multiframe_file_and_a_series_folder(tmp_path: Path) -> None:
+    src = dicomdata.testdata_path("emri_small.dcm")  # 10 frames
+    encoded, decoded = tmp_path / "hevc.dcm", tmp_path / "back.dcm"
+    res = compacs("codec", "encode", "--codec", "hevc", str(src), str(encoded))
+    assert res.returncode == 0 and "10 frames" in res.stdout and "bit-exact" in res.stdout, (
+        res.stderr
+    )
+    assert compacs("codec", "decode", str(encoded), str(decoded)).returncode == 0
+    assert np.array_equal(pydicom.dcmread(decoded).pixel_array, pydicom.dcmread(src).pixel_array)
+    series = dicomdata.real_mr_series(tmp_path / "series")
+    res = compacs("codec", "encode", "--codec", "hevc", str(series[0].parent), str(tmp_path / "v"))
+    assert res.returncode == 0 and "20 frames" in res.stdout, res.stderr
+    res = compacs("codec", "encode", "--codec", "hevc", str(series[0]), str(tmp_path / "x"))
+    assert res.returncode == 2 and "a single frame" in res.stderr
+
+
+def test_rules_explain_says_why_a_volume_does_not_qualify(tmp_path: Path) -> None:
+    """A 15-bit CR (two frames of the real radiograph): its span needs more than 12 bits."""
+    ds = pydicom.dcmread(dicomdata.testdata_path("RG1_UNCR.dcm"))
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    wide = tmp_path / "cr2.dcm"
+    ds.save_as(wide)
+    res = compacs("rules", "explain", str(wide))
+    assert res.returncode == 0, res.stderr
+    assert "hevc: does not qualify: value span" in res.stdout, res.stdout
+    res = compacs("rules", "explain", str(dicomdata.testdata_path("emri_small.dcm")))
+    assert "hevc: qualifies" in res.stdout

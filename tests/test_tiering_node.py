@@ -139,3 +139,31 @@ def test_kill_9_during_a_tier_run_loses_nothing_and_the_next_run_finishes(
         )
     verify = node.cli("verify", *conf)  # no orphan: the killed run's half-done files are gone
     assert verify.returncode == 0, verify.stdout[-3000:]
+
+
+def test_the_node_schedules_tier_runs_with_its_job_store_in_the_index(make_node, tmp_path) -> None:
+    """APScheduler in `compacs serve`: the due objects move without an operator, and the job
+    is kept in the index across a restart (one row, not one per start)."""
+    from sqlalchemy import create_engine, inspect, text
+
+    config = COLD.replace("every_minutes = 0", "every_minutes = 0.05").replace(
+        "after_days = 30", "after_days = 0"
+    )
+    node = make_node(config)
+    files = dicomdata.ct_series(tmp_path / "ct", 3)
+    store_all(node, files)
+    deadline = time.monotonic() + 120  # a deadline, not a measure
+    while node.stats()["by_tier"].get("cold", {}).get("instances", 0) < 3:
+        assert time.monotonic() < deadline, node.log_tail()
+        time.sleep(0.5)
+    assert "scheduled: tier-run every 0.05 min" in node.log_text()
+    node.stop()
+    node.start()
+    engine = create_engine(f"sqlite:///{node.data_dir / 'index.sqlite'}")
+    try:
+        (table,) = [t for t in inspect(engine).get_table_names() if t.startswith("apscheduler_")]
+        with engine.connect() as conn:
+            jobs = sorted(r[0] for r in conn.execute(text(f"SELECT id FROM {table}")))
+    finally:
+        engine.dispose()
+    assert jobs == ["fixity", "tier-run"]
