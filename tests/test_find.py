@@ -655,7 +655,11 @@ def one_series(node: peers.CompacsProcess, tmp_path: Path, count: int) -> str:
 def test_c_cancel_stops_the_answers(make_node: Any, tmp_path: Path) -> None:
     """500 images, an IMAGE-level query, C-CANCEL after the first pending answer: the node
     stops with 0xFE00 well before the end (about a third in on this machine with 300), and
-    the association keeps working."""
+    the association keeps working.
+
+    A cancel that reaches the node after its last answer is rightly ignored (pynetdicom
+    drops it), and on a loaded machine the node can out-run the client's cancel; so the
+    query is asked up to three times, and a node that never honours the cancel still fails."""
     node = make_node(KEEP_AS_RECEIVED)
     study_uid = one_series(node, tmp_path, 500)
 
@@ -667,11 +671,16 @@ def test_c_cancel_stops_the_answers(make_node: Any, tmp_path: Path) -> None:
         context_id = assoc.accepted_contexts[0].context_id
         identifier = query("IMAGE", StudyInstanceUID=study_uid, SOPInstanceUID="")
         statuses: list[int] = []
-        for status, _ds in assoc.send_c_find(identifier, StudyRoot, msg_id=7):
-            statuses.append(status.Status)
-            if len(statuses) == 1:
-                assert status.Status == 0xFF00
-                assoc.send_c_cancel(7, context_id)
+        for msg_id in (7, 8, 9):
+            statuses = []
+            for status, _ds in assoc.send_c_find(identifier, StudyRoot, msg_id=msg_id):
+                statuses.append(status.Status)
+                if len(statuses) == 1:
+                    assert status.Status == 0xFF00
+                    assoc.send_c_cancel(msg_id, context_id)
+            if statuses[-1] == 0xFE00:
+                break
+            assert statuses[-1] == 0x0000 and len(statuses) == 501  # cancel came too late
         assert statuses[-1] == 0xFE00, [hex(s) for s in statuses[-3:]]
         assert set(statuses[:-1]) == {0xFF00}
         assert len(statuses) - 1 < 500  # stopped early
