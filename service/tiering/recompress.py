@@ -191,14 +191,7 @@ def _instance(task: Task, src: Source, ds: Dataset, before: int) -> Output:
         syntax = str(dcmread(BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID)
         best = ((src.codec or AS_STORED) if src.frame_first is None else "native", data, syntax)
     name, data, syntax = best
-    path = archive.stored_path(
-        src.study_instance_uid,
-        src.series_instance_uid,
-        src.sop_instance_uid,
-        new_token(),
-        task.tier,
-    )
-    digest = archive.write(path, data)
+    path, digest = _write_new(archive, task, src, src.sop_instance_uid, data)
     placed = Placed(
         src.instance_id, src.version, 0, 0, len(data), digest, None, len(data), syntax, name
     )
@@ -270,14 +263,7 @@ def _pack(task: Task, archive: Archive, datasets, order, stream: bytes, volume) 
     headers = [volumes.header_of(datasets[i]) for i in order]
     blob, spans = volumes.pack(stream, headers)
     first = task.sources[order[0]]
-    path = archive.stored_path(
-        first.study_instance_uid,
-        first.series_instance_uid,
-        f"volume:{first.series_instance_uid}",
-        new_token(),
-        task.tier,
-    )
-    digest = archive.write(path, blob)
+    path, digest = _write_new(archive, task, first, f"volume:{first.series_instance_uid}", blob)
     share = len(stream) // max(1, len(order))
     placed = tuple(
         Placed(
@@ -306,14 +292,7 @@ def _per_instance(task: Task, archive: Archive, datasets, frames_by, choice: Cod
     blobs, placed = [], []
     for k, (src, ds, frames) in enumerate(zip(task.sources, datasets, frames_by, strict=True)):
         data = part10(encoded_dataset(ds, codec, frames, choice.params))
-        path = archive.stored_path(
-            src.study_instance_uid,
-            src.series_instance_uid,
-            src.sop_instance_uid,
-            new_token(),
-            task.tier,
-        )
-        digest = archive.write(path, data)
+        path, digest = _write_new(archive, task, src, src.sop_instance_uid, data)
         blobs.append((path, len(data), digest, KIND_INSTANCE))
         placed.append(
             Placed(
@@ -330,3 +309,14 @@ def _per_instance(task: Task, archive: Archive, datasets, frames_by, choice: Cod
             )
         )
     return Output(tuple(blobs), tuple(placed), (), 0)
+
+
+def _write_new(
+    archive: Archive, task: Task, src: Source, name: str, data: bytes
+) -> tuple[str, str]:
+    """A new blob on the tier, under a fresh token so that it never overwrites a file some
+    row still points at (a kill before the switch leaves it unreferenced); (path, digest)."""
+    path = archive.stored_path(
+        src.study_instance_uid, src.series_instance_uid, name, new_token(), task.tier
+    )
+    return path, archive.write(path, data)
