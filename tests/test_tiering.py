@@ -229,3 +229,33 @@ def test_fixity_checks_every_blob_and_reports_a_damaged_one(tmp_path, services) 
     report = service.fixity_run()
     assert len(report.failed) == 1 and "checksum mismatch" in report.failed[0]
     assert service.index.fixity_failures()
+
+
+def test_the_scheduler_starts_while_ingest_writes_the_index(tmp_path, services) -> None:
+    """`compacs serve` starts its scheduler after it listens, so ingest may be writing the
+    SQLite index meanwhile. The job store checks for its table and creates it: in a deferred
+    transaction, a writer's commit in between makes that CREATE fail at once with "database is
+    locked" (WAL: a stale read snapshot cannot become a writer), which stopped the node at
+    start. Here a writer holds the index for a second and commits while the scheduler waits."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy import inspect
+
+    service = make_service(tmp_path)
+    services.append(service)
+    writer = sqlite3.connect(
+        tmp_path / "data" / "index.sqlite", isolation_level=None, check_same_thread=False
+    )
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE ingest_stand_in (x INTEGER)")
+    commit = threading.Timer(1.0, lambda: writer.execute("COMMIT"))
+    commit.start()
+    try:
+        service.start_scheduler()
+    finally:
+        commit.join()
+        writer.close()
+    tables = inspect(service.index.engine).get_table_names()
+    assert any(t.startswith("apscheduler_") for t in tables), tables
+    assert {job.id for job in service._scheduler.get_jobs()} >= {"tier-run"}

@@ -161,6 +161,7 @@ class Index:
         self.engine = engine
         self.write_lock = threading.Lock()
         self._series_pks: dict[str, int] = {}  # series UID -> row id; rows are never deleted
+        self._other_writers: Any = None
 
     @classmethod
     def open(cls, url: str, *, create: bool = False, check: str | None = "the index") -> Index:
@@ -181,7 +182,24 @@ class Index:
             raise
         return cls(engine)
 
+    def engine_for_other_writers(self) -> Any:
+        """An engine for code that writes the index through its own SQL (APScheduler's job
+        store). On SQLite every transaction of it begins IMMEDIATE: a deferred one that reads
+        and then writes while the node is writing (a CREATE TABLE after its existence check,
+        during ingest) gets "database is locked" at once in WAL mode instead of waiting for the
+        busy timeout, which stopped `compacs serve` at start. Other databases: the index's."""
+        if self.engine.dialect.name != "sqlite":
+            return self.engine
+        if self._other_writers is None:
+            engine = create_engine(self.engine.url, pool_pre_ping=True)
+            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            self._other_writers = engine
+        return self._other_writers
+
     def close(self) -> None:
+        if self._other_writers is not None:
+            self._other_writers.dispose()
         self.engine.dispose()
 
     @contextmanager

@@ -49,7 +49,7 @@ def start(service: Any, owner: str) -> Any:
         return None
     _running["service"] = service
     table = "apscheduler_" + re.sub(r"[^a-z0-9]+", "_", owner.lower())[:40]
-    store = SQLAlchemyJobStore(engine=service.index.engine, tablename=table)
+    store = SQLAlchemyJobStore(engine=service.index.engine_for_other_writers(), tablename=table)
     scheduler = BackgroundScheduler(
         jobstores={"default": store},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
