@@ -5,21 +5,27 @@ BIN := $(VENV)/bin
 
 .PHONY: serve test lint bench
 
+# The service alone; the tests add their extra (pytest, ruff, torch's CPU build for the
+# training smoke test) on top.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[cpu]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,cpu]'
 	touch $@
 
 serve: $(VENV)/.installed
 	$(BIN)/compacs serve
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
 # The test setup installs dcmtk, orthanc and orthanc-gdcm with apt-get when missing.
-test: $(VENV)/.installed lint
+test: $(VENV)/.installed-test lint
 	$(BIN)/pytest
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-test
 	$(BIN)/python bench/ingest.py

@@ -5,7 +5,8 @@ bit-identically under another ONNX Runtime configuration, and the wavefront deco
 equal the whole-image network's at every pixel; the shipped network is integer-exact (every
 accumulator below 2^24, and ONNX Runtime's float32 outputs equal an int64 recomputation); a
 bitstream from another model is refused; large images code in seamless tiles; the model card
-states what bench/learned.py measured. Training is smoke-tested only where torch is installed.
+states what bench/learned.py measured. Training and export are smoke-tested (torch and onnx
+come with the test extra).
 """
 
 from __future__ import annotations
@@ -317,11 +318,10 @@ def test_one_heldout_figure_remeasured() -> None:
     assert round(bpp, 3) == _heldout()["remeasure"]["emri_small_lossless_bpp"]
 
 
-# --- training (only where torch is installed) ---------------------------------------------
+# --- training and export (torch and onnx are in the test extra) -------------------------
 
 
 def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> None:
-    pytest.importorskip("torch")
     import torch
 
     from compacs.models import data, train
@@ -350,7 +350,6 @@ def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> Non
     b = torch.load(tmp_path / "b" / "final.pt", weights_only=False)["net"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    pytest.importorskip("onnx")
     from compacs.models import export
 
     export.export(tmp_path / "a" / "final.pt", tmp_path / "model")
