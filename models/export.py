@@ -73,10 +73,24 @@ def check_bounds(layers: list[IntLayer]) -> list[int]:
     return bounds
 
 
-def _graphs(layers: list[IntLayer]) -> tuple[bytes, bytes]:
+def block_layers(layers: list[IntLayer], inner: int) -> list[tuple[IntLayer, IntLayer | None]]:
+    """The residual blocks in `layers` (integer_layers order): (3×3 layer, 1×1 layer or None)."""
+    body = layers[1:-2]
+    if inner:
+        return list(zip(body[0::2], body[1::2], strict=True))
+    return [(layer, None) for layer in body]
+
+
+def pointwise(layer: IntLayer) -> np.ndarray:
+    """A 1×1 layer's weights as a (cin, cout) matrix."""
+    return layer.weight[:, :, 0, 0].T.copy()
+
+
+def _graphs(layers: list[IntLayer], inner: int) -> tuple[bytes, bytes]:
     from onnx import TensorProto, checker, helper, numpy_helper
 
-    first, blocks, hidden, head = layers[0], layers[1:-2], layers[-2], layers[-1]
+    first, hidden, head = layers[0], layers[-2], layers[-1]
+    blocks = block_layers(layers, inner)
     channels = first.weight.shape[0]
     inits, nodes = [], []
 
@@ -112,8 +126,12 @@ def _graphs(layers: list[IntLayer]) -> tuple[bytes, bytes]:
         return f"{name}_acc"
 
     h = requant("h0", conv("c0", "feats", first), first.shift)
-    for i, block in enumerate(blocks, 1):
-        h = requant(f"h{i}", conv(f"c{i}", h, block), block.shift, residual=h)
+    for i, (block, inner_layer) in enumerate(blocks, 1):
+        if inner_layer is None:
+            h = requant(f"h{i}", conv(f"c{i}", h, block), block.shift, residual=h)
+        else:
+            y = requant(f"y{i}", conv(f"c{i}", h, block), block.shift)
+            h = requant(f"h{i}", conv(f"ci{i}", y, inner_layer), inner_layer.shift, residual=h)
     h = requant("hid", conv("chid", h, hidden), hidden.shift)
     nodes.append(
         helper.make_node(
@@ -145,18 +163,21 @@ def _graphs(layers: list[IntLayer]) -> tuple[bytes, bytes]:
 
     h = requant("h0", matmul("c0", "feat", taps(first, FIRST_TAPS), first.bias), first.shift)
     outs = [h]
-    for i, block in enumerate(blocks, 1):
+    for i, (block, inner_layer) in enumerate(blocks, 1):
         nodes.append(
             helper.make_node("Gather", ["nb", scalar_index(inits, i - 1)], [f"nb{i}"], axis=0)
         )
         nodes.append(helper.make_node("Concat", [f"nb{i}", h], [f"in{i}"], axis=1))
-        matrix = taps(block, [*BLOCK_TAPS, (1, 1)])
-        h = requant(f"h{i}", matmul(f"c{i}", f"in{i}", matrix, block.bias), block.shift, residual=h)
+        acc = matmul(f"c{i}", f"in{i}", taps(block, [*BLOCK_TAPS, (1, 1)]), block.bias)
+        if inner_layer is None:
+            h = requant(f"h{i}", acc, block.shift, residual=h)
+        else:
+            y = requant(f"y{i}", acc, block.shift)
+            acc = matmul(f"ci{i}", y, pointwise(inner_layer), inner_layer.bias)
+            h = requant(f"h{i}", acc, inner_layer.shift, residual=h)
         outs.append(h)
-    h = requant(
-        "hid", matmul("chid", h, hidden.weight[:, :, 0, 0].T.copy(), hidden.bias), hidden.shift
-    )
-    matmul("head", h, head.weight[:, :, 0, 0].T.copy(), head.bias)
+    h = requant("hid", matmul("chid", h, pointwise(hidden), hidden.bias), hidden.shift)
+    matmul("head", h, pointwise(head), head.bias)
     nodes.append(helper.make_node("Identity", ["head_acc"], ["acc"]))
     for i, name in enumerate(outs[:-1]):
         nodes.append(helper.make_node("Unsqueeze", [name, scalar_axes(inits)], [f"u{i}"]))
@@ -215,11 +236,12 @@ def export(weights: Path, out: Path) -> dict:
 
     state = torch.load(weights, weights_only=False)
     cfg = state["config"]
-    net = CausalNet(cfg["channels"], cfg["blocks"])
+    inner = int(cfg.get("inner", 0))  # weights trained before the inner layer existed have none
+    net = CausalNet(cfg["channels"], cfg["blocks"], inner)
     net.load_state_dict(state["net"])
     layers = integer_layers(net)
     bounds = check_bounds(layers)
-    full, step = _graphs(layers)
+    full, step = _graphs(layers, inner)
     freqs, lows = build_tables()
     out.mkdir(parents=True, exist_ok=True)
     (out / "full.onnx").write_bytes(full)
@@ -235,6 +257,7 @@ def export(weights: Path, out: Path) -> dict:
         "format": 1,
         "channels": cfg["channels"],
         "blocks": cfg["blocks"],
+        "inner": inner,
         "feature_shift": FEATURE_SHIFT,
         "first_taps": FIRST_TAPS,
         "block_taps": BLOCK_TAPS,

@@ -81,12 +81,24 @@ class QConv(nn.Module):
 
 
 class CausalNet(nn.Module):
-    def __init__(self, channels: int = 32, blocks: int = 5):
+    """`inner`: 0 for blocks h + conv3x3(h); 1 for h + conv1x1(act(conv3x3(h))).
+
+    Without the inner layer a "residual" block is clip(h + W h): a plain conv layer with an
+    identity-shaped start, so depth adds little. The 1×1 inner layer gives each block its own
+    nonlinearity at the cost of one pointwise matmul, and being pointwise it adds no neighbours
+    to the wavefront decoder's cache.
+    """
+
+    def __init__(self, channels: int = 32, blocks: int = 5, inner: int = 0):
         super().__init__()
         self.channels = channels
+        self.inner = inner
         self.first = QConv(N_FEATURES, channels, 7, causal_mask(7, False), FEATURE_SHIFT)
         self.blocks = nn.ModuleList(
             QConv(channels, channels, 3, causal_mask(3, True), ACT_SHIFT) for _ in range(blocks)
+        )
+        self.inners = nn.ModuleList(
+            QConv(channels, channels, 1, None, ACT_SHIFT) for _ in range(blocks if inner else 0)
         )
         self.hidden = QConv(channels, channels, 1, None, ACT_SHIFT)
         self.head = QConv(channels, 2, 1, None, ACT_SHIFT)
@@ -105,8 +117,10 @@ class CausalNet(nn.Module):
         d, applied in `predict`) and the log2 scale is already on the 1/8-octave grid.
         """
         h = self._act(self.first(feats / 2.0**FEATURE_SHIFT, qat), qat)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             y = block(h, qat)
+            if self.inner:
+                y = self.inners[i](self._act(y, qat), qat)
             if qat:
                 y = floor_ste(y * 2.0**ACT_SHIFT) / 2.0**ACT_SHIFT
             h = torch.clamp(h + y, 0.0, ACT_MAX / 2.0**ACT_SHIFT)
@@ -118,4 +132,6 @@ class CausalNet(nn.Module):
         return mean, log_scale
 
     def layers(self) -> list[QConv]:
-        return [self.first, *self.blocks, self.hidden, self.head]
+        """In the integer network's order: each block's 3×3 layer then its 1×1 inner layer."""
+        inner = [[b, self.inners[i]] if self.inner else [b] for i, b in enumerate(self.blocks)]
+        return [self.first, *(layer for pair in inner for layer in pair), self.hidden, self.head]

@@ -221,8 +221,16 @@ def test_shipped_network_is_integer_exact() -> None:
     feats = image_features(tile, stats).astype(np.int64).transpose(2, 0, 1)
     w, b, s = layers[0]
     h = np.clip(_shift(_int_conv(feats, w, b), s), 0, 127)
-    for w, b, s in layers[1:-2]:
-        h = np.clip(h + _shift(_int_conv(h, w, b), s), 0, 127)
+    body = layers[1:-2]
+    per_block = 2 if meta.get("inner", 0) else 1  # 3×3 layer, then the 1×1 inner layer
+    assert len(body) == per_block * meta["blocks"]
+    for k in range(0, len(body), per_block):
+        w, b, s = body[k]
+        y = _shift(_int_conv(h, w, b), s)
+        if per_block == 2:
+            w, b, s = body[k + 1]
+            y = _shift(_int_conv(np.clip(y, 0, 127), w, b), s)
+        h = np.clip(h + y, 0, 127)
     w, b, s = layers[-2]
     h = np.clip(_shift(_int_conv(h, w, b), s), 0, 127)
     w, b, _ = layers[-1]
@@ -356,3 +364,53 @@ def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> Non
     small = Learned(Model(tmp_path / "model"))
     mfmt, mframe = CASES["mr64_signed"]()
     assert np.array_equal(small.decode_frame(small.encode_frame(mframe, mfmt), mfmt), mframe)
+
+
+@pytest.mark.parametrize("inner", [0, 1])
+def test_exported_network_computes_what_qat_trained(tmp_path: Path, inner: int) -> None:
+    """The ONNX graphs give exactly the QAT forward pass's outputs, with or without inner layers.
+
+    Checked in float64 torch, where every value is a small dyadic rational and no convolution
+    algorithm rounds; then the exported model round-trips lossless and δ = 2 through the
+    wavefront decoder, whose integers must equal the whole-image graph's.
+    """
+    import torch
+
+    from compacs.models import data, export, train
+    from compacs.models.network import CausalNet
+
+    fmt, frame = CASES["ct128_signed"]()
+    crop = data.RealImage("CT_small crop", "CT", "1CT1", frame[:64, :96].astype(np.int32), 16, True)
+    cfg = train.Config(float_steps=4, qat_steps=4, batch=2, crop=32, channels=8, blocks=2)
+    cfg.inner = inner
+    train.train([crop], [crop], cfg, tmp_path / "run", checkpoint_every=4, progress=False)
+    meta = export.export(tmp_path / "run" / "final.pt", tmp_path / "model")
+    assert meta["inner"] == inner and len(meta["accumulator_bounds"]) == 3 + cfg.blocks * (
+        1 + inner
+    )
+    model = Model(tmp_path / "model")
+
+    state = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    net = CausalNet(cfg.channels, cfg.blocks, inner)
+    net.load_state_dict(state["net"])
+    net.double()
+    tile = frame.astype(np.int64)
+    stats = ImageStats.of(tile)
+    feats = image_features(tile, stats)
+    with torch.no_grad():
+        mean, log_scale = net(
+            torch.from_numpy(feats.transpose(2, 0, 1)[None].astype(np.float64)), True
+        )
+    acc = model.run_full(feats[None])[0]
+    shift = meta["head_shift"]
+    assert len(np.unique(acc[0])) > 100 and len(np.unique(acc[1])) > 100  # not a blank network
+    assert np.array_equal(mean[0].numpy() * 2.0**shift, acc[0].astype(np.float64))
+    assert np.array_equal(log_scale[0].numpy() * 8, (acc[1] >> (shift - 3)).astype(np.float64))
+
+    codec = Learned(model)
+    header = wavefront.TileHeader(stats, 0)
+    payload = wavefront.encode_lossless(model, header, tile)
+    rec, trace = wavefront.decode(model, [header], [payload], *tile.shape, trace=True)
+    assert np.array_equal(rec[0], tile) and np.array_equal(trace[0], acc.transpose(1, 2, 0))
+    back = codec.decode_frame(codec.encode_frame(frame, fmt, delta=2), fmt)
+    assert np.abs(back.astype(np.int64) - tile).max() <= 2
