@@ -185,8 +185,12 @@ class Learned(Codec):
         """Decode frames of one format; all their tiles of one shape decode as one batch."""
         from compacs.models import wavefront
         from compacs.models.features import ImageStats, tile_slices
+        from compacs.models.runtime import model_for
 
         model = self.model
+        if datas and len(datas[0]) >= _HEADER.size:
+            # A model retired by an upgrade still decodes what it stored.
+            model = model_for(_HEADER.unpack_from(bytes(datas[0]))[2], model) or model
         slices = tile_slices(fmt.rows, fmt.columns)
         jobs = []  # (frame, slices, header, payload)
         digests = []
@@ -235,8 +239,8 @@ class Learned(Codec):
         if made_by != model_id:
             raise ValueError(
                 f"learned-codec bitstream was made by model {made_by.hex()}, but the loaded "
-                f"model is {model_id.hex()}: decode it with the compacs release that ships "
-                "that model (models/shipped/), which the index records with the object"
+                f"model is {model_id.hex()} and no retired model has that id: decode it with the "
+                "compacs release that ships that model (models/shipped/ or models/retired/)"
             )
         if (rows, columns) != (fmt.rows, fmt.columns) or tile != _tile_size() or count != n_tiles:
             raise ValueError(

@@ -19,6 +19,9 @@ import numpy as np
 from .entropy import Tables
 
 SHIPPED = Path(__file__).with_name("shipped")
+# Earlier shipped models, one folder per model id: objects stored with them stay decodable
+# after an upgrade ships a new model (an archive must never strand what it acknowledged).
+RETIRED = Path(__file__).with_name("retired")
 MODEL_FILES = ("full.onnx", "step.onnx", "tables.npz", "weights.npz", "meta.json")
 
 
@@ -111,3 +114,16 @@ class Model:
 def load_model(folder: str | None = None, config: SessionConfig = SessionConfig()) -> Model:
     """The model in `folder` (default: the shipped one), one instance per configuration."""
     return Model(Path(folder) if folder else SHIPPED, config)
+
+
+def model_for(model_id: bytes, current: Model) -> Model | None:
+    """The model that made a bitstream: `current`, a retired one with that id, or None."""
+    if model_id == current.model_id:
+        return current
+    folder = RETIRED / model_id.hex()
+    if not folder.is_dir():
+        return None
+    retired = load_model(str(folder))
+    if retired.model_id != model_id:  # the folder name is the content hash, so this is damage
+        raise ValueError(f"{folder} does not hold model {model_id.hex()}: reinstall compacs")
+    return retired

@@ -272,6 +272,22 @@ def test_bitstream_from_another_model_is_refused(tmp_path: Path) -> None:
         _codec().decode_frame(data, fmt)
 
 
+@pytest.mark.parametrize("delta", [0, 2])
+def test_objects_of_a_retired_model_still_decode(delta: int) -> None:
+    """After an upgrade ships a new model, what the old one stored decodes with the new release."""
+    from compacs.models.runtime import RETIRED
+
+    folders = sorted(RETIRED.iterdir())
+    assert folders, "the model that models/shipped/ replaced must be kept in models/retired/"
+    fmt, frame = CASES["ct_crop_97x131_negative"]()
+    for folder in folders:
+        old = Model(folder)
+        assert old.model_id.hex() == folder.name != load_model().name
+        data = Learned(old).encode_frame(frame, fmt, delta=delta)
+        back = _codec().decode_frame(data, fmt)
+        assert np.abs(back.astype(np.int64) - frame).max() <= delta
+
+
 def test_corrupt_bitstream_fails_its_checksum() -> None:
     fmt, frame = CASES["mr64_signed"]()
     data = bytearray(_codec().encode_frame(frame, fmt))
