@@ -345,14 +345,24 @@ def test_one_heldout_figure_remeasured() -> None:
 # --- training and export (torch and onnx are in the test extra) -------------------------
 
 
+def _tiny_run(steps: int, inner: int = 1):
+    """A real CT crop to train on and a config small enough for CI (float and QAT steps each)."""
+    from compacs.models import data, train
+
+    _, frame = CASES["ct128_signed"]()
+    crop = data.RealImage("CT_small crop", "CT", "1CT1", frame[:64, :96].astype(np.int32), 16, True)
+    cfg = train.Config(
+        float_steps=steps, qat_steps=steps, batch=2, crop=32, channels=8, blocks=2, inner=inner
+    )
+    return crop, cfg
+
+
 def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> None:
     import torch
 
-    from compacs.models import data, train
+    from compacs.models import train
 
-    fmt, frame = CASES["ct128_signed"]()
-    crop = data.RealImage("CT_small crop", "CT", "1CT1", frame[:64, :96].astype(np.int32), 16, True)
-    cfg = train.Config(float_steps=3, qat_steps=3, batch=2, crop=32, channels=8, blocks=2)
+    crop, cfg = _tiny_run(3)
     whole = train.train([crop], [crop], cfg, tmp_path / "a", checkpoint_every=1, progress=False)
     assert whole["steps"] == 6 and all(np.isfinite(e["train_bpp"]) for e in whole["log"])
 
@@ -392,13 +402,11 @@ def test_exported_network_computes_what_qat_trained(tmp_path: Path, inner: int) 
     """
     import torch
 
-    from compacs.models import data, export, train
+    from compacs.models import export, train
     from compacs.models.network import CausalNet
 
     fmt, frame = CASES["ct128_signed"]()
-    crop = data.RealImage("CT_small crop", "CT", "1CT1", frame[:64, :96].astype(np.int32), 16, True)
-    cfg = train.Config(float_steps=4, qat_steps=4, batch=2, crop=32, channels=8, blocks=2)
-    cfg.inner = inner
+    crop, cfg = _tiny_run(4, inner)
     train.train([crop], [crop], cfg, tmp_path / "run", checkpoint_every=4, progress=False)
     meta = export.export(tmp_path / "run" / "final.pt", tmp_path / "model")
     assert meta["inner"] == inner and len(meta["accumulator_bounds"]) == 3 + cfg.blocks * (
