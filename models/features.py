@@ -77,21 +77,26 @@ def pixel_features(
     lo: np.ndarray | int,
     hi: np.ndarray | int,
     d: np.ndarray | int,
+    prediction: np.ndarray | None = None,
 ) -> np.ndarray:
     """The 4 int features of pixels with values x and causal neighbours w, n, nw; last axis.
 
     Shared by the whole-image path and the wavefront decoder, which calls it on the few
-    pixels it has just decoded (lo, hi, d then per pixel, from each pixel's tile): one
-    definition, so the two cannot drift apart.
+    pixels it has just decoded (lo, hi, d then per pixel, from each pixel's tile, and the
+    MED `prediction` it already has): one definition, so the two cannot drift apart. Written
+    into one array and clamped with ufuncs: np.stack and np.clip were half of its cost at a
+    wavefront step's hundred pixels.
     """
+    if prediction is None:
+        prediction = med(w, n, nw)
     span = np.maximum(np.asarray(hi) - lo, 1)
     scale = 1 << FEATURE_SHIFT
-    intensity = (x - lo) * 127 // span
-    res = (x - med(w, n, nw)) * scale // d
-    dw = (x - w) * scale // d
-    dn = (x - n) * scale // d
-    out = np.stack([intensity, res, dw, dn], axis=-1)
-    return np.clip(out, -127, 127)
+    out = np.empty((*np.shape(x), N_FEATURES), dtype=np.int64)
+    np.floor_divide((x - lo) * 127, span, out=out[..., 0])
+    np.floor_divide((x - prediction) * scale, d, out=out[..., 1])
+    np.floor_divide((x - w) * scale, d, out=out[..., 2])
+    np.floor_divide((x - n) * scale, d, out=out[..., 3])
+    return np.minimum(np.maximum(out, -127, out=out), 127, out=out)
 
 
 def image_features(x: np.ndarray, stats: ImageStats) -> np.ndarray:
@@ -103,7 +108,7 @@ def image_features(x: np.ndarray, stats: ImageStats) -> np.ndarray:
 
 def scale_index(base: int, level: np.ndarray) -> np.ndarray:
     """The coding table a pixel uses: the image's base index plus the network's level."""
-    return np.clip(base + level, 0, N_SCALES - 1)
+    return np.minimum(np.maximum(base + level, 0), N_SCALES - 1)
 
 
 def sigma_of_index(index: np.ndarray | int) -> np.ndarray:

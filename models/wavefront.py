@@ -18,7 +18,9 @@ schedule as the decoder.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import constriction
 import numpy as np
@@ -71,20 +73,45 @@ def quantise(e: np.ndarray, delta: int) -> np.ndarray:
     return np.sign(e) * ((np.abs(e) + delta) // (2 * delta + 1))
 
 
+class TileValues(NamedTuple):
+    """Header values of the tiles of a batch (or, per step, of each pixel's tile)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    d: np.ndarray
+    base: np.ndarray
+    step: np.ndarray
+    offset: np.ndarray
+    delta: np.ndarray
+
+
+def _values(h: TileHeader) -> tuple[int, ...]:
+    s = h.stats
+    return s.lo, s.hi, s.d, s.base, h.step, h.scale_offset, h.delta
+
+
+class Step(NamedTuple):
+    """The pixels (tile bb, row ii, column jj) of one wavefront step, each tile's share of
+    them (parts) and their tiles' header values."""
+
+    bb: np.ndarray
+    ii: np.ndarray
+    jj: np.ndarray
+    parts: list[slice]
+    tiles: TileValues
+
+
 class Batch:
     """Wavefront state for B tiles of one shape: reconstruction, features, cached activations."""
 
     def __init__(self, model: Model, headers: list[TileHeader], rows: int, columns: int):
         self.model, self.headers, self.rows, self.columns = model, headers, rows, columns
         b = len(headers)
-        self.lo = np.array([h.stats.lo for h in headers], dtype=np.int64)
-        self.hi = np.array([h.stats.hi for h in headers], dtype=np.int64)
-        self.d = np.array([h.stats.d for h in headers], dtype=np.int64)
-        self.base = np.array([h.stats.base for h in headers], dtype=np.int64)
-        self.step = np.array([h.step for h in headers], dtype=np.int64)
-        self.offset = np.array([h.scale_offset for h in headers], dtype=np.int64)
+        columns_of = zip(*map(_values, headers), strict=True)
+        self.tiles = TileValues(*(np.array(v, dtype=np.int64) for v in columns_of))
+        self._by_width: dict[int, TileValues] = {}
         self.recon = np.empty((b, rows + 1, columns + 1), dtype=np.int64)
-        self.recon[:] = self.lo[:, None, None]  # `lo` outside the image (models/features.py)
+        self.recon[:] = self.tiles.lo[:, None, None]  # `lo` outside the image (features.py)
         # Features and cached activations are kept as 2-D tables, one row per padded pixel,
         # so that a step gathers its neighbourhoods with one `take` each (fancy indexing into
         # the 5-D arrays cost three times the network itself).
@@ -92,55 +119,82 @@ class Batch:
         self.feats = np.zeros((int(np.prod(self.fshape)), N_FEATURES), dtype=np.float32)
         # A row's activations are read by the next row 4 to 6 columns later (the lag), so
         # each cached row is a ring of RING columns: memory per tile is rows·RING·L·C floats,
-        # not rows·columns·L·C (211 MB for one 512² tile, 4 GB for a 20-slice batch).
+        # not rows·columns·L·C (211 MB for one 512² tile, 4 GB for a 20-slice batch). The
+        # cache is layer-major, (L, pixel, C), because that is the step graph's input and
+        # output layout: a step reads and writes it without a transpose. Its last row stays
+        # zero: neighbours left and right of the image read it (the convolutions' padding).
         self.cshape = (b, rows + 1, RING)  # padded 1 above (row 0 stays zero)
         layers, channels = model.blocks, model.channels
-        self.cache = np.zeros((int(np.prod(self.cshape)), layers * channels), dtype=np.float32)
+        self.zero_row = int(np.prod(self.cshape))
+        self.cache = np.zeros((layers, self.zero_row + 1, channels), dtype=np.float32)
         taps = np.array(model.first_taps)
         self.ftaps = taps[:, 0] * self.fshape[2] + taps[:, 1]
         block = np.array(model.meta["block_taps"])
         self.brow, self.bcol = block[:, 0] * RING, block[:, 1] - 1
         self.trace: np.ndarray | None = None
 
-    def predict(self, bb: np.ndarray, ii: np.ndarray, jj: np.ndarray):
-        """Run the network for the pixels (bb, ii, jj) of one step; cache their activations."""
-        n_px, layers, channels = len(bb), self.model.blocks, self.model.channels
+    def predict(self, step: Step):
+        """Run the network for the pixels of one step; cache their activations."""
+        bb, ii, jj, t = step.bb, step.ii, step.jj, step.tiles
+        n_px = len(bb)
         corner = (bb * self.fshape[1] + ii) * self.fshape[2] + jj  # (i-3, j-3) in padded rows
         feat = self.feats.take(corner[:, None] + self.ftaps, axis=0).reshape(n_px, -1)
-        above = ((bb * self.cshape[1] + ii) * RING)[:, None]  # padded row i: image row i-1
+        above = (bb * self.cshape[1] + ii) * RING  # padded row i: image row i-1
         cols = jj[:, None] + self.bcol
-        nb = self.cache.take(above + self.brow + cols % RING, axis=0)  # (n, 4, L·C)
-        nb[(cols < 0) | (cols >= self.columns)] = 0  # zero padding left and right
-        nb = nb.reshape(n_px, len(self.bcol), layers, channels).transpose(2, 0, 1, 3)
-        h, acc = self.model.run_step(feat, np.ascontiguousarray(nb).reshape(layers, n_px, -1))
-        self.cache[above[:, 0] + RING + jj % RING] = h.transpose(1, 0, 2).reshape(n_px, -1)
+        inside = (cols >= 0) & (cols < self.columns)
+        rows = np.where(inside, above[:, None] + self.brow + cols % RING, self.zero_row)
+        nb = self.cache.take(rows, axis=1).reshape(self.model.blocks, n_px, -1)  # (L, n, 4·C)
+        h, acc = self.model.run_step(feat, nb)
+        self.cache[:, above + RING + jj % RING] = h
         if self.trace is not None:
             self.trace[bb, ii, jj] = acc
         flat, width = self.recon.reshape(-1), self.columns + 1
         nw_at = (bb * (self.rows + 1) + ii) * width + jj
         w, n, nw = flat[nw_at + width], flat[nw_at + 1], flat[nw_at]
-        mean, index = self.model.predictions(
-            acc, med(w, n, nw), self.lo[bb], self.hi[bb], self.d[bb], self.base[bb]
-        )
-        index = np.clip(index - self.offset[bb], 0, N_SCALES - 1)
-        return mean, index, (w, n, nw)
+        prediction = med(w, n, nw)
+        mean, index = self.model.predictions(acc, prediction, t.lo, t.hi, t.d, t.base)
+        index = np.minimum(np.maximum(index - t.offset, 0), N_SCALES - 1)
+        return mean, index, (w, n, nw, prediction)
 
-    def commit(self, bb, ii, jj, x: np.ndarray, neighbours) -> None:
+    def commit(self, step: Step, x: np.ndarray, neighbours) -> None:
         """Store reconstructed pixels and their features, the context of later steps."""
-        w, n, nw = neighbours
+        bb, ii, jj, t = step.bb, step.ii, step.jj, step.tiles
+        w, n, nw, prediction = neighbours
         width = self.columns + 1
         self.recon.reshape(-1)[(bb * (self.rows + 1) + ii + 1) * width + jj + 1] = x
         self.feats[((bb * self.fshape[1] + ii + 3) * self.fshape[2]) + jj + 3] = pixel_features(
-            x, w, n, nw, self.lo[bb], self.hi[bb], self.d[bb]
+            x, w, n, nw, t.lo, t.hi, t.d, prediction
         )
 
-    def steps(self):
-        """Per step: (bb, ii, jj, per-tile slices into them)."""
+    def reconstructed(self, step: Step, mean: np.ndarray, q: np.ndarray) -> np.ndarray:
+        t = step.tiles
+        return np.minimum(np.maximum(mean + q * t.step, t.lo), t.hi)
+
+    def steps(self) -> Iterator[Step]:
         b = len(self.headers)
+        tiles = np.arange(b)
         for i, j in schedule(self.rows, self.columns):
             m = len(i)
-            bb = np.repeat(np.arange(b), m)
-            yield bb, np.tile(i, b), np.tile(j, b), [slice(k * m, (k + 1) * m) for k in range(b)]
+            if b == 1:  # no copies: the tile index is 0 for every pixel
+                yield Step(tiles.repeat(m), i, j, [slice(0, m)], self._tile_values(m))
+                continue
+            yield Step(
+                tiles.repeat(m),
+                np.tile(i, b),
+                np.tile(j, b),
+                [slice(k * m, (k + 1) * m) for k in range(b)],
+                self._tile_values(m),
+            )
+
+    def _tile_values(self, m: int) -> TileValues:
+        """Each tile's header values for a step of m pixels per tile. One tile (the common
+        case) gets scalars: gathering them per pixel was a tenth of a slice's decode time."""
+        values = self._by_width.get(m)
+        if values is None:
+            one = len(self.headers) == 1
+            values = TileValues(*(v[0] if one else np.repeat(v, m) for v in self.tiles))
+            self._by_width[m] = values
+        return values
 
     def reconstruction(self) -> np.ndarray:
         return self.recon[:, 1:, 1:]
@@ -160,16 +214,14 @@ def decode(
     if trace:
         batch.trace = np.zeros((len(headers), rows, columns, 2), dtype=np.int64)
     coders = [constriction.stream.queue.RangeDecoder(p) for p in payloads]
-    for bb, ii, jj, parts in batch.steps():
-        mean, index, neighbours = batch.predict(bb, ii, jj)
-        q = np.concatenate(
-            [
-                entropy.decode(coder, index[s], model.tables)
-                for coder, s in zip(coders, parts, strict=True)
-            ]
-        )
-        x = np.clip(mean + q * batch.step[bb], batch.lo[bb], batch.hi[bb])
-        batch.commit(bb, ii, jj, x, neighbours)
+    for step in batch.steps():
+        mean, index, neighbours = batch.predict(step)
+        q = [
+            entropy.decode(c, index[s], model.tables)
+            for c, s in zip(coders, step.parts, strict=True)
+        ]
+        x = batch.reconstructed(step, mean, q[0] if len(q) == 1 else np.concatenate(q))
+        batch.commit(step, x, neighbours)
     return batch.reconstruction(), batch.trace
 
 
@@ -180,14 +232,12 @@ def encode_closed_loop(
     _, rows, columns = tiles.shape
     batch = Batch(model, headers, rows, columns)
     coders = [constriction.stream.queue.RangeEncoder() for _ in headers]
-    delta = np.array([h.delta for h in headers], dtype=np.int64)
-    for bb, ii, jj, parts in batch.steps():
-        mean, index, neighbours = batch.predict(bb, ii, jj)
-        q = quantise(tiles[bb, ii, jj] - mean, delta[bb])
-        x = np.clip(mean + q * batch.step[bb], batch.lo[bb], batch.hi[bb])
-        for coder, s in zip(coders, parts, strict=True):
+    for step in batch.steps():
+        mean, index, neighbours = batch.predict(step)
+        q = quantise(tiles[step.bb, step.ii, step.jj] - mean, step.tiles.delta)
+        for coder, s in zip(coders, step.parts, strict=True):
             entropy.encode(coder, q[s], index[s], model.tables)
-        batch.commit(bb, ii, jj, x, neighbours)
+        batch.commit(step, batch.reconstructed(step, mean, q), neighbours)
     return [c.get_compressed() for c in coders], batch.reconstruction()
 
 
