@@ -26,7 +26,7 @@ from pydicom.pixels import iter_pixels
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
 from compacs.codecs.learned import Learned
-from compacs.models import wavefront
+from compacs.models import runtime, wavefront
 from compacs.models.features import ImageStats, image_features
 from compacs.models.runtime import SHIPPED, Model, SessionConfig, load_model
 
@@ -158,7 +158,9 @@ def test_unsupported_reasons() -> None:
 
 @pytest.mark.parametrize("case", ["ct128_signed", "cr_crop_257x301"])
 @pytest.mark.parametrize("delta", [0, 2])
-def test_other_session_configuration_decodes_bit_identically(case: str, delta: int) -> None:
+def test_other_session_configuration_decodes_bit_identically(
+    case: str, delta: int, monkeypatch
+) -> None:
     fmt, frame = CASES[case]()
     one_thread_optimised = _codec(threads=1, optimise=True)
     two_threads_plain = _codec(threads=2, optimise=False)
@@ -169,6 +171,10 @@ def test_other_session_configuration_decodes_bit_identically(case: str, delta: i
     assert np.array_equal(a, b)
     if delta == 0:
         assert np.array_equal(b, frame)
+    # These steps are narrow, so the decode above ran them on the one-thread session; make
+    # every step "wide" so that the configured two-thread pool decodes them too.
+    monkeypatch.setattr(runtime, "NARROW_STEP", 0)
+    assert np.array_equal(two_threads_plain.decode_frame(data, fmt), a)
 
 
 @pytest.mark.parametrize("case", ["ct128_signed", "cr_crop_257x301"])
