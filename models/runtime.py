@@ -23,8 +23,8 @@ SHIPPED = Path(__file__).with_name("shipped")
 # Earlier shipped models, one folder per model id: objects stored with them stay decodable
 # after an upgrade ships a new model (an archive must never strand what it acknowledged).
 RETIRED = Path(__file__).with_name("retired")
-# Steps of fewer pixels than this run single-threaded (the crossover measured on 2 cores: one
-# thread is faster up to ~1000 pixels, two are faster for 2560).
+# Wavefront steps of fewer pixels than this run single-threaded (see Model.__init__): one
+# thread was faster up to 512 pixels on 2 cores, two were faster at 2,560.
 NARROW_STEP = 1024
 MODEL_FILES = ("full.onnx", "step.onnx", "tables.npz", "weights.npz", "meta.json")
 

@@ -175,16 +175,10 @@ class Batch:
         tiles = np.arange(b)
         for i, j in schedule(self.rows, self.columns):
             m = len(i)
-            if b == 1:  # no copies: the tile index is 0 for every pixel
-                yield Step(tiles.repeat(m), i, j, [slice(0, m)], self._tile_values(m))
-                continue
-            yield Step(
-                tiles.repeat(m),
-                np.tile(i, b),
-                np.tile(j, b),
-                [slice(k * m, (k + 1) * m) for k in range(b)],
-                self._tile_values(m),
-            )
+            if b > 1:
+                i, j = np.tile(i, b), np.tile(j, b)
+            parts = [slice(k * m, (k + 1) * m) for k in range(b)]
+            yield Step(tiles.repeat(m), i, j, parts, self._tile_values(m))
 
     def _tile_values(self, m: int) -> TileValues:
         """Each tile's header values for a step of m pixels per tile. One tile (the common
