@@ -38,7 +38,7 @@ from .features import (
     med_prediction,
     tile_slices,
 )
-from .network import CausalNet, floor_ste
+from .network import ACT_SHIFT, CausalNet, floor_ste
 
 # How often each kind of image is drawn, decided before any result was seen: CT and MR are
 # what the targets are about; CR is large and smooth, NM/US add variety.
@@ -58,6 +58,7 @@ class Config:
     qat_lr: float = 3e-4
     seed: int = 0
     threads: int = 2  # the 2 cores of the team VM: about an hour with the defaults
+    init: str = ""  # an exported model folder (e.g. models/shipped) to continue from
 
     @property
     def steps(self) -> int:
@@ -183,6 +184,41 @@ def evaluate(net: CausalNet, sampler: Sampler, batches: int, qat: bool) -> float
     return float(np.mean([float(bits_per_pixel(net, sampler(k), qat)) for k in range(batches)]))
 
 
+def load_exported(net: CausalNet, folder: Path) -> None:
+    """Set `net` to the integer network exported in `folder` (its weights.npz).
+
+    Why: the float weights of a shipped model are not kept (only its integers are), and the
+    integers are a float network too: w = w_int·2^-e, b = b_int·2^-(e + in_shift). Their QAT
+    forward pass is the shipped network exactly (export picks e with max |w_int| in 64..127, so
+    `QConv.exponent` finds the same e), which lets a longer run continue from a shipped model
+    instead of starting over.
+    """
+    missing = [name for name in ("meta.json", "weights.npz") if not (folder / name).exists()]
+    if missing:
+        raise SystemExit(
+            f"--init {folder}: no {' or '.join(missing)} there; name a folder written by "
+            "python -m compacs.models.export, such as models/shipped"
+        )
+    meta = json.loads((folder / "meta.json").read_text())
+    wanted = {"channels": net.channels, "blocks": len(net.blocks), "inner": net.inner}
+    found = {k: int(meta.get(k, 0)) for k in wanted}
+    if found != wanted:
+        raise SystemExit(
+            f"{folder} holds a network with {found}, not {wanted}: pass --channels, --blocks and "
+            "--inner to match it"
+        )
+    arrays = np.load(folder / "weights.npz")
+    layers = net.layers()
+    for i, layer in enumerate(layers):
+        head = i == len(layers) - 1
+        e = int(arrays[f"s{i}"]) - layer.in_shift + (0 if head else ACT_SHIFT)
+        weight = torch.from_numpy(arrays[f"w{i}"].astype(np.float64) * 2.0**-e)
+        bias = torch.from_numpy(arrays[f"b{i}"].astype(np.float64) * 2.0 ** -(e + layer.in_shift))
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+
+
 def _save(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -215,6 +251,8 @@ def train(
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         step, elapsed, log = state["step"], state["elapsed"], state["log"]
+    elif cfg.init:
+        load_exported(net, Path(cfg.init))
 
     tiles = prepare(train_images, cfg.crop)
     sampler = Sampler(tiles, cfg.crop, cfg.batch, cfg.seed)
@@ -271,9 +309,18 @@ def train(
         "validation_groups": sorted({im.group for im in validation_images}),
         "log": log,
     }
+    if cfg.init:
+        previous = json.loads((Path(cfg.init) / "meta.json").read_text()).get("training", {})
+        summary["continued_from"] = previous
     torch.save({"net": net.state_dict(), "config": asdict(cfg)}, work / "final.pt")
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+HELP = {
+    "init": "an exported model folder (models/shipped, or a retired one) whose integer weights "
+    "the run starts from instead of random ones: continue a shipped model for more steps",
+}
 
 
 def default_work_dir() -> Path:
@@ -284,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Config()
     parser = argparse.ArgumentParser(prog="python -m compacs.models.train", description=__doc__)
     for field, value in asdict(defaults).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(
+            f"--{field.replace('_', '-')}", type=type(value), default=value, help=HELP.get(field)
+        )
     parser.add_argument("--work", type=Path, default=default_work_dir(), help="checkpoints")
     parser.add_argument("--fresh", action="store_true", help="discard a checkpoint in --work")
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ come with the test extra).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -396,6 +397,41 @@ def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> Non
     small = Learned(Model(tmp_path / "model"))
     mfmt, mframe = CASES["mr64_signed"]()
     assert np.array_equal(small.decode_frame(small.encode_frame(mframe, mfmt), mfmt), mframe)
+
+
+def test_training_continues_from_an_exported_model(tmp_path: Path) -> None:
+    """`--init FOLDER` starts from an export's integers: a continued run with no steps exports
+    the same integers again (for a tiny trained model and for the shipped one), so a longer
+    run picks up exactly where the shipped model stands; a folder of another shape is refused.
+    """
+    from compacs.models import export, train
+    from compacs.models.network import CausalNet
+
+    crop, cfg = _tiny_run(2)
+    train.train([crop], [crop], cfg, tmp_path / "a", checkpoint_every=2, progress=False)
+    export.export(tmp_path / "a" / "final.pt", tmp_path / "model")
+    again = dataclasses.replace(cfg, float_steps=0, qat_steps=0, init=str(tmp_path / "model"))
+    summary = train.train([crop], [crop], again, tmp_path / "b", progress=False)
+    assert summary["continued_from"]["steps"] == 4
+    export.export(tmp_path / "b" / "final.pt", tmp_path / "model_b")
+    with (
+        np.load(tmp_path / "model" / "weights.npz") as a,
+        np.load(tmp_path / "model_b" / "weights.npz") as b,
+    ):
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+    shipped = json.loads((SHIPPED / "meta.json").read_text())
+    net = CausalNet(shipped["channels"], shipped["blocks"], shipped["inner"])
+    train.load_exported(net, SHIPPED)
+    with np.load(SHIPPED / "weights.npz") as w:
+        for i, layer in enumerate(export.integer_layers(net)):
+            assert np.array_equal(layer.weight, w[f"w{i}"]), i
+            assert np.array_equal(layer.bias, w[f"b{i}"]) and layer.shift == int(w[f"s{i}"]), i
+
+    with pytest.raises(SystemExit, match="--channels"):
+        train.load_exported(CausalNet(8, 2, 0), tmp_path / "model")
+    with pytest.raises(SystemExit, match="no meta.json or weights.npz"):
+        train.load_exported(net, tmp_path)
 
 
 @pytest.mark.parametrize("inner", [0, 1])
