@@ -10,7 +10,11 @@ decoded and checked (bit-exact, or max |error| ≤ δ). Lossless: learned δ = 0
 via pyjpegls, precision = BitsStored), JPEG-XL effort 7 lossless (imagecodecs; values - min as
 uint16). Bounded: learned δ against JPEG-LS near-lossless NEAR = δ, for δ = 1, 2, 4. Times: one
 held-out 512² CT slice with ONNX Runtime on 2 threads, median of 3, and the 20 slices decoded as
-one batch. Table to stdout and bench/results/learned-<stamp>.md, plot learned-<stamp>.png.
+one batch. Volumes (the CT series, the 10-frame MR): learned per slice, `learnvol` (each slice
+also predicted from the two before it, models/interslice.py) in groups of 16 and in one group,
+HEVC lossless in groups of 16, JPEG-XL per slice; every volume decoded and compared, and
+learnvol's encode and decode seconds per CT slice. Table to stdout and
+bench/results/learned-<stamp>.md, plot learned-<stamp>.png.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import common  # noqa: E402
 from compacs.codecs.base import PixelFormat, from_unsigned_bits, to_unsigned_bits  # noqa: E402
 from compacs.codecs.jpegls import JpegLS  # noqa: E402
 from compacs.codecs.learned import Learned  # noqa: E402
+from compacs.codecs.learned_volume import LearnedVolume  # noqa: E402
+from compacs.codecs.volume import DEFAULT_GOP_SIZE  # noqa: E402
 from compacs.models import data  # noqa: E402
 from compacs.models.runtime import SessionConfig, load_model  # noqa: E402
 
@@ -114,6 +120,66 @@ def measure(images: list[data.RealImage], codec: Learned) -> dict[str, dict[str,
     }
 
 
+SERIES_COLUMNS = [
+    "learned, per slice",
+    f"learnvol, groups of {DEFAULT_GOP_SIZE}",
+    "learnvol, one group",
+    f"HEVC, groups of {DEFAULT_GOP_SIZE}",
+    "JPEG-XL e7, per slice",
+]
+
+
+def measure_series(volumes: dict[str, list[data.RealImage]], model) -> dict[str, dict]:
+    """Bits per pixel of held-out volumes coded slice by slice and as volumes (every volume
+    decoded and compared), and learnvol's CPU seconds per slice for the first volume."""
+    from compacs.codecs import registry
+
+    learned, learnvol, hevc = Learned(model), LearnedVolume(model), registry.get_volume("hevc")
+    out: dict[str, dict] = {}
+    for name, images in volumes.items():
+        common.progress(f"series {name} x{len(images)}")
+        fmt = fmt_of(images[0])
+        frames = [frame_of(im) for im in images]
+        sizes = {
+            SERIES_COLUMNS[0]: sum(map(len, learned.encode_frames(frames, fmt))),
+            SERIES_COLUMNS[4]: sum(jpegxl(f) for f in frames),
+        }
+        for column, codec, gop in (
+            (SERIES_COLUMNS[1], learnvol, DEFAULT_GOP_SIZE),
+            (SERIES_COLUMNS[2], learnvol, len(frames)),
+            (SERIES_COLUMNS[3], hevc, DEFAULT_GOP_SIZE),
+        ):
+            if codec.data_unsupported_reason(frames, fmt):
+                continue  # HEVC: a span wider than 12 bits
+            t = time.perf_counter()
+            blob = codec.encode_volume(frames, fmt, gop_size=gop)
+            encode = time.perf_counter() - t
+            t = time.perf_counter()
+            back = codec.decode_frames(blob, fmt)
+            decode = time.perf_counter() - t
+            assert all(np.array_equal(b, f) for b, f in zip(back, frames, strict=True)), column
+            sizes[column] = len(blob)
+            if codec is learnvol and gop == DEFAULT_GOP_SIZE:
+                out.setdefault("seconds per slice", {})[name] = {
+                    "encode": encode / len(frames),
+                    "decode": decode / len(frames),
+                }
+        pixels = sum(f.size for f in frames)
+        out[name] = {c: 8 * sizes[c] / pixels if c in sizes else None for c in SERIES_COLUMNS}
+    return out
+
+
+def series_table(series: dict) -> list[str]:
+    head = "| held-out volume | " + " | ".join(SERIES_COLUMNS) + " |"
+    lines = [head, "|---" * (len(SERIES_COLUMNS) + 1) + "|"]
+    for name, row in series.items():
+        if name == "seconds per slice":
+            continue
+        cells = ["n/a" if row[c] is None else f"{row[c]:.3f}" for c in SERIES_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def timings(ct: list[data.RealImage]) -> dict[str, float]:
     """Seconds per 512² slice with ONNX Runtime on 2 threads (median of 3)."""
     codec = Learned(load_model(None, SessionConfig(threads=2)))
@@ -141,13 +207,13 @@ def timings(ct: list[data.RealImage]) -> dict[str, float]:
     return out
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, series: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MODALITIES), figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, len(MODALITIES) + 1, figsize=(16, 3.8))
     for ax, modality in zip(axes, MODALITIES, strict=True):
         row = results[modality]
         xs = [0, *DELTAS]
@@ -167,6 +233,15 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("bits per pixel")
     axes[0].legend()
+    ax = axes[-1]
+    names = [n for n in series if n != "seconds per slice"]
+    width = 0.8 / len(SERIES_COLUMNS)
+    for k, column in enumerate(SERIES_COLUMNS):
+        values = [series[n][column] or 0.0 for n in names]
+        ax.bar(np.arange(len(names)) + k * width, values, width, label=column)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, fontsize=8)
+    ax.set_title("held-out volumes, lossless")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -224,6 +299,7 @@ def main() -> int:
     emri = [im for im in held_out if im.group == "emri"]
     coded = codec.encode_frames([frame_of(im) for im in emri], fmt_of(emri[0]))
     emri_bpp = 8 * sum(map(len, coded)) / sum(im.pixels.size for im in emri)
+    series = measure_series({"CT series": ct, "MR 10 frames": emri}, model)
 
     lines = [
         f"# Learned codec, held-out real images ({stamp})",
@@ -240,6 +316,15 @@ def main() -> int:
         "",
         *table(results),
         "",
+        "Volumes, lossless, bits per pixel (learnvol: each slice also predicted from the two "
+        "before it):",
+        "",
+        *series_table(series),
+        "",
+        "learnvol seconds per slice, ONNX Runtime CPU, 2 threads (the CT series: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in series["seconds per slice"]["CT series"].items())
+        + ")",
+        "",
         "Seconds per 512² CT slice, ONNX Runtime CPU, 2 threads (median of 3):",
         "",
         *[f"- {k}: {v:.2f} s" for k, v in times.items()],
@@ -251,9 +336,11 @@ def main() -> int:
     print("\n".join(lines))
     report = common.write_report("learned", stamp, lines)
     png = report.with_suffix(".png")
-    plot(results, png)
+    plot(results, series, png)
     common.progress(f"plot: {png}")
-    (report.with_suffix(".json")).write_text(json.dumps({"bpp": results, "seconds": times}))
+    (report.with_suffix(".json")).write_text(
+        json.dumps({"bpp": results, "seconds": times, "series": series})
+    )
     if args.write_heldout:
         heldout = {
             "model_id": model.name,
@@ -264,8 +351,23 @@ def main() -> int:
                 {"set": m, "bpp": [round(results[m][c], 3) for c in COLUMNS]} for m in MODALITIES
             ],
             "pixels": results["pixels"],
+            "series_columns": SERIES_COLUMNS,
+            "series_rows": [
+                {
+                    "set": n,
+                    "bpp": [None if r[c] is None else round(r[c], 3) for c in SERIES_COLUMNS],
+                }
+                for n, r in series.items()
+                if n != "seconds per slice"
+            ],
+            "series_seconds_per_slice_2_threads": {
+                k: round(v, 2) for k, v in series["seconds per slice"]["CT series"].items()
+            },
             "seconds_per_512_slice_2_threads": {k: round(v, 2) for k, v in times.items()},
-            "remeasure": {"emri_small_lossless_bpp": round(emri_bpp, 3)},
+            "remeasure": {
+                "emri_small_lossless_bpp": round(emri_bpp, 3),
+                "emri_small_learnvol_bpp": round(series["MR 10 frames"][SERIES_COLUMNS[1]], 3),
+            },
         }
         HELDOUT_JSON.write_text(json.dumps(heldout, indent=1) + "\n")
         common.progress(f"written {HELDOUT_JSON}")

@@ -49,6 +49,26 @@ def parse_delta(params: dict[str, Any]) -> int:
     return int_param("learned", params, "delta", 0, range(MAX_DELTA + 1))
 
 
+def unsupported_reason(fmt: PixelFormat) -> str | None:
+    """Why the learned model cannot code images of `fmt` (None: it can); the series codec
+    (learned_volume.py) has the same limits."""
+    if fmt.samples_per_pixel != 1:
+        return (
+            f"colour (SamplesPerPixel {fmt.samples_per_pixel}): the learned model codes "
+            "single-channel images"
+        )
+    if fmt.photometric_interpretation not in ("MONOCHROME1", "MONOCHROME2"):
+        photometric = fmt.photometric_interpretation
+        return f"PhotometricInterpretation {photometric} (supports MONOCHROME1/2)"
+    if fmt.bits_allocated != 16:
+        return f"BitsAllocated {fmt.bits_allocated} (supports 16: 9-16-bit images)"
+    if not 9 <= fmt.bits_stored <= 16:
+        return f"BitsStored {fmt.bits_stored} (supports 9..16; the model learned 10-16-bit data)"
+    if min(fmt.rows, fmt.columns) < MIN_SIDE:
+        return f"size {fmt.rows}x{fmt.columns} (needs at least {MIN_SIDE} rows and columns)"
+    return None
+
+
 class Learned(Codec):
     name = "learned"
     transfer_syntax_uid = TRANSFER_SYNTAX_UID
@@ -87,23 +107,7 @@ class Learned(Codec):
         return parse_delta(params)
 
     def unsupported_reason(self, fmt: PixelFormat) -> str | None:
-        if fmt.samples_per_pixel != 1:
-            return (
-                f"colour (SamplesPerPixel {fmt.samples_per_pixel}): the learned model codes "
-                "single-channel images"
-            )
-        if fmt.photometric_interpretation not in ("MONOCHROME1", "MONOCHROME2"):
-            photometric = fmt.photometric_interpretation
-            return f"PhotometricInterpretation {photometric} (supports MONOCHROME1/2)"
-        if fmt.bits_allocated != 16:
-            return f"BitsAllocated {fmt.bits_allocated} (supports 16: 9-16-bit images)"
-        if not 9 <= fmt.bits_stored <= 16:
-            return (
-                f"BitsStored {fmt.bits_stored} (supports 9..16; the model learned 10-16-bit data)"
-            )
-        if min(fmt.rows, fmt.columns) < MIN_SIDE:
-            return f"size {fmt.rows}x{fmt.columns} (needs at least {MIN_SIDE} rows and columns)"
-        return None
+        return unsupported_reason(fmt)
 
     # --- coding -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from .j2k import J2K
 from .jpegls import JpegLS
 from .jpegxl import JpegXL
 from .learned import Learned
+from .learned_volume import LearnedVolume
 from .passthrough import Passthrough
 from .rle import RLE
 from .volume import VolumeCodec
@@ -48,7 +49,7 @@ def by_transfer_syntax(uid: str) -> Codec | None:
     return None
 
 
-_VOLUME_CODECS: tuple[VolumeCodec, ...] = (HEVC(),)
+_VOLUME_CODECS: tuple[VolumeCodec, ...] = (HEVC(), LearnedVolume())
 _VOLUME_BY_NAME: dict[str, VolumeCodec] = {codec.name: codec for codec in _VOLUME_CODECS}
 
 

@@ -68,6 +68,10 @@ class Tables:
     def probabilities(self, index: np.ndarray) -> np.ndarray:
         return self._probs[index]  # type: ignore[attr-defined]
 
+    def totals(self) -> np.ndarray:
+        """Each table's sum of frequencies (constriction normalises by it)."""
+        return self._probs.sum(axis=1)  # type: ignore[attr-defined]
+
 
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 _UNIFORM = constriction.stream.model.Uniform()
@@ -93,6 +97,17 @@ def encode(
     has_low = (k > 0) & ~escaped
     if has_low.any():
         coder.encode(low[has_low], _UNIFORM, (1 << k[has_low]).astype(np.int32))
+
+
+def code_length(q: np.ndarray, index: np.ndarray, tables: Tables) -> float:
+    """Bits that `encode` would spend on residuals q with table indices `index`, to within the
+    range coder's few bits of overhead: what an encoder compares when it picks parameters."""
+    k = tables.lows[index].astype(np.int64)
+    symbols, escaped, _ = _split(q, k)
+    freqs = tables.freqs[index, symbols].astype(np.float64)
+    totals = tables.totals()[index]
+    extra = np.where(escaped, ESCAPE_BITS, k).sum()
+    return float(np.log2(totals / freqs).sum() + extra)
 
 
 def decode(

@@ -170,7 +170,12 @@ class Batch:
         t = step.tiles
         return np.minimum(np.maximum(mean + q * t.step, t.lo), t.hi)
 
-    def steps(self) -> Iterator[Step]:
+    def steps(self, lags: list[int] | None = None) -> Iterator[Step]:
+        """The wavefront steps of the batch; with `lags`, tile b runs lags[b] steps behind
+        (a tile may then have no pixels in a step: its part is empty)."""
+        if lags is not None:
+            yield from self._lagged_steps(lags)
+            return
         b = len(self.headers)
         tiles = np.arange(b)
         for i, j in schedule(self.rows, self.columns):
@@ -179,6 +184,22 @@ class Batch:
                 i, j = np.tile(i, b), np.tile(j, b)
             parts = [slice(k * m, (k + 1) * m) for k in range(b)]
             yield Step(tiles.repeat(m), i, j, parts, self._tile_values(m))
+
+    def _lagged_steps(self, lags: list[int]) -> Iterator[Step]:
+        """Why lags: a slice coded with the previous slice as context (interslice.py) reads
+        that slice's pixel at the same position, which one step of lag has decoded."""
+        plan = schedule(self.rows, self.columns)
+        empty = np.zeros(0, dtype=np.int64)
+        tiles = np.arange(len(self.headers))
+        for t in range(len(plan) + max(lags)):
+            ij = [plan[t - lag] if 0 <= t - lag < len(plan) else (empty, empty) for lag in lags]
+            counts = np.array([len(i) for i, _ in ij])
+            ends = np.cumsum(counts)
+            parts = [slice(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True)]
+            values = TileValues(*(np.repeat(v, counts) for v in self.tiles))
+            i = np.concatenate([i for i, _ in ij])
+            j = np.concatenate([j for _, j in ij])
+            yield Step(tiles.repeat(counts), i, j, parts, values)
 
     def _tile_values(self, m: int) -> TileValues:
         """Each tile's header values for a step of m pixels per tile. One tile (the common

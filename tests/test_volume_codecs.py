@@ -219,9 +219,9 @@ def test_verification_catches_x265_getting_64_wide_frames_wrong(monkeypatch) -> 
 
 
 def test_volume_registry() -> None:
-    assert registry.volume_names() == ["hevc"]
+    assert registry.volume_names() == ["hevc", "learnvol"]
     assert HEVC.transfer_syntax_uid == "2.25.38871254023385371384039355074665861377"
     assert HEVC.is_available() and HEVC.lossless
-    with pytest.raises(KeyError, match="unknown volume codec 'h265' \\(known: hevc\\)"):
+    with pytest.raises(KeyError, match="unknown volume codec 'h265' \\(known: hevc, learnvol\\)"):
         registry.get_volume("h265")
     assert "hevc" not in registry.names()  # frame codecs and volume codecs are driven apart

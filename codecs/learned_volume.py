@@ -1,0 +1,143 @@
+"""The learned codec over a volume: each slice predicted by the network and by the slices
+before it (models/interslice.py), lossless. Private transfer syntax: never sent to a peer.
+
+Why a volume codec and not a parameter of `learned`: the previous slice is another frame
+(of a multi-frame instance) or another instance (of a series), and only the volume path
+(volume.py: multi-frame instances, series volumes on a tier with `form = "volume"`) sees
+the frames of a volume together and keeps a random-access point every `gop_size` frames.
+Within a group, a slice's pixel reads the same pixel of the two slices before it; a slice
+with nothing to gain from them codes exactly as the single-slice codec would (its header
+says so). Decoding one slice decodes its group up to that slice: on a CPU about a second per
+512² slice, so a 16-slice group costs up to ~16 s (docs/benchmarks.md); a GPU decodes the
+group as one batch.
+
+Group bytes (little endian): magic "CPXV", version, the model id (16 bytes), frame count,
+tiles per frame, checksum of the group's samples; per frame its correction (a, b, c, o as
+int8); per frame and tile (lo, hi, d, base scale, length); then the tiles' range-coder words.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+from .base import PixelFormat
+from .learned import checksum, unsupported_reason
+from .volume import VolumeCodec
+
+TRANSFER_SYNTAX_UID = "2.25.164530197483740761021022581188332038263"
+MAGIC = b"CPXV"
+VERSION = 1
+_HEADER = struct.Struct("<4sB16sHH8s")
+_PARAMS = struct.Struct("<bbbb")
+_TILE = struct.Struct("<iiIHI")
+
+
+class LearnedVolume(VolumeCodec):
+    name = "learnvol"  # the volume container keeps 8 bytes of a codec's name
+    transfer_syntax_uid = TRANSFER_SYNTAX_UID
+    lossless = True
+    dependencies = ("onnxruntime", "constriction")
+    description = (
+        "learned integer-exact PixelCNN over a volume, each slice predicted with the previous "
+        "ones as context, lossless (private)"
+    )
+    coded_bits = (16,)
+
+    def __init__(self, model: Any = None):
+        self._model = model  # a compacs.models.runtime.Model; the shipped one by default
+
+    @property
+    def model(self):
+        if self._model is None:
+            from compacs.models.runtime import load_model
+
+            self._model = load_model()
+        return self._model
+
+    def is_available(self) -> bool:
+        if not super().is_available():
+            return False
+        from compacs.models.runtime import MODEL_FILES, SHIPPED
+
+        return all((SHIPPED / name).exists() for name in MODEL_FILES)
+
+    def unsupported_reason(self, fmt: PixelFormat) -> str | None:
+        return unsupported_reason(fmt)
+
+    def encode_group(
+        self, samples: np.ndarray, bits: int, fmt: PixelFormat, **params: Any
+    ) -> bytes:
+        from compacs.models import interslice
+
+        model = self.model
+        coded = interslice.encode(model, samples)
+        tiles = len(coded.headers[0])
+        head = _HEADER.pack(MAGIC, VERSION, model.model_id, len(samples), tiles, checksum(samples))
+        corrections = b"".join(_PARAMS.pack(*p.coefs, p.offset) for p in coded.params)
+        records = b"".join(
+            _TILE.pack(h.stats.lo, h.stats.hi, h.stats.d, h.stats.base, payload.nbytes)
+            for headers, payloads in zip(coded.headers, coded.payloads, strict=True)
+            for h, payload in zip(headers, payloads, strict=True)
+        )
+        words = b"".join(p.astype("<u4").tobytes() for ps in coded.payloads for p in ps)
+        return head + corrections + records + words
+
+    def decode_group(self, data: bytes, count: int, bits: int, fmt: PixelFormat) -> np.ndarray:
+        from compacs.models import interslice
+        from compacs.models.features import ImageStats, tile_slices
+        from compacs.models.runtime import model_for
+        from compacs.models.wavefront import TileHeader
+
+        if len(data) < _HEADER.size or data[:4] != MAGIC:
+            raise ValueError("not a learned volume group (bad magic)")
+        magic, version, made_by, frames, tiles, digest = _HEADER.unpack_from(data)
+        if version != VERSION:
+            raise ValueError(
+                f"learned volume group version {version}, this decoder reads {VERSION}: "
+                "decode it with the compacs version that wrote it"
+            )
+        model = model_for(made_by, self.model)
+        if model is None:
+            raise ValueError(
+                f"learned volume was made by model {made_by.hex()}, but the loaded model is "
+                f"{self.model.model_id.hex()} and no retired model has that id: decode it with "
+                "the compacs release that ships that model (models/shipped/ or models/retired/)"
+            )
+        if frames != count or tiles != len(tile_slices(fmt.rows, fmt.columns)):
+            raise ValueError(
+                f"learned volume group holds {frames} frames of {tiles} tiles, expected "
+                f"{count} frames of {fmt.rows}x{fmt.columns}"
+            )
+        pos = _HEADER.size
+        corrections = []
+        for _ in range(frames):
+            a, b, c, o = _PARAMS.unpack_from(data, pos)
+            corrections.append(interslice.SliceParams((a, b, c), o))
+            pos += _PARAMS.size
+        records = []
+        for _ in range(frames * tiles):
+            records.append(_TILE.unpack_from(data, pos))
+            pos += _TILE.size
+        headers, payloads = [], []
+        for f in range(frames):
+            headers.append([])
+            payloads.append([])
+            for lo, hi, d, base, nbytes in records[f * tiles : (f + 1) * tiles]:
+                headers[-1].append(TileHeader(ImageStats(lo, hi, d, base), 0))
+                words = np.frombuffer(data, dtype="<u4", count=nbytes // 4, offset=pos)
+                payloads[-1].append(words.astype(np.uint32))
+                pos += nbytes
+        if pos != len(data):
+            raise ValueError(f"learned volume group has {len(data) - pos} bytes too many/few")
+        coded = interslice.CodedSlices(corrections, headers, payloads)
+        samples = interslice.decode(model, coded, fmt.rows, fmt.columns)
+        out = samples.astype("<u2")  # coded_bits: 16, as encode_volume gave them
+        if checksum(out) != digest:
+            raise ValueError(
+                "learned volume: the decoded group does not match the checksum its encoder "
+                "stored (corrupt data, or a decoder that computes differently): do not use it"
+            )
+        return out

@@ -1,0 +1,150 @@
+"""The learned codec over a volume (`learnvol`): each slice predicted by the shipped network and
+corrected from the slices before it (models/interslice.py). On real series only.
+
+What must hold: round trips are bit-exact (crops of the real CT series, several groups, one
+slice decoded from the middle of a group, a volume in several tiles); the previous slices make
+the overlapping CT series smaller than coding each slice alone, and a slice with nothing to
+gain costs no more than alone (the per-slice fallback); a volume from another model and a
+damaged one are refused; a cold tier named `learnvol` packs a real series and reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import shutil
+from pathlib import Path
+
+import dicomdata
+import numpy as np
+import pytest
+from test_tiering import Inline, assert_read_back, frames_by_sop, later, make_service, receive
+
+from compacs.codecs import registry
+from compacs.codecs.base import PixelFormat
+from compacs.codecs.learned import Learned
+from compacs.codecs.learned_volume import LearnedVolume
+from compacs.codecs.volume import encode_verified, read_header
+from compacs.models import interslice
+from compacs.models.runtime import SHIPPED, Model, load_model
+
+LEARNVOL = registry.get_volume("learnvol")
+
+
+@functools.cache
+def ct_crop(slices: int = 6, rows: slice = slice(200, 296), cols: slice = slice(150, 277)):
+    """Slices of the real CT series (3 mm slices every 2 mm: their noise overlaps), cropped."""
+    fmt, frames = dicomdata.ct_series_volume()
+    crop = tuple(np.ascontiguousarray(f[rows, cols]) for f in frames[:slices])
+    return dataclasses.replace(fmt, rows=crop[0].shape[0], columns=crop[0].shape[1]), crop
+
+
+@functools.cache
+def encoded_crop(gop_size: int = 4) -> bytes:
+    fmt, frames = ct_crop()
+    return encode_verified(LEARNVOL, frames, fmt, gop_size=gop_size)
+
+
+def _same(got: list[np.ndarray], want) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and np.array_equal(g, w)
+
+
+def test_series_round_trip_is_bit_exact_across_groups() -> None:
+    fmt, frames = ct_crop()
+    data = encoded_crop()
+    header = read_header(data)
+    assert (header.codec, header.frames, header.groups) == ("learnvol", 6, 2)
+    _same(LEARNVOL.decode_frames(data, fmt), frames)
+    _same(LEARNVOL.decode_frames(data, fmt, [2]), [frames[2]])  # the middle of group 0
+    _same(LEARNVOL.decode_frames(data, fmt, [5, 4]), [frames[5], frames[4]])
+
+
+def test_signed_series_and_a_volume_in_several_tiles_round_trip() -> None:
+    """The MR series is signed; 600x530 CT slices are 4 tiles each (512², 512x18, 88x512,
+    88x18), and every tile of a slice reads the same tile of the slice before."""
+    fmt, frames = dicomdata.mr_series_volume()
+    data = encode_verified(LEARNVOL, frames[:5], fmt)
+    _same(LEARNVOL.decode_frames(data, fmt), frames[:5])
+    ct_fmt, ct = dicomdata.ct_series_volume()
+    big = tuple(np.pad(f, ((0, 88), (0, 18)), mode="reflect") for f in ct[:2])
+    big_fmt = dataclasses.replace(ct_fmt, rows=600, columns=530)
+    coded = interslice.encode(load_model(), np.stack(big))
+    assert len(coded.headers[0]) == 4
+    back = interslice.decode(load_model(), coded, 600, 530)
+    assert np.array_equal(back, np.stack(big))
+    _same(LEARNVOL.decode_frames(LEARNVOL.encode_volume(big, big_fmt), big_fmt), big)
+
+
+def test_previous_slices_pay_on_overlapping_ct_and_a_slice_that_gains_nothing_falls_back() -> None:
+    fmt, frames = ct_crop()
+    alone = sum(len(Learned(load_model()).encode_frame(f, fmt)) for f in frames)
+    together = len(encoded_crop(gop_size=6))
+    assert together < 0.97 * alone, (together, alone)
+    coded = interslice.encode(load_model(), np.stack(frames))
+    assert coded.params[0] == interslice.NONE  # nothing before the first slice
+    assert all(p.active for p in coded.params[1:])
+    # The same slices in reverse spatial order of rows: slice k's noise no longer lies under
+    # slice k-1's, so a correction would cost; each slice then codes as alone.
+    mixed = np.stack([f if k % 2 else f[::-1] for k, f in enumerate(frames)]).astype(np.int64)
+    coded = interslice.encode(load_model(), mixed)
+    for k in range(1, len(mixed)):
+        single = Learned(load_model()).encode_frame(mixed[k].astype(fmt.dtype), fmt)
+        words = sum(p.nbytes for p in coded.payloads[k])
+        assert words <= len(single), (k, coded.params[k])
+    assert not all(p.active for p in coded.params[1:])
+
+
+def test_volume_from_another_model_or_damaged_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(SHIPPED, other)
+    with np.load(other / "tables.npz") as t:
+        freqs, lows = t["freqs"].copy(), t["lows"]
+    freqs[40, 64] += 1
+    np.savez(other / "tables.npz", freqs=freqs, lows=lows)
+    other_model = Model(other)
+    fmt, frames = ct_crop(3)
+    data = LearnedVolume(other_model).encode_volume(frames, fmt)
+    _same(LearnedVolume(other_model).decode_frames(data, fmt), frames)
+    message = f"made by model {other_model.model_id.hex()}, but the loaded model is"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LEARNVOL.decode_frames(data, fmt)
+    damaged = bytearray(encoded_crop())
+    damaged[-30] ^= 0x55
+    with pytest.raises(ValueError, match="checksum"):
+        LEARNVOL.decode_frames(bytes(damaged), fmt, [5])
+
+
+def test_registry_and_what_it_refuses() -> None:
+    assert "learnvol" in registry.volume_names() and "learnvol" not in registry.names()
+    assert LEARNVOL.is_available() and LEARNVOL.lossless
+    assert LEARNVOL.transfer_syntax_uid == "2.25.164530197483740761021022581188332038263"
+    rgb = PixelFormat(64, 64, 3, 8, 8, 0, "RGB")
+    assert "colour" in (LEARNVOL.unsupported_reason(rgb) or "")
+    with pytest.raises(ValueError, match="codec 'learnvol' has no parameter delta"):
+        LEARNVOL.check_params({"delta": 1})
+
+
+def test_a_cold_tier_named_learnvol_packs_a_real_series_and_reads_it_back(
+    tmp_path, services
+) -> None:
+    service = make_service(tmp_path, codecs='["learnvol"]', choose="first")
+    services.append(service)
+    mr = dicomdata.real_mr_series(tmp_path / "mr")
+    receive(service, mr)
+    report = service.tier_run(later(), executor=Inline())
+    assert not report.failed and report.series_packed == 1 and report.moved == len(mr)
+    held = service.index.instances()
+    assert {inst.codec for inst in held} == {"learnvol"}
+    assert len({inst.blob_pk for inst in held}) == 1
+    assert_read_back(service, frames_by_sop(mr))
+
+
+@pytest.fixture
+def services():
+    opened = []
+    yield opened
+    for service in opened:
+        service.close()
