@@ -69,13 +69,12 @@ def unsupported_reason(fmt: PixelFormat) -> str | None:
     return None
 
 
-class Learned(Codec):
-    name = "learned"
-    transfer_syntax_uid = TRANSFER_SYNTAX_UID
-    lossless = True  # with the default delta = 0; see lossless_for
+class ShippedModel:
+    """The model a learned codec codes with (the shipped one unless given), loaded on first use
+    so that listing codecs does not start ONNX Runtime; available only when it is installed.
+    Shared by the frame codec here and the volume codec (learned_volume.py)."""
+
     dependencies = ("onnxruntime", "constriction")
-    allowed_params = ("delta",)
-    description = "learned integer-exact PixelCNN, lossless or max |error| ≤ delta (private)"
 
     def __init__(self, model: Any = None):
         self._model = model  # a compacs.models.runtime.Model; the shipped one by default
@@ -94,6 +93,14 @@ class Learned(Codec):
         from compacs.models.runtime import MODEL_FILES, SHIPPED
 
         return all((SHIPPED / name).exists() for name in MODEL_FILES)
+
+
+class Learned(ShippedModel, Codec):
+    name = "learned"
+    transfer_syntax_uid = TRANSFER_SYNTAX_UID
+    lossless = True  # with the default delta = 0; see lossless_for
+    allowed_params = ("delta",)
+    description = "learned integer-exact PixelCNN, lossless or max |error| ≤ delta (private)"
 
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .base import PixelFormat
-from .learned import checksum, unsupported_reason
+from .learned import ShippedModel, checksum, unsupported_reason
 from .volume import VolumeCodec
 
 TRANSFER_SYNTAX_UID = "2.25.164530197483740761021022581188332038263"
@@ -35,34 +35,15 @@ _PARAMS = struct.Struct("<bbbb")
 _TILE = struct.Struct("<iiIHI")
 
 
-class LearnedVolume(VolumeCodec):
+class LearnedVolume(ShippedModel, VolumeCodec):
     name = "learnvol"  # the volume container keeps 8 bytes of a codec's name
     transfer_syntax_uid = TRANSFER_SYNTAX_UID
     lossless = True
-    dependencies = ("onnxruntime", "constriction")
     description = (
         "learned integer-exact PixelCNN over a volume, each slice predicted with the previous "
         "ones as context, lossless (private)"
     )
     coded_bits = (16,)
-
-    def __init__(self, model: Any = None):
-        self._model = model  # a compacs.models.runtime.Model; the shipped one by default
-
-    @property
-    def model(self):
-        if self._model is None:
-            from compacs.models.runtime import load_model
-
-            self._model = load_model()
-        return self._model
-
-    def is_available(self) -> bool:
-        if not super().is_available():
-            return False
-        from compacs.models.runtime import MODEL_FILES, SHIPPED
-
-        return all((SHIPPED / name).exists() for name in MODEL_FILES)
 
     def unsupported_reason(self, fmt: PixelFormat) -> str | None:
         return unsupported_reason(fmt)

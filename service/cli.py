@@ -646,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--codec",
         required=True,
-        help="codec name (see `compacs codec list`); a volume codec (hevc) takes a multi-frame "
-        "file, or a folder holding one series (written as a series volume)",
+        help="codec name (see `compacs codec list`); a volume codec (hevc, learnvol) takes a "
+        "multi-frame file, or a folder holding one series (written as a series volume)",
     )
     p.add_argument("--param", action="append", default=[], metavar="K=V", help="codec parameter")
     p.add_argument("input", type=Path, metavar="IN")

@@ -257,15 +257,20 @@ def test_shipped_model_is_small_and_packaged() -> None:
 # --- refusing what is not ours ----------------------------------------------------------------
 
 
-def test_bitstream_from_another_model_is_refused(tmp_path: Path) -> None:
-    """A model whose tables differ by one count is another model: its bitstreams are refused."""
+def another_model(tmp_path: Path) -> Model:
+    """The shipped model with one table count changed: another model, with another id."""
     other = tmp_path / "other"
     shutil.copytree(SHIPPED, other)
     with np.load(other / "tables.npz") as t:
         freqs, lows = t["freqs"].copy(), t["lows"]
     freqs[40, 64] += 1
     np.savez(other / "tables.npz", freqs=freqs, lows=lows)
-    other_model = Model(other)
+    return Model(other)
+
+
+def test_bitstream_from_another_model_is_refused(tmp_path: Path) -> None:
+    """A model whose tables differ by one count is another model: its bitstreams are refused."""
+    other_model = another_model(tmp_path)
     fmt, frame = CASES["mr64_signed"]()
     data = Learned(other_model).encode_frame(frame, fmt)
     assert np.array_equal(Learned(other_model).decode_frame(data, fmt), frame)
@@ -339,14 +344,23 @@ def test_model_card_figures_are_the_benchmark_results() -> None:
         assert line is not None, f"no row for {row['set']} in MODEL_CARD.md"
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1:] == [f"{v:.3f}" for v in row["bpp"]], row["set"]
+    for row in results["series_rows"]:  # the volumes, learnvol among them
+        line = next((ln for ln in card.splitlines() if ln.startswith(f"| {row['set']} |")), None)
+        assert line is not None, f"no row for {row['set']} in MODEL_CARD.md"
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1:] == ["n/a" if v is None else f"{v:.3f}" for v in row["bpp"]], row["set"]
 
 
 def test_one_heldout_figure_remeasured() -> None:
-    """The held-out 10-frame MR's lossless bpp, measured again: it must equal the card's."""
+    """The held-out 10-frame MR's lossless bpp, per frame and as a learnvol volume, measured
+    again: each must equal the card's."""
     fmt, frames = _frames("emri_small.dcm")
     size = sum(len(d) for d in _codec().encode_frames(list(frames), fmt))
     bpp = size * 8 / sum(f.size for f in frames)
     assert round(bpp, 3) == _heldout()["remeasure"]["emri_small_lossless_bpp"]
+    volume = registry.get_volume("learnvol").encode_volume(list(frames), fmt)
+    bpp = len(volume) * 8 / sum(f.size for f in frames)
+    assert round(bpp, 3) == _heldout()["remeasure"]["emri_small_learnvol_bpp"]
 
 
 # --- training and export (torch and onnx are in the test extra) -------------------------

@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import shutil
 from pathlib import Path
 
 import dicomdata
 import numpy as np
 import pytest
+from test_learned import another_model
 from test_tiering import Inline, assert_read_back, frames_by_sop, later, make_service, receive
 
 from compacs.codecs import registry
@@ -27,7 +27,7 @@ from compacs.codecs.learned import Learned
 from compacs.codecs.learned_volume import LearnedVolume
 from compacs.codecs.volume import encode_verified, read_header
 from compacs.models import interslice
-from compacs.models.runtime import SHIPPED, Model, load_model
+from compacs.models.runtime import load_model
 
 LEARNVOL = registry.get_volume("learnvol")
 
@@ -98,13 +98,7 @@ def test_previous_slices_pay_on_overlapping_ct_and_a_slice_that_gains_nothing_fa
 
 
 def test_volume_from_another_model_or_damaged_is_refused(tmp_path: Path) -> None:
-    other = tmp_path / "other"
-    shutil.copytree(SHIPPED, other)
-    with np.load(other / "tables.npz") as t:
-        freqs, lows = t["freqs"].copy(), t["lows"]
-    freqs[40, 64] += 1
-    np.savez(other / "tables.npz", freqs=freqs, lows=lows)
-    other_model = Model(other)
+    other_model = another_model(tmp_path)
     fmt, frames = ct_crop(3)
     data = LearnedVolume(other_model).encode_volume(frames, fmt)
     _same(LearnedVolume(other_model).decode_frames(data, fmt), frames)
@@ -127,24 +121,16 @@ def test_registry_and_what_it_refuses() -> None:
         LEARNVOL.check_params({"delta": 1})
 
 
-def test_a_cold_tier_named_learnvol_packs_a_real_series_and_reads_it_back(
-    tmp_path, services
-) -> None:
+def test_a_cold_tier_named_learnvol_packs_a_real_series_and_reads_it_back(tmp_path) -> None:
     service = make_service(tmp_path, codecs='["learnvol"]', choose="first")
-    services.append(service)
-    mr = dicomdata.real_mr_series(tmp_path / "mr")
-    receive(service, mr)
-    report = service.tier_run(later(), executor=Inline())
-    assert not report.failed and report.series_packed == 1 and report.moved == len(mr)
-    held = service.index.instances()
-    assert {inst.codec for inst in held} == {"learnvol"}
-    assert len({inst.blob_pk for inst in held}) == 1
-    assert_read_back(service, frames_by_sop(mr))
-
-
-@pytest.fixture
-def services():
-    opened = []
-    yield opened
-    for service in opened:
+    try:
+        mr = dicomdata.real_mr_series(tmp_path / "mr")
+        receive(service, mr)
+        report = service.tier_run(later(), executor=Inline())
+        assert not report.failed and report.series_packed == 1 and report.moved == len(mr)
+        held = service.index.instances()
+        assert {inst.codec for inst in held} == {"learnvol"}
+        assert len({inst.blob_pk for inst in held}) == 1
+        assert_read_back(service, frames_by_sop(mr))
+    finally:
         service.close()

@@ -11,7 +11,8 @@ codec's syntax), and for a multi-frame instance each volume codec over all its f
 volume: each volume codec over the slices in slice order (one series volume blob), against
 each frame codec over every slice (one blob per instance). `first` takes the first that
 qualifies and verifies, `smallest` the smallest verified of all: it costs CPU but suits a
-cold tier (HEVC beats per-frame codecs on US cine, loses to JPEG-XL on CT and MR series).
+cold tier (HEVC beats per-frame codecs on US cine, loses to JPEG-XL on CT and MR series;
+learnvol beats both on overlapping CT slices, at about a second per 512² slice each way).
 A result that is not smaller than what is stored is not kept: the stored bytes move as they
 are.
 """
