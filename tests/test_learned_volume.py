@@ -5,7 +5,8 @@ What must hold: round trips are bit-exact (crops of the real CT series, several 
 slice decoded from the middle of a group, a volume in several tiles); the previous slices make
 the overlapping CT series smaller than coding each slice alone, and a slice with nothing to
 gain costs no more than alone (the per-slice fallback); a volume from another model and a
-damaged one are refused; a cold tier named `learnvol` packs a real series and reads it back.
+damaged one are refused; a cold tier named `learnvol` packs a real series and reads it back, in
+process and on a running node (`compacs tier run`, then getscu).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import dicomdata
 import numpy as np
+import peers
+import pydicom
 import pytest
+from nodecheck import store_all, wait_compressed
 from test_learned import another_model
 from test_tiering import Inline, assert_read_back, frames_by_sop, later, make_service, receive
 
@@ -134,3 +138,47 @@ def test_a_cold_tier_named_learnvol_packs_a_real_series_and_reads_it_back(tmp_pa
         assert_read_back(service, frames_by_sop(mr))
     finally:
         service.close()
+
+
+COLD_LEARNVOL = """
+[ingest]
+lease_seconds = 2
+[tiering]
+stable_minutes = 0
+cpu_share = 1
+every_minutes = 0
+[[tiers]]
+name = "cold"
+after_days = 30
+codecs = ["learnvol"]
+form = "volume"
+choose = "first"
+"""
+
+
+def test_compacs_tier_run_packs_a_series_with_learnvol_and_getscu_reads_it(
+    make_node, tmp_path
+) -> None:
+    """The node's own tier run (its worker processes load the model), then a C-GET of the
+    series from the cold tier: pixel-exact, in a syntax getscu accepted."""
+    node = make_node(COLD_LEARNVOL)
+    mr = dicomdata.real_mr_series(tmp_path / "mr")
+    store_all(node, mr)
+    wait_compressed(node, len(mr))
+    res = node.cli(
+        "tier", "run", "--config", str(node.config), "--data", str(node.data_dir),
+        "--as-of", "2099-01-01",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{len(mr)} instance(s) moved (1 series packed as volumes)" in res.stdout, res.stdout
+    out = tmp_path / "get"
+    study = pydicom.dcmread(mr[0]).StudyInstanceUID
+    res = peers.getscu(node.port, "STUDY", {"StudyInstanceUID": study}, out)
+    assert "Received C-GET Response (Success)" in res.stdout, res.stdout[-2000:]
+    got = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.iterdir()}
+    assert len(got) == len(mr)
+    for path in mr:
+        src = pydicom.dcmread(path)
+        back = pydicom.dcmread(got[src.SOPInstanceUID])
+        assert back.file_meta.TransferSyntaxUID != LEARNVOL.transfer_syntax_uid
+        assert np.array_equal(back.pixel_array, src.pixel_array)
