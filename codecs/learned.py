@@ -44,6 +44,33 @@ def checksum(frame: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(frame).tobytes(), digest_size=8).digest()
 
 
+def unpack_records(
+    data: bytes, pos: int, record: struct.Struct, count: int, what: str
+) -> tuple[list[tuple], int]:
+    """`count` fixed-size records from `data` at `pos`, and the position after them; a clear
+    error instead of struct's when the data ends early (a truncated or damaged blob)."""
+    if pos + count * record.size > len(data):
+        raise ValueError(f"{what} is truncated: it ends inside its headers")
+    return [record.unpack_from(data, pos + k * record.size) for k in range(count)], (
+        pos + count * record.size
+    )
+
+
+def payload_words(data: bytes, pos: int, nbytes: int, what: str) -> np.ndarray:
+    """A tile's range-coder words, checked against what is there."""
+    if nbytes % 4 or pos + nbytes > len(data):
+        raise ValueError(f"{what} is truncated or damaged: a tile of {nbytes} bytes at {pos}")
+    return np.frombuffer(data, dtype="<u4", count=nbytes // 4, offset=pos).astype(np.uint32)
+
+
+def undecodable(what: str) -> ValueError:
+    """constriction asserts when the coded words cannot come from the tables: damaged data."""
+    return ValueError(
+        f"{what} does not decode (damaged data, or a decoder that computes differently): "
+        "do not use it"
+    )
+
+
 def parse_delta(params: dict[str, Any]) -> int:
     """δ from rule or CLI parameters: 0 (lossless, the default) to MAX_DELTA (max |error|)."""
     return int_param("learned", params, "delta", 0, range(MAX_DELTA + 1))
@@ -216,13 +243,16 @@ class Learned(ShippedModel, Codec):
         frames = [np.zeros((fmt.rows, fmt.columns), dtype=np.int64) for _ in datas]
         for group in _by_shape(jobs):
             rs, cs = jobs[group[0]][1]
-            rec, _ = wavefront.decode(
-                model,
-                [jobs[k][2] for k in group],
-                [jobs[k][3] for k in group],
-                rs.stop - rs.start,
-                cs.stop - cs.start,
-            )
+            try:
+                rec, _ = wavefront.decode(
+                    model,
+                    [jobs[k][2] for k in group],
+                    [jobs[k][3] for k in group],
+                    rs.stop - rs.start,
+                    cs.stop - cs.start,
+                )
+            except AssertionError:
+                raise undecodable("learned-codec bitstream") from None
             for k, tile in zip(group, rec, strict=True):
                 frames[jobs[k][0]][jobs[k][1]] = tile
         out = []
@@ -258,14 +288,11 @@ class Learned(ShippedModel, Codec):
                 f"learned-codec frame {rows}x{columns} in {count} tiles of {tile} "
                 f"does not match {fmt.rows}x{fmt.columns}"
             )
-        pos, records = _HEADER.size, []
-        for _ in range(count):
-            records.append(_TILE.unpack_from(data, pos))
-            pos += _TILE.size
+        records, pos = unpack_records(data, _HEADER.size, _TILE, count, "learned-codec bitstream")
         tiles = []
         for lo, hi, d, base, offset, nbytes in records:
-            words = np.frombuffer(data, dtype="<u4", count=nbytes // 4, offset=pos)
-            tiles.append((lo, hi, d, base, offset, words.astype(np.uint32)))
+            words = payload_words(data, pos, nbytes, "learned-codec bitstream")
+            tiles.append((lo, hi, d, base, offset, words))
             pos += nbytes
         # DICOM pads an encapsulated fragment to an even length with one zero byte
         if pos != len(data) and not (len(data) == pos + 1 and data[-1] == 0):

@@ -7,9 +7,10 @@ Why a volume codec and not a parameter of `learned`: the previous slice is anoth
 the frames of a volume together and keeps a random-access point every `gop_size` frames.
 Within a group, a slice's pixel reads the same pixel of the two slices before it; a slice
 with nothing to gain from them codes exactly as the single-slice codec would (its header
-says so). Decoding one slice decodes its group up to that slice: on a CPU about a second per
-512² slice, so a 16-slice group costs up to ~16 s (docs/benchmarks.md); a GPU decodes the
-group as one batch.
+says so). Reading one slice decodes its whole group (one checksum covers the group), as one
+lagged wavefront batch: on a CPU about a second per 512² slice, ~15 s for a group of 16
+(docs/benchmarks.md), which is why `gop_size` stops at 32 here (memory: about 100 bytes per
+pixel of the group while it decodes); a GPU runs the same batch far faster (not measured yet).
 
 Group bytes (little endian): magic "CPXV", version, the model id (16 bytes), frame count,
 tiles per frame, checksum of the group's samples; per frame its correction (a, b, c, o as
@@ -23,9 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from .base import PixelFormat
-from .learned import ShippedModel, checksum, unsupported_reason
-from .volume import VolumeCodec
+from .base import PixelFormat, int_param
+from .learned import (
+    ShippedModel,
+    checksum,
+    payload_words,
+    undecodable,
+    unpack_records,
+    unsupported_reason,
+)
+from .volume import DEFAULT_GOP_SIZE, VolumeCodec
 
 TRANSFER_SYNTAX_UID = "2.25.164530197483740761021022581188332038263"
 MAGIC = b"CPXV"
@@ -33,6 +41,7 @@ VERSION = 1
 _HEADER = struct.Struct("<4sB16sHH8s")
 _PARAMS = struct.Struct("<bbbb")
 _TILE = struct.Struct("<iiIHI")
+MAX_GOP_SIZE = 32
 
 
 class LearnedVolume(ShippedModel, VolumeCodec):
@@ -44,6 +53,10 @@ class LearnedVolume(ShippedModel, VolumeCodec):
         "ones as context, lossless (private)"
     )
     coded_bits = (16,)
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        int_param(self.name, params, "gop_size", DEFAULT_GOP_SIZE, range(1, MAX_GOP_SIZE + 1))
 
     def unsupported_reason(self, fmt: PixelFormat) -> str | None:
         return unsupported_reason(fmt)
@@ -92,29 +105,25 @@ class LearnedVolume(ShippedModel, VolumeCodec):
                 f"learned volume group holds {frames} frames of {tiles} tiles, expected "
                 f"{count} frames of {fmt.rows}x{fmt.columns}"
             )
-        pos = _HEADER.size
-        corrections = []
-        for _ in range(frames):
-            a, b, c, o = _PARAMS.unpack_from(data, pos)
-            corrections.append(interslice.SliceParams((a, b, c), o))
-            pos += _PARAMS.size
-        records = []
-        for _ in range(frames * tiles):
-            records.append(_TILE.unpack_from(data, pos))
-            pos += _TILE.size
+        what = "learned volume group"
+        params, pos = unpack_records(data, _HEADER.size, _PARAMS, frames, what)
+        records, pos = unpack_records(data, pos, _TILE, frames * tiles, what)
+        corrections = [interslice.SliceParams((a, b, c), o) for a, b, c, o in params]
         headers, payloads = [], []
         for f in range(frames):
             headers.append([])
             payloads.append([])
             for lo, hi, d, base, nbytes in records[f * tiles : (f + 1) * tiles]:
                 headers[-1].append(TileHeader(ImageStats(lo, hi, d, base), 0))
-                words = np.frombuffer(data, dtype="<u4", count=nbytes // 4, offset=pos)
-                payloads[-1].append(words.astype(np.uint32))
+                payloads[-1].append(payload_words(data, pos, nbytes, what))
                 pos += nbytes
         if pos != len(data):
-            raise ValueError(f"learned volume group has {len(data) - pos} bytes too many/few")
+            raise ValueError(f"{what} has {len(data) - pos} bytes too many/few")
         coded = interslice.CodedSlices(corrections, headers, payloads)
-        samples = interslice.decode(model, coded, fmt.rows, fmt.columns)
+        try:
+            samples = interslice.decode(model, coded, fmt.rows, fmt.columns)
+        except AssertionError:
+            raise undecodable(what) from None
         out = samples.astype("<u2")  # coded_bits: 16, as encode_volume gave them
         if checksum(out) != digest:
             raise ValueError(

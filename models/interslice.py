@@ -38,7 +38,9 @@ from .wavefront import Batch, TileHeader, full_predictions, schedule
 
 COEF_SHIFT = 6
 COEF_MAX = 127
-OFFSETS = range(-16, 9)  # scale-index offsets an encoder tries: 1/8 octave each
+# Scale-index offsets an encoder may choose (1/8 octave each), searched every 4th then around
+# the best: down to -48 (6 octaves) for slices that repeat the one before almost exactly.
+OFFSETS = range(-48, 9)
 FIT_SIGMAS = 4
 
 
@@ -108,14 +110,16 @@ def fit(
     shifted, _ = corrected(SliceParams(tuple(coefs), 0), t, mean, index, lo, hi)
     q = (x - shifted).ravel()
     flat = index.ravel()
-    best, best_bits = NONE, entropy.code_length((x - mean).ravel(), flat, tables)
-    for o in OFFSETS:
-        trial = np.minimum(np.maximum(flat + o, 0), N_SCALES - 1)
-        bits = entropy.code_length(q, trial, tables)
-        if bits < best_bits:
-            best = SliceParams((int(coefs[0]), int(coefs[1]), int(coefs[2])), o)
-            best_bits = bits
-    return best
+
+    def cost(o: int) -> float:
+        return entropy.code_length(q, np.minimum(np.maximum(flat + o, 0), N_SCALES - 1), tables)
+
+    coarse = min(OFFSETS[::4], key=cost)
+    fine = [o for o in range(coarse - 3, coarse + 4) if o in OFFSETS]
+    offset = min(fine, key=cost)
+    if cost(offset) >= entropy.code_length((x - mean).ravel(), flat, tables):
+        return NONE
+    return SliceParams((int(coefs[0]), int(coefs[1]), int(coefs[2])), offset)
 
 
 @dataclass(frozen=True)

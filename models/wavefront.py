@@ -43,11 +43,14 @@ RING = 8  # cached columns per row: > the 5 between a row's newest write and its
 
 
 def schedule(rows: int, columns: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(i, j) of the pixels of each step, i ascending."""
+    """(i, j) of the pixels of each step, i ascending. A tile narrower than LAG columns has
+    times t with no pixel: they are left out (no step may be empty), which keeps the order
+    of every pixel after everything it reads."""
     steps = []
     for t in range(LAG * (rows - 1) + columns):
         i = np.arange(max(0, -(-(t - columns + 1) // LAG)), min(rows - 1, t // LAG) + 1)
-        steps.append((i, t - LAG * i))
+        if len(i):
+            steps.append((i, t - LAG * i))
     return steps
 
 
@@ -194,6 +197,8 @@ class Batch:
         for t in range(len(plan) + max(lags)):
             ij = [plan[t - lag] if 0 <= t - lag < len(plan) else (empty, empty) for lag in lags]
             counts = np.array([len(i) for i, _ in ij])
+            if not counts.any():
+                continue  # lags with gaps: no tile has a pixel at this time
             ends = np.cumsum(counts)
             parts = [slice(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True)]
             values = TileValues(*(np.repeat(v, counts) for v in self.tiles))
