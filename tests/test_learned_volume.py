@@ -24,6 +24,7 @@ import pytest
 from nodecheck import store_all, wait_compressed
 from test_learned import another_model
 from test_tiering import Inline, assert_read_back, frames_by_sop, later, make_service, receive
+from test_tiering_node import COLD, tier_run
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
@@ -170,20 +171,8 @@ def test_a_cold_tier_named_learnvol_packs_a_real_series_and_reads_it_back(tmp_pa
         service.close()
 
 
-COLD_LEARNVOL = """
-[ingest]
-lease_seconds = 2
-[tiering]
-stable_minutes = 0
-cpu_share = 1
-every_minutes = 0
-[[tiers]]
-name = "cold"
-after_days = 30
-codecs = ["learnvol"]
-form = "volume"
-choose = "first"
-"""
+# The node-level cold tier of test_tiering_node.py, with learnvol as its only codec.
+COLD_LEARNVOL = COLD.replace('["jpegxl", "hevc"]', '["learnvol"]').replace("smallest", "first")
 
 
 def test_compacs_tier_run_packs_a_series_with_learnvol_and_getscu_reads_it(
@@ -195,10 +184,7 @@ def test_compacs_tier_run_packs_a_series_with_learnvol_and_getscu_reads_it(
     mr = dicomdata.real_mr_series(tmp_path / "mr")
     store_all(node, mr)
     wait_compressed(node, len(mr))
-    res = node.cli(
-        "tier", "run", "--config", str(node.config), "--data", str(node.data_dir),
-        "--as-of", "2099-01-01",
-    )  # fmt: skip
+    res = tier_run(node)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"{len(mr)} instance(s) moved (1 series packed as volumes)" in res.stdout, res.stdout
     out = tmp_path / "get"
