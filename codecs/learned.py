@@ -63,6 +63,23 @@ def payload_words(data: bytes, pos: int, nbytes: int, what: str) -> np.ndarray:
     return np.frombuffer(data, dtype="<u4", count=nbytes // 4, offset=pos).astype(np.uint32)
 
 
+def check_version(what: str, version: int, supported: int) -> None:
+    if version != supported:
+        raise ValueError(
+            f"{what} version {version}, this decoder reads {supported}: decode it with the "
+            "compacs version that wrote it"
+        )
+
+
+def unknown_model(what: str, made_by: bytes, loaded: bytes) -> ValueError:
+    """A blob coded by a model that is neither the loaded one nor a retired one."""
+    return ValueError(
+        f"{what} was made by model {made_by.hex()}, but the loaded model is {loaded.hex()} and "
+        "no retired model has that id: decode it with the compacs release that ships that model "
+        "(models/shipped/ or models/retired/)"
+    )
+
+
 def undecodable(what: str) -> ValueError:
     """constriction asserts when the coded words cannot come from the tables: damaged data."""
     return ValueError(
@@ -272,17 +289,9 @@ class Learned(ShippedModel, Codec):
             raise ValueError("not a learned-codec bitstream (bad magic)")
         header = _HEADER.unpack_from(data)
         _, version, made_by, _delta, rows, columns, tile, count, _digest = header
-        if version != VERSION:
-            raise ValueError(
-                f"learned-codec bitstream version {version}, this decoder reads "
-                f"{VERSION}: decode it with the compacs version that wrote it"
-            )
+        check_version("learned-codec bitstream", version, VERSION)
         if made_by != model_id:
-            raise ValueError(
-                f"learned-codec bitstream was made by model {made_by.hex()}, but the loaded "
-                f"model is {model_id.hex()} and no retired model has that id: decode it with the "
-                "compacs release that ships that model (models/shipped/ or models/retired/)"
-            )
+            raise unknown_model("learned-codec bitstream", made_by, model_id)
         if (rows, columns) != (fmt.rows, fmt.columns) or tile != _tile_size() or count != n_tiles:
             raise ValueError(
                 f"learned-codec frame {rows}x{columns} in {count} tiles of {tile} "

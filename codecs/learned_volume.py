@@ -27,9 +27,11 @@ import numpy as np
 from .base import PixelFormat, int_param
 from .learned import (
     ShippedModel,
+    check_version,
     checksum,
     payload_words,
     undecodable,
+    unknown_model,
     unpack_records,
     unsupported_reason,
 )
@@ -87,25 +89,17 @@ class LearnedVolume(ShippedModel, VolumeCodec):
 
         if len(data) < _HEADER.size or data[:4] != MAGIC:
             raise ValueError("not a learned volume group (bad magic)")
-        magic, version, made_by, frames, tiles, digest = _HEADER.unpack_from(data)
-        if version != VERSION:
-            raise ValueError(
-                f"learned volume group version {version}, this decoder reads {VERSION}: "
-                "decode it with the compacs version that wrote it"
-            )
+        what = "learned volume group"
+        _, version, made_by, frames, tiles, digest = _HEADER.unpack_from(data)
+        check_version(what, version, VERSION)
         model = model_for(made_by, self.model)
         if model is None:
-            raise ValueError(
-                f"learned volume was made by model {made_by.hex()}, but the loaded model is "
-                f"{self.model.model_id.hex()} and no retired model has that id: decode it with "
-                "the compacs release that ships that model (models/shipped/ or models/retired/)"
-            )
+            raise unknown_model(what, made_by, self.model.model_id)
         if frames != count or tiles != len(tile_slices(fmt.rows, fmt.columns)):
             raise ValueError(
                 f"learned volume group holds {frames} frames of {tiles} tiles, expected "
                 f"{count} frames of {fmt.rows}x{fmt.columns}"
             )
-        what = "learned volume group"
         params, pos = unpack_records(data, _HEADER.size, _PARAMS, frames, what)
         records, pos = unpack_records(data, pos, _TILE, frames * tiles, what)
         corrections = [interslice.SliceParams((a, b, c), o) for a, b, c, o in params]

@@ -64,13 +64,14 @@ class Tables:
     def __post_init__(self) -> None:
         # constriction takes float64 probabilities; integers below 2**53 convert exactly.
         object.__setattr__(self, "_probs", self.freqs.astype(np.float64))
+        object.__setattr__(self, "_totals", self._probs.sum(axis=1))  # type: ignore[attr-defined]
 
     def probabilities(self, index: np.ndarray) -> np.ndarray:
         return self._probs[index]  # type: ignore[attr-defined]
 
     def totals(self) -> np.ndarray:
         """Each table's sum of frequencies (constriction normalises by it)."""
-        return self._probs.sum(axis=1)  # type: ignore[attr-defined]
+        return self._totals  # type: ignore[attr-defined]
 
 
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
