@@ -179,9 +179,40 @@ def learning_rate(cfg: Config, step: int) -> float:
     return cfg.qat_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k)))
 
 
+def on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch moved to where the network is (the sampler builds it on the CPU)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(net: CausalNet, sampler: Sampler, batches: int, qat: bool) -> float:
-    return float(np.mean([float(bits_per_pixel(net, sampler(k), qat)) for k in range(batches)]))
+    device = next(net.parameters()).device
+    return float(
+        np.mean([float(bits_per_pixel(net, on(sampler(k), device), qat)) for k in range(batches)])
+    )
+
+
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights as CPU tensors: a checkpoint or final.pt made on a GPU loads anywhere."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device for `--device`, refused with what to do when it is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; "
+            "use --device cpu, or run on a machine with one (models/device_train.sh)"
+        )
+    if device.type == "cuda":
+        # QAT must compute the integer network exactly, as the codec's runtime does: no TF32.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
 def load_exported(net: CausalNet, folder: Path) -> None:
@@ -232,17 +263,22 @@ def train(
     work: Path,
     checkpoint_every: int = 50,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
-    """Train (or resume) in `work`; returns the run's summary, also written to summary.json."""
+    """Train (or resume) in `work`; returns the run's summary, also written to summary.json.
+
+    `device` is not part of the config: a run checkpointed on a GPU resumes on a CPU (its
+    batches are the same; its float sums may differ in the last bits)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "checkpoint.pt"
-    net = CausalNet(cfg.channels, cfg.blocks, cfg.inner)
+    where = pick_device(device)
+    net = CausalNet(cfg.channels, cfg.blocks, cfg.inner).to(where)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     step, elapsed, log = 0, 0.0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=where)
         if state["config"] != asdict(cfg):
             raise SystemExit(
                 f"{ckpt} was written with {state['config']}, not {asdict(cfg)}: rerun with the "
@@ -260,7 +296,7 @@ def train(
     val_sampler = Sampler(val_tiles, cfg.crop, cfg.batch, cfg.seed + 1) if val_tiles else None
 
     def checkpoint() -> None:
-        state = {"net": net.state_dict(), "opt": opt.state_dict(), "step": step}
+        state = {"net": cpu_state(net), "opt": opt.state_dict(), "step": step}
         _save(ckpt, {**state, "elapsed": elapsed, "log": log, "config": asdict(cfg)})
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", unit="step")
@@ -271,7 +307,7 @@ def train(
             qat = step >= cfg.float_steps
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss = bits_per_pixel(net, sampler(step), qat)
+            loss = bits_per_pixel(net, on(sampler(step), where), qat)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -303,6 +339,7 @@ def train(
         "steps": step,
         "training_seconds": round(elapsed, 1),
         "threads": cfg.threads,
+        "device": str(where),
         "train_tiles": len(tiles),
         "train_pixels": int(sum(t.x.size for t in tiles)),
         "train_groups": sorted({im.group for im in train_images}),
@@ -312,7 +349,7 @@ def train(
     if cfg.init:
         previous = json.loads((Path(cfg.init) / "meta.json").read_text()).get("training", {})
         summary["continued_from"] = previous
-    torch.save({"net": net.state_dict(), "config": asdict(cfg)}, work / "final.pt")
+    torch.save({"net": cpu_state(net), "config": asdict(cfg)}, work / "final.pt")
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -336,13 +373,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     parser.add_argument("--work", type=Path, default=default_work_dir(), help="checkpoints")
     parser.add_argument("--fresh", action="store_true", help="discard a checkpoint in --work")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="train from a file written by `python -m compacs.models.data FILE` instead of "
+        "fetching the images from the registries (a machine with no registry, such as a lent GPU)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     args = parser.parse_args(argv)
     cfg = Config(**{f: getattr(args, f) for f in asdict(defaults)})
     if args.fresh:
         for name in ("checkpoint.pt", "final.pt", "summary.json"):
             (args.work / name).unlink(missing_ok=True)
-    parts = data.split(data.all_images())
-    summary = train(parts["train"], parts["validation"], cfg, args.work)
+    if args.images and not args.images.is_file():
+        raise SystemExit(
+            f"--images {args.images}: no such file; "
+            "write it with python -m compacs.models.data FILE"
+        )
+    parts = data.split(data.unpack(args.images) if args.images else data.all_images())
+    summary = train(parts["train"], parts["validation"], cfg, args.work, device=args.device)
     print(json.dumps({k: v for k, v in summary.items() if k != "log"}, indent=1))
     print(f"final weights: {args.work / 'final.pt'}; next: python -m compacs.models.export")
     return 0

@@ -416,6 +416,44 @@ def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> Non
     assert np.array_equal(small.decode_frame(small.encode_frame(mframe, mfmt), mfmt), mframe)
 
 
+def test_training_reads_packed_images_and_refuses_a_device_it_lacks(tmp_path: Path, capsys) -> None:
+    """The GPU route (models/device_train.sh): images packed here come back exactly, the train
+    command runs from the pack alone, and a device or pack that is not there gets a message."""
+    import torch
+
+    from compacs.models import data, train
+
+    crop, cfg = _tiny_run(1)
+    mr = data.RealImage("MR crop", "MR", "021234567", crop.pixels[:40, :50] + 70000, 17, False)
+    pack = tmp_path / "images.npz"
+    data.pack([crop, mr], pack)
+    back = data.unpack(pack)
+    for a, b in zip([crop, mr], back, strict=True):
+        assert (a.source, a.modality, a.group, a.bits_stored, a.signed) == (
+            b.source,
+            b.modality,
+            b.group,
+            b.bits_stored,
+            b.signed,
+        )
+        assert b.pixels.dtype == np.int32 and np.array_equal(a.pixels, b.pixels)
+
+    args = ["--images", str(pack), "--work", str(tmp_path / "run"), "--batch", "2", "--crop", "32"]
+    args += ["--channels", "8", "--blocks", "2", "--float-steps", "1", "--qat-steps", "1"]
+    assert train.main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["train_groups"] == ["1CT1"]
+    assert summary["validation_groups"] == ["021234567"]
+
+    with pytest.raises(SystemExit, match="no such file"):
+        train.main(["--images", str(tmp_path / "missing.npz")])
+    with pytest.raises(SystemExit, match="not a torch device"):
+        train.pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            train.pick_device("cuda")
+
+
 def test_training_continues_from_an_exported_model(tmp_path: Path) -> None:
     """`--init FOLDER` starts from an export's integers: a continued run with no steps exports
     the same integers again (for a tiny trained model and for the shipped one), so a longer

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# A training run of the learned codec's network on a lent GPU, in one call of the `device`
+# tool. Why a script: a lent machine has minutes, reaches no registry and has no pydicom, so
+# everything it needs is prepared here first and carried with the working tree in .device/
+# (git-ignored): the training and validation images packed into one file (the held-out images
+# never leave this machine: they are measured here, with bench/learned.py, after the run) and
+# the constriction wheel for the device's Python. Torch, numpy, tqdm and onnx are on its image.
+#
+#   here:        bash models/device_train.sh prepare
+#   the device:  run(command="bash models/device_train.sh run", carry=[".device"])
+#   here again:  adopt the returned model only if its validation figures (run/summary.json, and
+#                the whole validation images) beat the shipped model's; then retire the old one
+#                to models/retired/, measure with bench/learned.py --write-heldout and update
+#                models/MODEL_CARD.md.
+#
+# Settings (environment): FLOAT_STEPS, QAT_STEPS, BATCH, CHANNELS, BLOCKS, INNER, LR, QAT_LR,
+# THREADS, DEVICE (cuda), PYTHON (python3), TIME_LIMIT (seconds, default 480: the run is then
+# interrupted and checkpointed, inside the call's 10 minutes), OUT (the results; the device
+# sets it: run/ holds summary.json, final.pt or a checkpoint, model/ the exported files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-}
+PYTHON=${PYTHON:-python3}
+
+case "$mode" in
+prepare)
+    mkdir -p .device/wheels
+    .venv/bin/python -m compacs.models.data .device/images.npz
+    .venv/bin/pip download -q --no-deps --only-binary :all: --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 -d .device/wheels constriction
+    ls -l .device .device/wheels
+    ;;
+run)
+    : "${OUT:?OUT must name a folder for the results (the device tool sets it)}"
+    [ -f .device/images.npz ] || { echo "no .device/images.npz: run 'bash $0 prepare' here first" >&2; exit 2; }
+    site=$(mktemp -d)
+    # The package as compacs.models without installing compacs (whose other dependencies the
+    # device does not have): models/ is all that training and export import.
+    mkdir -p "$site/compacs"
+    touch "$site/compacs/__init__.py"
+    ln -s "$PWD/models" "$site/compacs/models"
+    if ! "$PYTHON" -c "import constriction" 2>/dev/null; then
+        "$PYTHON" -m pip install -q --no-deps --no-index --target "$site" .device/wheels/*.whl
+    fi
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    status=0
+    timeout -s INT "${TIME_LIMIT:-480}" "$PYTHON" -m compacs.models.train \
+        --images .device/images.npz --device "${DEVICE:-cuda}" --work "$OUT/run" \
+        --float-steps "${FLOAT_STEPS:-40000}" --qat-steps "${QAT_STEPS:-10000}" \
+        --batch "${BATCH:-16}" --channels "${CHANNELS:-40}" --blocks "${BLOCKS:-5}" \
+        --inner "${INNER:-1}" --lr "${LR:-0.002}" --qat-lr "${QAT_LR:-0.0003}" \
+        --threads "${THREADS:-8}" || status=$?
+    if [ -f "$OUT/run/final.pt" ]; then
+        "$PYTHON" -m compacs.models.export --weights "$OUT/run/final.pt" --out "$OUT/model"
+    else
+        echo "stopped before the last step (exit $status): $OUT/run/checkpoint.pt resumes it;" \
+            "carry it back into --work to continue" >&2
+    fi
+    exit "$status"
+    ;;
+*)
+    echo "usage: bash $0 prepare (here) | run (on the device, with .device carried)" >&2
+    exit 2
+    ;;
+esac
