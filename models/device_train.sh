@@ -14,25 +14,27 @@
 #                models/MODEL_CARD.md.
 #
 # Settings (environment): FLOAT_STEPS, QAT_STEPS, BATCH, CHANNELS, BLOCKS, INNER, LR, QAT_LR,
-# THREADS, DEVICE (cuda), PYTHON (python3), TIME_LIMIT (seconds, default 480: the run is then
-# interrupted and checkpointed, inside the call's 10 minutes), OUT (the results; the device
-# sets it: run/ holds summary.json, final.pt or a checkpoint, model/ the exported files).
+# THREADS, DEVICE (cuda), PYTHON (python3), DEVICE_DIR (.device: what prepare writes),
+# TIME_LIMIT (seconds, default 480: the run is then interrupted and checkpointed, inside the
+# call's 10 minutes), OUT (the results; the device sets it: run/ holds summary.json and
+# final.pt or a checkpoint, model/ the exported files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
 PYTHON=${PYTHON:-python3}
+dir=${DEVICE_DIR:-.device}
 
 case "$mode" in
 prepare)
-    mkdir -p .device/wheels
-    .venv/bin/python -m compacs.models.data .device/images.npz
+    mkdir -p "$dir/wheels"
+    .venv/bin/python -m compacs.models.data "$dir/images.npz"
     .venv/bin/pip download -q --no-deps --only-binary :all: --python-version 3.12 \
-        --platform manylinux_2_17_x86_64 -d .device/wheels constriction
-    ls -l .device .device/wheels
+        --platform manylinux_2_17_x86_64 -d "$dir/wheels" constriction
+    ls -l "$dir" "$dir/wheels"
     ;;
 run)
     : "${OUT:?OUT must name a folder for the results (the device tool sets it)}"
-    [ -f .device/images.npz ] || { echo "no .device/images.npz: run 'bash $0 prepare' here first" >&2; exit 2; }
+    [ -f "$dir/images.npz" ] || { echo "no $dir/images.npz: run 'bash $0 prepare' here first" >&2; exit 2; }
     site=$(mktemp -d)
     # The package as compacs.models without installing compacs (whose other dependencies the
     # device does not have): models/ is all that training and export import.
@@ -40,13 +42,13 @@ run)
     touch "$site/compacs/__init__.py"
     ln -s "$PWD/models" "$site/compacs/models"
     if ! "$PYTHON" -c "import constriction" 2>/dev/null; then
-        "$PYTHON" -m pip install -q --no-deps --no-index --target "$site" .device/wheels/*.whl
+        "$PYTHON" -m pip install -q --no-deps --no-index --target "$site" "$dir"/wheels/*.whl
     fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     status=0
     timeout -s INT "${TIME_LIMIT:-480}" "$PYTHON" -m compacs.models.train \
-        --images .device/images.npz --device "${DEVICE:-cuda}" --work "$OUT/run" \
+        --images "$dir/images.npz" --device "${DEVICE:-cuda}" --work "$OUT/run" \
         --float-steps "${FLOAT_STEPS:-40000}" --qat-steps "${QAT_STEPS:-10000}" \
         --batch "${BATCH:-16}" --channels "${CHANNELS:-40}" --blocks "${BLOCKS:-5}" \
         --inner "${INNER:-1}" --lr "${LR:-0.002}" --qat-lr "${QAT_LR:-0.0003}" \

@@ -14,8 +14,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -416,34 +419,44 @@ def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> Non
     assert np.array_equal(small.decode_frame(small.encode_frame(mframe, mfmt), mfmt), mframe)
 
 
-def test_training_reads_packed_images_and_refuses_a_device_it_lacks(tmp_path: Path, capsys) -> None:
+def test_training_reads_packed_images_and_refuses_a_device_it_lacks(tmp_path: Path) -> None:
     """The GPU route (models/device_train.sh): images packed here come back exactly, the train
     command runs from the pack alone, and a device or pack that is not there gets a message."""
     import torch
 
     from compacs.models import data, train
 
-    crop, cfg = _tiny_run(1)
+    crop, _ = _tiny_run(1)
     mr = data.RealImage("MR crop", "MR", "021234567", crop.pixels[:40, :50] + 70000, 17, False)
     pack = tmp_path / "images.npz"
     data.pack([crop, mr], pack)
     back = data.unpack(pack)
+
+    def fields(images: list[data.RealImage]) -> list[tuple]:
+        return [(im.source, im.modality, im.group, im.bits_stored, im.signed) for im in images]
+
+    assert fields(back) == fields([crop, mr])
     for a, b in zip([crop, mr], back, strict=True):
-        assert (a.source, a.modality, a.group, a.bits_stored, a.signed) == (
-            b.source,
-            b.modality,
-            b.group,
-            b.bits_stored,
-            b.signed,
-        )
         assert b.pixels.dtype == np.int32 and np.array_equal(a.pixels, b.pixels)
 
-    args = ["--images", str(pack), "--work", str(tmp_path / "run"), "--batch", "2", "--crop", "32"]
-    args += ["--channels", "8", "--blocks", "2", "--float-steps", "1", "--qat-steps", "1"]
-    assert train.main(args) == 0
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # The device script's run, here on the CPU: the pack alone, a package shim, train, export.
+    env = dict(os.environ, DEVICE_DIR=str(tmp_path), OUT=str(tmp_path / "out"), DEVICE="cpu")
+    env |= {"PYTHON": sys.executable, "FLOAT_STEPS": "1", "QAT_STEPS": "1", "BATCH": "2"}
+    env |= {"CHANNELS": "8", "BLOCKS": "2", "THREADS": "1"}
+    script = [
+        shutil.which("bash") or "bash",
+        str(Path(__file__).resolve().parents[1] / "models" / "device_train.sh"),
+        "run",
+    ]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "run" / "summary.json").read_text())
     assert summary["device"] == "cpu" and summary["train_groups"] == ["1CT1"]
-    assert summary["validation_groups"] == ["021234567"]
+    assert summary["validation_groups"] == ["021234567"] and summary["steps"] == 2
+    assert Model(tmp_path / "out" / "model").meta["channels"] == 8
+    pack.unlink()
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "prepare" in done.stderr
 
     with pytest.raises(SystemExit, match="no such file"):
         train.main(["--images", str(tmp_path / "missing.npz")])
