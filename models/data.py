@@ -245,7 +245,7 @@ def pack(images: list[RealImage], path: Path) -> None:
     """Write images to one compressed .npz that `unpack` reads back exactly.
 
     Why: a lent GPU machine reaches no registry and has no pydicom, so a training run there
-    reads the images from this file (about 30 MB for the training and validation sets), carried
+    reads the images from this file (16 MB for the training and validation sets), carried
     with the working tree. Pixels keep their stored integers in the narrowest dtype that
     holds them.
     """

@@ -4,7 +4,8 @@
 # everything it needs is prepared here first and carried with the working tree in .device/
 # (git-ignored): the training and validation images packed into one file (the held-out images
 # never leave this machine: they are measured here, with bench/learned.py, after the run) and
-# the constriction wheel for the device's Python. Torch, numpy, tqdm and onnx are on its image.
+# the constriction wheel for the device's Python 3.12 (the coding tables' module imports it).
+# Torch, numpy, tqdm and onnx are on its image.
 #
 #   here:        bash models/device_train.sh prepare
 #   the device:  run(command="bash models/device_train.sh run", carry=[".device"])
@@ -46,18 +47,25 @@ run)
     fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    mkdir -p "$OUT/run"
+    # A run stopped by TIME_LIMIT in an earlier call resumes when its checkpoint is carried
+    # back as $dir/checkpoint.pt (with the same settings).
+    [ -f "$dir/checkpoint.pt" ] && cp "$dir/checkpoint.pt" "$OUT/run/checkpoint.pt"
     status=0
-    timeout -s INT "${TIME_LIMIT:-480}" "$PYTHON" -m compacs.models.train \
+    # SIGINT makes train checkpoint and exit 130; --preserve-status keeps that code (timeout's
+    # own 124 reads as a killed call to the device tool), and -k ends a run that ignores it.
+    timeout --preserve-status -k 30 -s INT "${TIME_LIMIT:-480}" "$PYTHON" -m compacs.models.train \
         --images "$dir/images.npz" --device "${DEVICE:-cuda}" --work "$OUT/run" \
         --float-steps "${FLOAT_STEPS:-40000}" --qat-steps "${QAT_STEPS:-10000}" \
         --batch "${BATCH:-16}" --channels "${CHANNELS:-40}" --blocks "${BLOCKS:-5}" \
         --inner "${INNER:-1}" --lr "${LR:-0.002}" --qat-lr "${QAT_LR:-0.0003}" \
         --threads "${THREADS:-8}" || status=$?
-    if [ -f "$OUT/run/final.pt" ]; then
+    if [ "$status" = 0 ] && [ -f "$OUT/run/final.pt" ]; then
         "$PYTHON" -m compacs.models.export --weights "$OUT/run/final.pt" --out "$OUT/model"
+        rm -f "$OUT/run/checkpoint.pt" # 8 files come back from $OUT: final.pt replaces it
     else
-        echo "stopped before the last step (exit $status): $OUT/run/checkpoint.pt resumes it;" \
-            "carry it back into --work to continue" >&2
+        echo "stopped before the last step (exit $status): copy the returned run/checkpoint.pt" \
+            "to $dir/checkpoint.pt here and run again with the same settings to continue" >&2
     fi
     exit "$status"
     ;;

@@ -209,7 +209,9 @@ def pick_device(name: str) -> torch.device:
             "use --device cpu, or run on a machine with one (models/device_train.sh)"
         )
     if device.type == "cuda":
-        # QAT must compute the integer network exactly, as the codec's runtime does: no TF32.
+        # QAT should compute the integer network's values: TF32 would round its sums. (cuDNN
+        # may still pick a non-GEMM convolution, so a floor on a boundary can differ; the
+        # exported integers, and what the codec computes, are exact regardless.)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return device
@@ -268,7 +270,8 @@ def train(
     """Train (or resume) in `work`; returns the run's summary, also written to summary.json.
 
     `device` is not part of the config: a run checkpointed on a GPU resumes on a CPU (its
-    batches are the same; its float sums may differ in the last bits)."""
+    batches are the same; its float sums may differ in the last bits). `threads` is: resume
+    with the same arguments, --threads included."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     work.mkdir(parents=True, exist_ok=True)
@@ -278,7 +281,7 @@ def train(
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     step, elapsed, log = 0, 0.0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=where)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
         if state["config"] != asdict(cfg):
             raise SystemExit(
                 f"{ckpt} was written with {state['config']}, not {asdict(cfg)}: rerun with the "
@@ -349,7 +352,7 @@ def train(
     if cfg.init:
         previous = json.loads((Path(cfg.init) / "meta.json").read_text()).get("training", {})
         summary["continued_from"] = previous
-    torch.save({"net": cpu_state(net), "config": asdict(cfg)}, work / "final.pt")
+    _save(work / "final.pt", {"net": cpu_state(net), "config": asdict(cfg)})
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
