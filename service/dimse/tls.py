@@ -162,7 +162,8 @@ def client_context(
     if certificate is not None or key is not None:
         if certificate is None or key is None:
             raise TlsSetupError(
-                "--tls-certificate", "--tls-certificate and --tls-key go together: give both"
+                "--tls-certificate" if certificate is None else "--tls-key",
+                "missing: --tls-certificate and --tls-key go together, give both",
             )
         _load_identity(context, certificate, key, ("--tls-certificate", "--tls-key"))
     return context
