@@ -14,9 +14,12 @@ import os
 import sys
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compacs.service.config import ConfigError, NodeConfig, load_config
+
+if TYPE_CHECKING:
+    from compacs.service.dimse.scu import Peer
 
 log = logging.getLogger("compacs")
 
@@ -432,6 +435,21 @@ def _scu_peer(value: str, option: str):  # noqa: ANN202
         raise UsageError(str(exc)) from exc
 
 
+def _scu_tls(peer: Peer, args: argparse.Namespace) -> Peer:
+    """`peer` reached with DICOM TLS when --tls (or a --tls-* file) is given."""
+    import dataclasses
+
+    from compacs.service.dimse.tls import TlsSetupError, client_context
+
+    files = (args.tls_certificate, args.tls_key, args.tls_ca_bundle)
+    if not args.tls and not any(files):
+        return peer
+    try:
+        return dataclasses.replace(peer, tls=client_context(*files))
+    except TlsSetupError as exc:
+        raise UsageError(f"{exc.key}: {exc}") from exc
+
+
 def _scu_calling_ae(args: argparse.Namespace, default: str | None = None) -> str:
     from compacs.service.dimse.scu import AddressError, check_ae_title
 
@@ -445,7 +463,7 @@ def _scu_calling_ae(args: argparse.Namespace, default: str | None = None) -> str
 def cmd_send(args: argparse.Namespace) -> int:
     from compacs.service.dimse.scu import ScuError, send_files
 
-    peer = _scu_peer(args.to, "--to")
+    peer = _scu_tls(_scu_peer(args.to, "--to"), args)
     calling = _scu_calling_ae(args)
     try:
         report = send_files(args.paths, peer, calling)
@@ -465,7 +483,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from compacs.service.dimse.scu import DEFAULT_KEYS, ScuError, answer_value, find, parse_key
 
-    peer = _scu_peer(args.peer, "--from")
+    peer = _scu_tls(_scu_peer(args.peer, "--from"), args)
     calling = _scu_calling_ae(args)
     level = args.level.upper()
     try:
@@ -494,13 +512,18 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from compacs.service.dimse.scu import ScuError, pull
 
-    peer = _scu_peer(args.peer, "--from")
+    peer = _scu_tls(_scu_peer(args.peer, "--from"), args)
     if args.into:
         into = _scu_peer(args.into, "--into")
     else:
         from compacs.service.dimse.scu import Peer
 
         config = load_config(args.config)
+        if not config.tls.plain_port:
+            raise UsageError(
+                f"{config.source}: [tls] plain_port = false: this node has no plain port to "
+                "pull into; give --into AE@HOST:PORT (--into is reached without TLS)"
+            )
         into = Peer(config.ae_title, "127.0.0.1", config.port)
     calling = _scu_calling_ae(args, default=into.ae_title)
     try:
@@ -525,6 +548,24 @@ def _add_scu_commands(sub: Any) -> None:
     def scu_options(p: argparse.ArgumentParser, *, peer: str, flag: str, helptext: str) -> None:
         p.add_argument(flag, dest=peer, required=True, metavar="AE@HOST:PORT", help=helptext)
         p.add_argument("--from-ae", help="our (calling) AE title (default: the node's AE title)")
+        tls = p.add_argument_group(
+            "DICOM TLS (TLS 1.2+, BCP 195 cipher suites) to the peer of " + flag
+        )
+        tls.add_argument("--tls", action="store_true", help="use DICOM TLS (implied by --tls-*)")
+        tls.add_argument(
+            "--tls-ca-bundle",
+            type=Path,
+            metavar="PEM",
+            help="CAs the peer's certificate must chain to (default: the system's); the "
+            "certificate must also name the host",
+        )
+        tls.add_argument(
+            "--tls-certificate",
+            type=Path,
+            metavar="PEM",
+            help="our certificate, for peers that require one",
+        )
+        tls.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key, unencrypted")
 
     p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
     scu_options(p, peer="to", flag="--to", helptext="the peer to send to")

@@ -29,7 +29,7 @@ ENV_OVERRIDES = {
 }
 
 ON_DUPLICATE = ("keep_first", "replace")
-TABLES = ("node", "move_destinations", "access", "ingest", "limits", "storage", "tiering")
+TABLES = ("node", "move_destinations", "access", "ingest", "limits", "storage", "tiering", "tls")
 SERVICES = ("store", "query", "retrieve")
 
 
@@ -144,6 +144,34 @@ class ConfigError(ValueError):
     """A configuration mistake, worded for the administrator who made it."""
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    """[tls]: DICOM TLS on a port of its own (docs/security.md), beside the plain [node]
+    port or instead of it. Files are checked when the config is loaded (`_parse_tls`)."""
+
+    port: int = 0  # 0: no TLS port
+    certificate: Path | None = None
+    key: Path | None = None
+    ca_bundle: Path | None = None
+    require_client_certificate: bool = True
+    plain_port: bool = True  # false: only the TLS port listens
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+    def describe(self, node_port: int) -> str:
+        if not self.enabled:
+            return "off"
+        clients = (
+            "client certificate required"
+            if self.require_client_certificate
+            else "client certificate optional"
+        )
+        plain = f"plain port {node_port} open" if self.plain_port else "plain port closed"
+        return f"port {self.port}, {clients}, {plain}"
+
+
 @dataclass
 class NodeConfig:
     ae_title: str
@@ -164,6 +192,7 @@ class NodeConfig:
     tiers: list[Tier] = field(default_factory=list)
     move_destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
     access: Access = field(default_factory=lambda: Access({}))
+    tls: TlsConfig = field(default_factory=TlsConfig)
     source: str = DEFAULTS_NAME
 
     @property
@@ -313,6 +342,68 @@ def _parse_tables(user: dict[str, Any], source: str) -> tuple[dict, Access]:
     return moves, Access(rules)
 
 
+_TLS_FILES = ("certificate", "key", "ca_bundle")
+_TLS_KEYS = ("port", *_TLS_FILES, "require_client_certificate", "plain_port")
+
+
+def _parse_tls(raw: Any, defaults: dict[str, Any], node_port: int, source: str) -> TlsConfig:
+    """[tls], validated: the port, and the certificate, key and CA bundle loaded as the node
+    will load them, so that a file it cannot use stops it before it listens."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [tls] must be a table")
+    unknown = sorted(set(raw) - set(_TLS_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: [tls] has unknown key(s) {', '.join(unknown)}; "
+            f"allowed keys: {', '.join(_TLS_KEYS)}"
+        )
+    values = {**defaults, **raw}
+    where = f"{source}: [tls]"
+    port = _int_in(values["port"], f"{where} port", 0, 65535)
+    require = _bool(values["require_client_certificate"], f"{where} require_client_certificate")
+    plain = _bool(values["plain_port"], f"{where} plain_port")
+    files: dict[str, Path | None] = {}
+    for key in _TLS_FILES:
+        value = values[key]
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} {key}: must be a file path (a string), got {value!r}")
+        files[key] = Path(value) if value else None
+    config = TlsConfig(port, files["certificate"], files["key"], files["ca_bundle"], require, plain)
+    if not port:
+        if not plain:
+            raise ConfigError(
+                f"{where} plain_port = false needs a TLS port: set [tls] port (e.g. 2762), "
+                "or plain_port = true"
+            )
+        return config
+    if port == node_port and plain:
+        raise ConfigError(
+            f"{where} port = {port} is also [node] port: give TLS a port of its own, or set "
+            "[tls] plain_port = false to listen with TLS only"
+        )
+    for key in ("certificate", "key"):
+        if files[key] is None:
+            raise ConfigError(
+                f"{where} {key}: required when [tls] port is set (a PEM file: the node's "
+                f"{'certificate' if key == 'certificate' else 'unencrypted private key'})"
+            )
+    if require and files["ca_bundle"] is None:
+        raise ConfigError(
+            f"{where} ca_bundle: required when require_client_certificate = true (a PEM file "
+            "of the CAs that client certificates must chain to); or set "
+            "require_client_certificate = false"
+        )
+    from compacs.service.dimse.tls import TlsSetupError, server_context
+
+    try:
+        server_context(
+            config.certificate, config.key, config.ca_bundle, config.require_client_certificate
+        )
+    except TlsSetupError as exc:
+        raise ConfigError(f"{where} {exc.key}: {exc}") from exc
+    return config
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -377,6 +468,7 @@ def load_config(
     }
     config = _build_node(node, tables, source)
     config.move_destinations, config.access = _parse_tables(user, source)
+    config.tls = _parse_tls(user.get("tls", {}), defaults["tls"], config.port, source)
     try:
         config.rules = parse_rules(rules_raw)
     except ValueError as exc:

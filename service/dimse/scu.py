@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import sys
 import warnings
 from collections import defaultdict
@@ -151,15 +152,17 @@ class NoContextError(ScuError):
 
 @dataclass(frozen=True)
 class Peer:
-    """A DICOM application entity on the network."""
+    """A DICOM application entity on the network; `tls`: reached with DICOM TLS
+    (dimse/tls.client_context), else plain TCP."""
 
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.ae_title}@{host}:{self.port}"
+        return f"{self.ae_title}@{host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 def check_ae_title(value: str, what: str = "AE title") -> str:
@@ -291,11 +294,18 @@ def associate(
             max_pdu=MAX_PDU,
             ext_neg=list(roles) or None,
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *handlers],
+            tls_args=(peer.tls, peer.host) if peer.tls else None,
         )
     if assoc.is_established:
         return assoc
     if not opened:
         tcp = [line.split(": ", 1)[-1] for line in errors.lines if "TCP" in line]
+        if peer.tls and tcp and "SSL" in tcp[-1]:
+            raise ScuError(
+                f"TLS with {peer} failed: {tcp[-1]}: check that {peer.port} is its TLS port, "
+                "that its certificate chains to --tls-ca-bundle and names the host "
+                f"{peer.host!r}, and that it accepts our --tls-certificate"
+            )
         raise ScuError(
             f"cannot reach {peer}: no connection to {peer.host} port {peer.port} "
             f"({tcp[-1] if tcp else 'connection refused or timed out'})"
@@ -310,9 +320,17 @@ def associate(
     if assoc.is_aborted:
         if errors.lines and any("No accepted presentation contexts" in x for x in errors.lines):
             raise NoContextError(f"{peer} accepted none of the presentation contexts we proposed")
+        # With TLS 1.3 a server refuses a client certificate after our side of the
+        # handshake is done: the connection then ends at our association request.
+        tls_hint = (
+            "; or it refused our TLS certificate (give --tls-certificate and --tls-key if it "
+            "requires one)"
+            if peer.tls
+            else ""
+        )
         raise ScuError(
             f"{peer} aborted the association request: it may not accept calls from AE "
-            f"title {ae.ae_title!r} (Orthanc: add it to DicomModalities)"
+            f"title {ae.ae_title!r} (Orthanc: add it to DicomModalities){tls_hint}"
         )
     raise ScuError(f"{peer} did not answer the association request (timed out?)")
 
