@@ -3,7 +3,7 @@
 Everything here starts real processes on loopback, on free ports, and stops them by PID.
 No pytest import: the helpers also serve benchmarks and manual debugging sessions.
 
-Facts that shaped this module (see shared/peers/PEERS.md):
+Facts that shaped this module (see docs/design.md, "Real peers"):
 - every DCMTK-based process (storescu, storescp, Orthanc) gets TCP_NODELAY=1, or each
   C-STORE waits ~40 ms for Nagle;
 - storescu exits 0 even when a store fails under ``-nh``: read the per-file results from its
@@ -1054,8 +1054,8 @@ _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class OrthancProcess(ManagedProcess):
-    """A throw-away Orthanc 1.10 (Debian package) as a plain process, configured like
-    shared/peers/start_orthanc.sh, with small REST helpers (urllib, no extra dependency)."""
+    """A throw-away Orthanc 1.10 (Debian package) as a plain process, configured as
+    docs/design.md ("Real peers") says, with small REST helpers (urllib, no extra dependency)."""
 
     name = "orthanc"
     # Orthanc takes ~3.5 s to stop on SIGTERM (internal polling); its data is thrown away.
@@ -1090,7 +1090,7 @@ class OrthancProcess(ManagedProcess):
         return f"http://{LOOPBACK}:{self.http_port}"
 
     def config(self) -> dict[str, Any]:
-        """The JSON configuration (start_orthanc.sh's, as a dict; extra_config laid over)."""
+        """The JSON configuration (extra_config laid over it)."""
         storage = str(self.workdir / "storage")
         mods = {}
         for name, entry in self.modalities.items():
