@@ -1,5 +1,5 @@
 """Codec benchmark: ratio and one-thread encode/decode speed of every codec, per instance and
-as volumes, on the real images the registries carry (DESIGN.md, "Real data").
+as volumes, on the real images the registries carry (docs/design.md, "Real data").
 
 Data: the 20-slice TotalSegmentator CT series (512², 12 of 16 bits; `models/data.py`), its MR
 volume (20 × 91 × 117, signed, resampled NIfTI), the enhanced CT (2 frames) and enhanced MR

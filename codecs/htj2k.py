@@ -6,7 +6,7 @@ imagecodecs switches the reversible colour transform on by default for 3 samples
 forced off so RGB stays RGB. imagecodecs writes the SIZ precision as the container size
 (16 for BitsStored 12), not BitsStored: values are unchanged and pydicom/OpenJPEG decode
 it correctly, but the header says 16. Signed data goes in as signed samples (SIZ signed).
-Not every peer decodes HTJ2K (Orthanc 1.10 cannot): see DESIGN.md.
+Not every peer decodes HTJ2K (Orthanc 1.10 cannot): see docs/design.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ integer numpy arithmetic, so that what the network saw in training is exactly wh
 when coding, on any machine. Why these features: a bare causal CNN on raw intensities learns
 the classical predictors slowly from ~95 MB of data; handing it the MED (LOCO-I) residual and
 the horizontal and vertical differences, in units of the image's own noise level, is what made
-the feasibility model beat JPEG-XL (DESIGN.md, "The learned codec").
+the feasibility model beat JPEG-XL (docs/design.md, "The learned codec").
 
 Pixels outside the image are the image minimum `lo`: MED then predicts W on the first row,
 N in the first column and `lo` for the first pixel, as JPEG-LS does, with no special cases.

@@ -8,7 +8,7 @@ lengths, throwaway scripts, 2026-12-04): with this fit, slices 1-19 of the held-
 cost 7.2 % fewer bits; on other series 9.4 % (TotalSegmentator MR), 2.1 % (3 mm CT), 1.4 %
 (pydicom's 10-frame MR) and 0.3 % (nibabel's fMRI). A network trained with
 the previous slice as input would need series-shaped training data that the registries
-barely have (DESIGN.md); this correction needs none.
+barely have (docs/design.md); this correction needs none.
 
 For slice k (k ≥ 1) and pixel p, with the network's mean m_k(p) and r_j = x_j - m_j:
 

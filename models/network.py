@@ -1,6 +1,6 @@
 """The causal network of the learned codec, in torch, with its integer-exact (QAT) form.
 
-Architecture (DESIGN.md, "The learned codec"): a mask-A 7×7 convolution over the 4 integer
+Architecture (docs/design.md, "The learned codec"): a mask-A 7×7 convolution over the 4 integer
 features (models/features.py), residual mask-B 3×3 blocks, a 1×1 hidden layer and a 1×1 head
 giving the mean (in units of the image's mean residual, added to the MED prediction) and the
 log2 scale (relative to the same unit) of a discretized logistic.
@@ -8,7 +8,7 @@ log2 scale (relative to the same unit) of a discretized logistic.
 Why fake quantisation is built into every layer rather than applied afterwards: the codec runs
 the integer network (int8 weights, power-of-two scale per layer, integer bias, activations
 floored and clipped to 0..127), and rounding a float network after training costs up to 16 %
-(DESIGN.md). With `qat=True` the forward pass computes exactly the integer network's values,
+(docs/design.md). With `qat=True` the forward pass computes exactly the integer network's values,
 with straight-through gradients, so the fine-tune trains what is shipped.
 """
 

@@ -2,7 +2,7 @@
 
 Float training first, then a QAT fine-tune in which every layer computes exactly the integer
 network that is shipped (models/network.py): with real steps it costs almost nothing, rushed it
-costs up to 16 % (DESIGN.md). The loss is the code length in bits per pixel of the stored
+costs up to 16 % (docs/design.md). The loss is the code length in bits per pixel of the stored
 integer values under the discretized logistic the codec codes with.
 
 Reproducible and resumable: batch `k` is drawn from a generator seeded with (seed, k), so a run

@@ -5,7 +5,7 @@ prediction reads is known: the mask-A 7×7 layer reads pixels up to 3 columns to
 the rows above (t - 1 at the latest), and each mask-B 3×3 layer reads its input up and to the
 right by one (computed 3 steps earlier). Every layer's activations are cached per pixel, so a
 step computes each layer only for the pixels on its wavefront: 4(H-1) + W steps of one small
-`step.onnx` call, instead of H·W runs of the whole network (205 s against ~1 s, DESIGN.md).
+`step.onnx` call, instead of H·W runs of the whole network (205 s against ~1 s, docs/design.md).
 
 A batch of tiles of one shape (the tiles of a large image, the slices of a series) decodes as
 one batch per step, so the step calls grow wider rather than more numerous: that is what a GPU

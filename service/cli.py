@@ -708,7 +708,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, metavar="FILE.dcm")
     p.set_defaults(func=cmd_rules_explain)
     _add_scu_commands(sub)
+    _help_as_description(parser)
     return parser
+
+
+def _help_as_description(parser: argparse.ArgumentParser) -> None:
+    """`compacs CMD --help` opens with what CMD does (the line `compacs --help` lists for
+    it), for every command and action, later ones too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for listed in action._choices_actions:
+                command = action.choices[listed.dest]
+                command.description = command.description or listed.help
+                _help_as_description(command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,7 @@ def _little_endian(frame: np.ndarray) -> np.ndarray:
 
 
 def _pydicom_plugin(ds: Dataset) -> str:
-    # gdcm mis-decodes signed data with BitsStored < BitsAllocated (DESIGN.md pitfalls).
+    # gdcm mis-decodes signed data with BitsStored < BitsAllocated (docs/design.md pitfalls).
     return "pylibjpeg" if syntaxes.is_encapsulated(str(ds.file_meta.TransferSyntaxUID)) else ""
 
 

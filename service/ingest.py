@@ -3,7 +3,7 @@
 The acknowledgement waits only for what invariant 1 needs: the object as received is
 durably on disk and its index row is committed (state "pending", claimed by this process).
 Compression, bit-exact verification and the swap to the compressed blob happen afterwards
-(jobs.py); DESIGN.md measured this split at about twice the rate of compressing before the
+(jobs.py); docs/design.md measured this split at about twice the rate of compressing before the
 ack. Once the row is committed the answer is Success, whatever happens to the compression
 job.
 

@@ -219,27 +219,71 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dicomdata.sample_files(tmp_path_factory.mktemp("samples"))
 
 
+# The machine's PostgreSQL, used when it answers (trust auth); COMPACS_TESTS_POSTGRES_URL
+# points the tests at another one, or at none (a closed port) to make them start their own.
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A throw-away PostgreSQL database on the machine's server (127.0.0.1:5432, trust auth),
-    dropped afterwards; skips, saying why, where no PostgreSQL answers."""
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg")
-    import uuid
+def _postgres_problem(url: str) -> str | None:
+    """Why the server at ``url`` cannot serve the tests (None: it can)."""
+    import sqlalchemy
 
-    engine = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"compacs_test_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10})
     try:
         with engine.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+            conn.exec_driver_sql("SELECT 1")
     except sqlalchemy.exc.OperationalError as exc:
+        return str(exc.orig).strip().splitlines()[0]
+    finally:
         engine.dispose()
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc.orig}")
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """Admin URL of a PostgreSQL server the tests may create databases on.
+
+    The machine's (COMPACS_TESTS_POSTGRES_URL, default 127.0.0.1:5432) when it answers;
+    otherwise a throw-away cluster of the session (peers.PostgresCluster: Debian's
+    postgresql, installed with apt-get when missing). Failing to get either fails the tests
+    that need it; COMPACS_TESTS_SKIP_NO_POSTGRES=1 skips them instead.
+    """
+    url = os.environ.get("COMPACS_TESTS_POSTGRES_URL", PG_ADMIN_URL)
+    problem = _postgres_problem(url)
+    if problem is None:
+        yield url
+        return
+    cluster: peers.PostgresCluster | None = None
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        cluster = peers.PostgresCluster()
+        cluster.start()
+    except peers.PeerError as exc:
+        message = f"no PostgreSQL at {url} ({problem}), and none could be started: {exc}"
+        if cluster is not None:
+            cluster.stop()
+        if os.environ.get("COMPACS_TESTS_SKIP_NO_POSTGRES") == "1":
+            pytest.skip(message)
+        pytest.fail(message, pytrace=False)
+    try:
+        yield cluster.admin_url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A database of its own on the session's PostgreSQL server (pg_admin_url), dropped
+    afterwards."""
+    import uuid
+
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    name = f"compacs_test_{uuid.uuid4().hex[:10]}"
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
         with engine.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

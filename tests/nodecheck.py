@@ -58,3 +58,22 @@ def raw_pixels(path: Path) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     return pixel_array(pydicom.dcmread(path), raw=True)  # dcmread: also inflates deflate
+
+
+JOB_COLUMNS = ("state", "attempts", "last_error", "codec", "defects", "version", "claimed_by")
+
+
+def job_rows(node: peers.CompacsProcess) -> dict[str, dict]:
+    """Each instance's compression state as the node's SQLite index holds it, by SOP
+    Instance UID: what a test compares when it asks whether a restart re-ran a job."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"sqlite:///{node.data_dir / 'index.sqlite'}")
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(f"SELECT sop_instance_uid, {', '.join(JOB_COLUMNS)} FROM instance")
+            ).mappings()
+            return {row["sop_instance_uid"]: dict(row) for row in rows}
+    finally:
+        engine.dispose()

@@ -3,7 +3,7 @@
 Everything here starts real processes on loopback, on free ports, and stops them by PID.
 No pytest import: the helpers also serve benchmarks and manual debugging sessions.
 
-Facts that shaped this module (see shared/peers/PEERS.md):
+Facts that shaped this module (see docs/design.md, "Real peers"):
 - every DCMTK-based process (storescu, storescp, Orthanc) gets TCP_NODELAY=1, or each
   C-STORE waits ~40 ms for Nagle;
 - storescu exits 0 even when a store fails under ``-nh``: read the per-file results from its
@@ -20,6 +20,7 @@ import fcntl
 import io
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -352,6 +353,8 @@ class ManagedProcess:
     name = "process"
     # Fixture teardown: SIGTERM and wait (True), or SIGKILL at once for throw-away peers.
     graceful_teardown = True
+    # What stop() sends first (PostgreSQL's SIGTERM waits for its clients to leave).
+    stop_signal = signal.SIGTERM
 
     def __init__(self, log_path: Path, start_timeout: float = 60.0) -> None:
         self.log_path = Path(log_path)
@@ -371,6 +374,10 @@ class ManagedProcess:
     def wait_ready(self) -> None:
         assert self.proc is not None
         wait_for_port(self.host, self.port, self.start_timeout, self.proc, self.log_path)
+
+    def popen_options(self) -> dict[str, Any]:
+        """Extra subprocess.Popen arguments (the user to run as, for a server refusing root)."""
+        return {}
 
     # lifecycle
     @property
@@ -404,6 +411,7 @@ class ManagedProcess:
                 env=self.environment(),
                 cwd=self.log_path.parent,
                 start_new_session=True,
+                **self.popen_options(),
             )
         _live[self.proc.pid] = self
         _record_pid(self.proc.pid)
@@ -415,13 +423,14 @@ class ManagedProcess:
         return self
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL; reap; kill group stragglers."""
+        """SIGTERM (``stop_signal``), wait up to ``timeout``, then SIGKILL; reap; kill group
+        stragglers."""
         proc = self.proc
         if proc is None:
             return None
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(self.stop_signal)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -579,6 +588,183 @@ class CompacsProcess(ManagedProcess):
 
     def echo(self, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
         return echoscu(self.port, aec=self.ae_title, aet=aet, host=self.host)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+POSTGRES_PACKAGE = "postgresql"
+POSTGRES_ROOT = Path("/usr/lib/postgresql")
+_postgres_install_error: str | None = None
+
+
+def postgres_bin_dir() -> Path | None:
+    """The newest Debian PostgreSQL server's programs (/usr/lib/postgresql/N/bin), if any."""
+    found: list[tuple[int, Path]] = []
+    for bin_dir in POSTGRES_ROOT.glob("*/bin"):
+        if (bin_dir / "initdb").exists() and (bin_dir / "postgres").exists():
+            with contextlib.suppress(ValueError):
+                found.append((int(bin_dir.parent.name.split(".")[0]), bin_dir))
+    return max(found)[1] if found else None
+
+
+def ensure_postgres_server() -> Path:
+    """Debian's PostgreSQL server programs, installed with apt-get when missing (as the DICOM
+    peers are); a failed install is remembered for the session."""
+    global _postgres_install_error
+    found = postgres_bin_dir()
+    if found is not None:
+        return found
+    if _postgres_install_error is not None:
+        raise PeerError(_postgres_install_error)
+    with _file_lock(STATE_DIR / "apt.lock"):
+        if postgres_bin_dir() is None:
+            try:
+                _apt_install((POSTGRES_PACKAGE,))
+            except (OSError, subprocess.SubprocessError) as exc:
+                _postgres_install_error = f"apt-get install {POSTGRES_PACKAGE} failed: {exc}"
+                raise PeerError(_postgres_install_error) from exc
+    found = postgres_bin_dir()
+    if found is None:
+        _postgres_install_error = (
+            f"no initdb/postgres under {POSTGRES_ROOT}/*/bin after apt-get install "
+            f"{POSTGRES_PACKAGE}"
+        )
+        raise PeerError(_postgres_install_error)
+    return found
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """Whom to run initdb and postgres as: None (ourselves) unless we are root, which both
+    refuse; then the "postgres" user that Debian's package creates."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        raise PeerError(
+            "initdb refuses to run as root and this machine has no 'postgres' user: install "
+            f"Debian's {POSTGRES_PACKAGE} package (it creates one) or run the tests as "
+            "another user"
+        ) from None
+
+
+class PostgresCluster(ManagedProcess):
+    """A throw-away PostgreSQL cluster: initdb in a fresh temp folder, then the postmaster
+    in the foreground on a free loopback port (superuser ``postgres``, trust authentication,
+    no Unix socket), removed by stop().
+
+    The postmaster runs as our child rather than daemonised by pg_ctl, so that it is
+    tracked, reaped after a crashed session and killed by PID like every other peer.
+    Durability settings are off: the cluster dies with the session.
+    """
+
+    name = "postgres"
+    stop_signal = signal.SIGINT  # "fast" shutdown: does not wait for clients to leave
+
+    def __init__(self, *, port: int | None = None, start_timeout: float = 120.0) -> None:
+        self.bin_dir = ensure_postgres_server()
+        self.user = _server_user()
+        # Under the system temp dir, not pytest's (root's 0700 folders would keep the
+        # postgres user out).
+        self.workdir = Path(tempfile.mkdtemp(prefix="compacs-pg-"))
+        if self.user is not None:
+            os.chown(self.workdir, self.user.pw_uid, self.user.pw_gid)
+        super().__init__(self.workdir / "postgres.log", start_timeout)
+        self.port = port or free_port()
+        self.data_dir = self.workdir / "data"
+
+    @property
+    def admin_url(self) -> str:
+        """SQLAlchemy URL of the maintenance database, as the superuser."""
+        return f"postgresql+psycopg://postgres@{LOOPBACK}:{self.port}/postgres"
+
+    def popen_options(self) -> dict[str, Any]:
+        if self.user is None:
+            return {}
+        return {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(LC_ALL="C", LANG="C")
+        if self.user is not None:
+            env.update(HOME=self.user.pw_dir, USER=self.user.pw_name, LOGNAME=self.user.pw_name)
+        return env
+
+    def initdb(self) -> None:
+        """Create the cluster (once); its output goes to the log."""
+        if self.data_dir.exists():
+            return
+        cmd = [
+            str(self.bin_dir / "initdb"),
+            "-D", str(self.data_dir),
+            "-U", "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
+            log.flush()
+            res = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                cwd=self.workdir,
+                timeout=self.start_timeout,
+                **self.popen_options(),
+            )
+        if res.returncode != 0:
+            raise PeerError(f"initdb exited {res.returncode}:\n{self.log_tail()}")
+
+    def command(self) -> list[str]:
+        return [
+            str(self.bin_dir / "postgres"),
+            "-D", str(self.data_dir),
+            "-p", str(self.port),
+            "-c", f"listen_addresses={LOOPBACK}",
+            "-c", "unix_socket_directories=",
+            "-c", "max_connections=200",
+            "-c", "fsync=off",
+            "-c", "full_page_writes=off",
+            "-c", "synchronous_commit=off",
+        ]  # fmt: skip
+
+    def start(self) -> PostgresCluster:
+        self.initdb()
+        super().start()
+        return self
+
+    def wait_ready(self) -> None:
+        """Ready when pg_isready says the server accepts connections (the port opens while
+        it is still starting up and refusing them)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + self.start_timeout
+        probe = [str(self.bin_dir / "pg_isready"), "-q", "-h", LOOPBACK, "-p", str(self.port)]
+        while True:
+            if self.proc.poll() is not None:
+                raise PeerError(
+                    f"postgres exited with {self.proc.returncode} during start-up:\n"
+                    f"{self.log_tail()}"
+                )
+            res = subprocess.run(
+                probe + ["-t", "2"], stdin=subprocess.DEVNULL, env=self.environment()
+            )
+            if res.returncode == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise PeerError(
+                    f"postgres not ready after {self.start_timeout} s:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Shut down, then remove the cluster's folder (data and log)."""
+        returncode = super().stop(timeout)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return returncode
 
 
 # --------------------------------------------------------------------------- DCMTK tools
@@ -868,8 +1054,8 @@ _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class OrthancProcess(ManagedProcess):
-    """A throw-away Orthanc 1.10 (Debian package) as a plain process, configured like
-    shared/peers/start_orthanc.sh, with small REST helpers (urllib, no extra dependency)."""
+    """A throw-away Orthanc 1.10 (Debian package) as a plain process, configured as
+    docs/design.md ("Real peers") says, with small REST helpers (urllib, no extra dependency)."""
 
     name = "orthanc"
     # Orthanc takes ~3.5 s to stop on SIGTERM (internal polling); its data is thrown away.
@@ -904,7 +1090,7 @@ class OrthancProcess(ManagedProcess):
         return f"http://{LOOPBACK}:{self.http_port}"
 
     def config(self) -> dict[str, Any]:
-        """The JSON configuration (start_orthanc.sh's, as a dict; extra_config laid over)."""
+        """The JSON configuration (extra_config laid over it)."""
         storage = str(self.workdir / "storage")
         mods = {}
         for name, entry in self.modalities.items():

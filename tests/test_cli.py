@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import dicomdata
 import numpy as np
 import pydicom
 import pytest
+
+from compacs.service.cli import build_parser, main
 
 
 def compacs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -132,3 +136,49 @@ def test_rules_explain_says_why_a_volume_does_not_qualify(tmp_path: Path) -> Non
     assert "hevc: does not qualify: value span" in res.stdout, res.stdout
     res = compacs("rules", "explain", str(dicomdata.testdata_path("emri_small.dcm")))
     assert "hevc: qualifies" in res.stdout
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], str | None]]:
+    """Every command and action of the parser, with the help line `--help` lists for it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for listed in action._choices_actions:
+                command = (*path, listed.dest)
+                yield command, listed.help
+                yield from _commands(action.choices[listed.dest], command)
+
+
+COMMANDS = list(_commands(build_parser()))
+
+
+def test_the_help_walk_reaches_nested_actions() -> None:
+    names = {" ".join(command) for command, _ in COMMANDS}
+    assert {"serve", "tier run", "db upgrade", "codec encode", "rules explain"} <= names
+
+
+@pytest.mark.parametrize(("command", "what"), COMMANDS, ids=[" ".join(c) for c, _ in COMMANDS])
+def test_every_command_has_help(
+    command: tuple[str, ...], what: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`compacs CMD --help` exits 0 and opens with what CMD does; new commands are walked
+    into this test from the parser."""
+    name = " ".join(command)
+    assert what, f"`compacs {name}` has no help= text saying what it does"
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: compacs {name}"), out
+    assert " ".join(what.split()) in " ".join(out.split()), out  # argparse re-wraps it
+
+
+def test_top_level_help_lists_every_command() -> None:
+    """The real entry point, in a process of its own."""
+    res = compacs("--help")
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    for command, what in COMMANDS:
+        if len(command) == 1:
+            assert f"{command[0]} {' '.join((what or '').split())}" in text, command

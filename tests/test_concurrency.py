@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from nodecheck import exported_by_sop, wait_compressed
 from test_bulk_jobs import paused, workers
-from test_durability import start_storescu, successes
+from test_durability import freeze_after, start_storescu, successes, thaw
 
 SHARED = """
 [ingest]
@@ -46,10 +46,12 @@ def test_two_nodes_share_one_postgresql_index_and_archive(
         start_storescu(node, files, log)
         for node, files, log in zip((a, a, b, b), groups, logs, strict=True)
     ]
-    deadline = time.monotonic() + 300  # a deadline, not a measure
-    while sum(len(successes(log)) for log in logs[2:]) < 60 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    b.kill9()  # the node and its workers, mid-run
+    try:
+        freeze_after(senders[2:], logs[2:], 60)  # b's senders held with files left
+        assert all(sender.poll() is None for sender in senders[2:])
+        b.kill9()  # the node and its workers, mid-run
+    finally:
+        thaw(senders[2:])
     for sender in senders:
         sender.wait(timeout=300)
     acknowledged = [path for log in logs for path in successes(log)]

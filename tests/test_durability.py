@@ -6,9 +6,12 @@ caught by its checksum (invariant 5).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import dicomdata
@@ -45,20 +48,50 @@ def successes(log: Path) -> dict[str, str]:
     return {f: r for f, r in peers.parse_storescu_log(log.read_text()).items() if r == "Success"}
 
 
+def freeze_after(
+    senders: Sequence[subprocess.Popen], logs: Sequence[Path], acknowledged: int
+) -> None:
+    """Let the senders run only in 20 ms slices (SIGCONT, sleep, SIGSTOP) until their logs
+    hold at least ``acknowledged`` successes, and leave them frozen, maybe mid-C-STORE.
+
+    The throttle that puts a kill mid-ingest by construction: a frozen sender cannot finish
+    behind the test's back, however fast the node or slow the test process.
+    """
+    for sender in senders:
+        sender.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 300  # a deadline, not a measure
+    while sum(len(successes(log)) for log in logs) < acknowledged:
+        running = [s for s in senders if s.poll() is None]
+        assert running, f"the senders ended before {acknowledged} were acknowledged"
+        assert time.monotonic() < deadline, f"{acknowledged} not acknowledged in 300 s"
+        for sender in running:
+            sender.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+        for sender in running:
+            sender.send_signal(signal.SIGSTOP)
+        time.sleep(0.01)  # let storescu's log writes of the slice land
+
+
+def thaw(senders: Sequence[subprocess.Popen]) -> None:
+    for sender in senders:
+        with contextlib.suppress(ProcessLookupError):
+            sender.send_signal(signal.SIGCONT)
+
+
 def test_kill9_mid_ingest_loses_no_acknowledged_instance(make_node, tmp_path: Path) -> None:
     node = make_node()
     files = dicomdata.ct_series(tmp_path / "ct", 200)
     log = tmp_path / "storescu.log"
     sender = start_storescu(node, files, log)
-    deadline = time.monotonic() + 120
-    while len(successes(log)) < 40 and sender.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    node.kill9()  # the whole process group: the node and its compression workers
+    try:
+        freeze_after([sender], [log], 40)
+        assert sender.poll() is None  # frozen with files left to send
+        node.kill9()  # the whole process group: the node and its compression workers
+    finally:
+        thaw([sender])
     sender.wait(timeout=120)
     acknowledged = successes(log)
-    assert 40 <= len(acknowledged) < 200, (
-        f"kill came too late to test anything: {len(acknowledged)}"
-    )
+    assert 40 <= len(acknowledged) < 200, len(acknowledged)
 
     node.start()
     stats = wait_compressed(node, len(acknowledged))

@@ -2,7 +2,7 @@
 
 Two halves:
 - unit tests of ``find()`` on an index filled through ``Index.add_received``, run on SQLite
-  and on PostgreSQL (a throw-away database; skipped, saying why, where none answers), so the
+  and on PostgreSQL (a throw-away database, on a throw-away cluster where no server answers), so the
   SQL stays portable and both engines match alike;
 - integration tests against a real node filled with storescu and queried with DCMTK
   ``findscu`` in the Patient Root (-P) and Study Root (-S) models at every level, plus a

@@ -12,7 +12,6 @@ import dicomdata
 import numpy as np
 import peers
 import pydicom
-import pytest
 from nodecheck import exported_by_sop, raw_pixels, store_all, wait_compressed
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -131,22 +130,6 @@ def test_resend_with_replace_policy_keeps_the_newest(make_node, tmp_path: Path) 
     (got,) = out.rglob("*.dcm")
     assert np.array_equal(pydicom.dcmread(got).pixel_array, arr)
     assert node.verify().returncode == 0  # the first version's blob is gone, no orphan
-
-
-@pytest.mark.parametrize("flag", ["--help"])
-def test_every_command_has_help(compacs_node: peers.CompacsProcess, flag: str) -> None:
-    for command in (
-        ["serve"],
-        ["stats"],
-        ["export"],
-        ["verify"],
-        ["codec", "list"],
-        ["codec", "encode"],
-        ["codec", "decode"],
-        ["rules", "explain"],
-    ):
-        res = compacs_node.cli(*command, flag)
-        assert res.returncode == 0 and "usage: compacs" in res.stdout, command
 
 
 def _corrected_report(tmp_path: Path) -> tuple[Path, Path]:

@@ -1,6 +1,6 @@
 """We as a DICOM SCU: send files (C-STORE), query (C-FIND), pull a study (C-MOVE or C-GET).
 
-What shaped this module (see shared/peers/PEERS.md):
+What shaped this module (see docs/design.md, "Real peers"):
 - Orthanc answers a C-GET/C-MOVE in the syntax of a context it accepted, and with several
   syntaxes in one context it picks the uncompressed one: so we propose one presentation
   context per transfer syntax wherever we can, and files keep their syntax on the way.
