@@ -14,6 +14,7 @@ from pathlib import Path
 import dicomdata
 import peers
 import pydicom
+import pytest
 import rawfind
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
@@ -23,6 +24,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+
+from compacs.service.config import ConfigError, load_config
 
 REMOTE = "127.0.0.3"  # not the node's host, as far as [access] is concerned
 NOT_AUTHORISED = 0x0124
@@ -250,3 +253,24 @@ def test_check_called_ae(make_node) -> None:
     assert "called AE title SOMEONE_ELSE is not this node's COMPACS" in node.log_text()
     default = make_node()  # off by default: any called AE title is answered
     assert _request(default, b"SOMEONE_ELSE")[0] == 0x02
+
+
+def test_access_and_node_keys_are_checked_on_load(tmp_path: Path) -> None:
+    """A mistake names the file, the table, the key and what is allowed."""
+    cases = {
+        '[access]\nlocal_callers = "yes"\n': "[access] local_callers: must be true or false",
+        '[access]\nquer = ["VIEWER"]\n': "allowed keys: store, query, retrieve, local_callers",
+        '[access]\nquery = ["BAD\\tAE"]\n': "[access] query: AE title must be printable ASCII",
+        "[node]\nshutdown_grace_seconds = -1\n": "shutdown_grace_seconds: must be a number from 0",
+        "[node]\ncheck_called_ae = 1\n": "[node] check_called_ae: must be true or false",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "compacs.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert str(exc.value).startswith(str(path)) and expected in str(exc.value), exc.value
+    path.write_text("[access]\nlocal_callers = false\n")
+    access = load_config(path).access
+    assert not access.local_callers and not access.allows("query", "X", "127.0.0.1", True)
+    assert access.allows("store", "X", "10.1.2.3", False)
