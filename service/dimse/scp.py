@@ -101,8 +101,10 @@ _LOOPBACK = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
 def is_local(assoc: Any) -> bool:
     """Whether the caller is on the node's own host: it comes from 127.0.0.1 or ::1, or
     from the very address it connected to (a process here that reached the node by the
-    host's own address). Other loopback addresses (127.0.0.2 ...) do not count: a test can
-    play a remote peer from them, and nothing real uses them by accident."""
+    host's own address). Other loopback addresses (127.0.0.2 ...) do not count: a client
+    comes from one only by binding it on purpose (Linux sends from 127.0.0.1 to any
+    loopback address, Debian's 127.0.1.1 hostname included), and a test plays a remote
+    peer from one."""
     requestor = assoc.requestor
     cached = getattr(requestor, "_compacs_local", None)
     if cached is not None:
