@@ -108,36 +108,48 @@ _LIMIT_KEYS: dict[str, tuple[type, float, float]] = {
 }
 
 
+# Services a caller not listed in [access] may use: an archive never refuses what it can
+# store safely. C-ECHO is always answered and is not a service here.
+OPEN_BY_DEFAULT = ("store",)
+
+
 @dataclass(frozen=True)
 class Access:
     """Which callers may use which service: {service: [(AE title, host or None), ...]}.
 
-    A service missing from the table is open to every caller (the default, and the
-    start-up log says so); an empty list closes it.
+    Closed by default, as Orthanc is: `query` (C-FIND) and `retrieve` (C-GET, C-MOVE) are
+    answered only for the callers listed, `store` for every caller unless it is listed. A
+    caller on the node's own host (`local`, decided by the network face) may use every
+    service while `local_callers` is true, so that a first local try works without a config.
     """
 
     rules: dict[str, tuple[tuple[str, str | None], ...]]
+    local_callers: bool = True
 
-    def allows(self, service: str, ae_title: str, host: str) -> bool:
-        if service not in self.rules:
+    def allows(self, service: str, ae_title: str, host: str, local: bool) -> bool:
+        if local and self.local_callers:
             return True
+        if service not in self.rules:
+            return service in OPEN_BY_DEFAULT
         return any(
             (ae == "*" or ae == ae_title.strip()) and (h is None or h == host)
             for ae, h in self.rules[service]
         )
 
-    def allows_any(self, ae_title: str, host: str) -> bool:
-        return any(self.allows(service, ae_title, host) for service in SERVICES)
+    def allows_any(self, ae_title: str, host: str, local: bool) -> bool:
+        return any(self.allows(service, ae_title, host, local) for service in SERVICES)
 
     def describe(self) -> str:
         parts = []
         for service in SERVICES:
             if service not in self.rules:
-                parts.append(f"{service}: any caller")
+                who = "any caller" if service in OPEN_BY_DEFAULT else "nobody listed"
             else:
-                who = [ae if h is None else f"{ae}@{h}" for ae, h in self.rules[service]]
-                parts.append(f"{service}: {', '.join(who) or 'nobody'}")
-        return "; ".join(parts)
+                listed = [ae if h is None else f"{ae}@{h}" for ae, h in self.rules[service]]
+                who = ", ".join(listed) or "nobody listed"
+            parts.append(f"{service}: {who}")
+        local = "every service" if self.local_callers else "only what is listed"
+        return "; ".join(parts) + f"; callers on this host: {local}"
 
 
 class ConfigError(ValueError):
@@ -184,6 +196,8 @@ class NodeConfig:
     max_pdu: int
     fast_paths: bool
     extra_sop_classes: list[str]
+    check_called_ae: bool  # refuse associations addressed to another AE title
+    shutdown_grace_seconds: float  # after SIGTERM, before open associations are aborted
     ingest: IngestConfig
     limits: Limits
     storage: StorageConfig
@@ -239,6 +253,12 @@ def _int_in(value: Any, where: str, lo: int, hi: int) -> int:
     return value
 
 
+def _number_in(value: Any, where: str, lo: float, hi: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{where}: must be a number from {lo:g} to {hi:g}, got {value!r}")
+    return float(value)
+
+
 def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: str) -> NodeConfig:
     """Validate the merged [node] table; `source` names where each value may have come from."""
     where = f"{source}: [node]"
@@ -269,6 +289,10 @@ def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: 
         max_pdu=_int_in(raw["max_pdu"], f"{where} max_pdu", 0, 2**31 - 1),
         fast_paths=_bool(raw["fast_paths"], f"{where} fast_paths"),
         extra_sop_classes=list(extra),
+        check_called_ae=_bool(raw["check_called_ae"], f"{where} check_called_ae"),
+        shutdown_grace_seconds=_number_in(
+            raw["shutdown_grace_seconds"], f"{where} shutdown_grace_seconds", 0, 3600
+        ),
         ingest=IngestConfig(**tables["ingest"]),
         limits=Limits(**tables["limits"]),
         storage=StorageConfig(**tables["storage"]),
@@ -328,10 +352,17 @@ def _parse_tables(user: dict[str, Any], source: str) -> tuple[dict, Access]:
     if not isinstance(access_raw, dict):
         raise ConfigError(f"{source}: [access] must be a table")
     rules: dict[str, tuple[tuple[str, str | None], ...]] = {}
+    local_callers = _bool(
+        access_raw.get("local_callers", True), f"{source}: [access] local_callers"
+    )
     for service, callers in access_raw.items():
         where = f"{source}: [access] {service}"
+        if service == "local_callers":
+            continue
         if service not in SERVICES:
-            raise ConfigError(f"{where}: unknown service; allowed keys: {', '.join(SERVICES)}")
+            raise ConfigError(
+                f"{where}: unknown key; allowed keys: {', '.join(SERVICES)}, local_callers"
+            )
         if not isinstance(callers, list) or not all(isinstance(c, str) for c in callers):
             raise ConfigError(f'{where}: must be a list like ["MODALITY1", "PACS@10.0.0.5", "*"]')
         entries = []
@@ -339,7 +370,7 @@ def _parse_tables(user: dict[str, Any], source: str) -> tuple[dict, Access]:
             ae, _, host = caller.partition("@")
             entries.append((ae if ae == "*" else _check_ae_title(ae, where), host or None))
         rules[service] = tuple(entries)
-    return moves, Access(rules)
+    return moves, Access(rules, local_callers)
 
 
 _TLS_FILES = ("certificate", "key", "ca_bundle")

@@ -1,12 +1,17 @@
 """The running node: opens the archive service, listens, recovers, and stops cleanly.
 
-SIGTERM and SIGINT stop the listener first, let in-flight associations finish their
-stores, let running compression jobs finish, and exit 0; objects still waiting for
-compression stay pending (released for any process) and resume at the next start.
+SIGTERM and SIGINT stop the listener first, give open associations `[node]
+shutdown_grace_seconds` (30 s) to finish, then abort those still open (a second signal
+aborts them at once), wait for their handlers, let running compression jobs finish, and
+exit 0; objects still waiting for compression stay pending (released for any process) and
+resume at the next start. Nothing acknowledged is lost: a C-STORE is acknowledged only
+after its object is durable and indexed, and the service closes only once the handlers
+have returned, so a store cut off by the abort is simply not acknowledged.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -16,7 +21,7 @@ from pynetdicom import evt
 
 from compacs.service.archive_service import ArchiveService, redact
 from compacs.service.config import NodeConfig
-from compacs.service.dimse import scp, settings, tls
+from compacs.service.dimse import admission, scp, settings, tls
 
 log = logging.getLogger("compacs.node")
 
@@ -30,6 +35,7 @@ class Node:
         self.server = None  # the plain listener ([tls] plain_port)
         self.tls_server = None  # the TLS listener ([tls] port)
         self._stop = threading.Event()
+        self._hurry = threading.Event()
 
     def start(self) -> None:
         # Listen first: owning the port is what makes this node's previous claims its own
@@ -75,6 +81,16 @@ class Node:
         )
         log.info("access: %s", self.config.access.describe())
         log.info("tls: %s", tls_config.describe(self.config.port))
+        access = self.config.access
+        if not access.rules and not _loopback_only(self.config.host):
+            log.warning(
+                "listening on %s, beyond this host, with no [access] table: any caller may "
+                "store; C-FIND, C-GET and C-MOVE are refused (0x0124) to every caller%s. "
+                "List your viewers and PACS in [access] query and retrieve "
+                "(docs/security.md)",
+                self.config.host,
+                " not on this host" if access.local_callers else "",
+            )
         log.info(
             "rules: %s (from %s)", ", ".join(r.name for r in self.config.rules), self.config.source
         )
@@ -82,27 +98,89 @@ class Node:
         self.service.start_housekeeping()
         self.service.start_scheduler()
 
-    def stop(self, grace: float = 60.0) -> None:
-        """Stop accepting, let in-flight stores finish (up to `grace` s), then shut down."""
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, give open associations `grace` s (`[node]
+        shutdown_grace_seconds`) or until a second signal, abort those left, wait for their
+        handlers, then shut down."""
+        grace = self.config.shutdown_grace_seconds if grace is None else grace
         servers = [s for s in (self.server, self.tls_server) if s is not None]
         if servers:
-            for server in servers:
-                server.shutdown()  # listener closed; association threads carry on
-            deadline = time.monotonic() + grace
-            # Only established associations can have stores in flight; a connection that
-            # never sent an A-ASSOCIATE-RQ (a port probe) would hold us for the ACSE timeout.
-            while time.monotonic() < deadline and any(
-                a.is_established for s in servers for a in s.active_associations
-            ):
-                time.sleep(0.05)
+            _stop_servers(servers, grace, self._hurry)
         self.service.close()
         log.info("compacs stopped")
 
     def run_until_signalled(self) -> None:
+        def on_signal(signum: int, _frame: object) -> None:
+            if self._stop.is_set():
+                self._hurry.set()  # a second signal: no more grace
+            self._stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: self._stop.set())
+            signal.signal(sig, on_signal)
         self.start()
         while not self._stop.wait(0.5):
             pass
-        log.info("stop requested: finishing in-flight stores")
+        log.info(
+            "stop requested: open associations get %g s ([node] shutdown_grace_seconds)",
+            self.config.shutdown_grace_seconds,
+        )
         self.stop()
+
+
+# How long the handlers of aborted associations get to return before the service closes
+# under them (a C-STORE being written then is not acknowledged: nothing is lost)
+HANDLER_EXIT_SECONDS = 15.0
+
+
+def _stop_servers(servers: list, grace: float, hurry: threading.Event) -> None:
+    """Close the listeners, wait up to `grace` for established associations to end, abort
+    the rest and wait (bounded) for their threads to finish."""
+    for server in servers:
+        server.shutdown()  # listener closed; association threads carry on
+    deadline = time.monotonic() + grace
+
+    def open_associations() -> list:
+        return [a for server in servers for a in server.active_associations if a.is_alive()]
+
+    # Only established associations can have stores in flight; a connection that never
+    # sent an A-ASSOCIATE-RQ (a port probe) is closed by its own timeout or the abort below.
+    while (
+        time.monotonic() < deadline
+        and not hurry.is_set()
+        and any(a.is_established for a in open_associations())
+    ):
+        time.sleep(0.05)
+    left = open_associations()
+    established = [a for a in left if a.is_established]
+    if established:
+        log.warning(
+            "aborting %d association(s) still open after the %g s grace: %s",
+            len(established),
+            grace,
+            ", ".join(f"{a.requestor.ae_title} from {a.requestor.address}" for a in established),
+        )
+    for assoc in left:
+        if assoc in established:
+            admission.abort_soon(assoc)
+        else:  # still negotiating, or never asked: nothing to abort, only a socket to close
+            admission.close_unassociated(assoc)
+    deadline = time.monotonic() + admission.ABORT_CLOSE_SECONDS + HANDLER_EXIT_SECONDS
+    for assoc in left:
+        assoc.join(max(0.0, deadline - time.monotonic()))
+    stuck = [a for a in left if a.is_alive()]
+    if stuck:
+        log.warning(
+            "%d association thread(s) still in a handler after the abort: closing the "
+            "service under them (what they were storing is not acknowledged)",
+            len(stuck),
+        )
+
+
+def _loopback_only(host: str) -> bool:
+    """Whether listening on `host` reaches only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

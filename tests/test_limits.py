@@ -7,6 +7,7 @@ pynetdicom's own SCU would refuse to send what they send.
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import threading
@@ -17,14 +18,13 @@ import dicomdata
 import peers
 import psutil
 import pydicom
-import pytest
 import rawfind
 from nodecheck import exported_by_sop, wait_compressed
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
-    StudyRootQueryRetrieveInformationModelMove,
+    CTImageStorage,
     Verification,
 )
 
@@ -85,6 +85,22 @@ def test_a_connection_that_never_asks_is_closed_after_the_request_timeout(make_n
     node = make_node("[limits]\nassociation_request_timeout = 1\n")
     sock = _connect(node)
     assert _closed_by_node(sock) == b""  # closed, nothing sent
+
+
+def test_a_half_sent_association_request_is_closed_after_the_request_timeout(make_node) -> None:
+    """The documented 5 s (the default), where it took the PDU read timeout's 30 s: the
+    association thread's own 5 s wait could not end while the network thread sat in the
+    read of the request."""
+    node = make_node()
+    sock = _connect(node)
+    request = rawfind.association_request(node.ae_title, b"HALFSENT", VERIFICATION)
+    started = time.monotonic()
+    sock.sendall(request[: len(request) // 2])
+    reply = _closed_by_node(sock, within=60)
+    took = time.monotonic() - started
+    assert reply[:1] in (b"", b"\x07"), reply[:16]  # closed, or an A-ABORT first
+    assert took < 20, f"closed after {took:.1f} s"  # 5 s, with a loaded machine's margin
+    assert "no complete A-ASSOCIATE-RQ within 5 s of connecting" in node.log_text()
 
 
 def test_a_trickling_sender_is_cut_off_after_the_read_timeout(make_node) -> None:
@@ -202,42 +218,180 @@ def test_associations_per_calling_ae_are_capped(make_node) -> None:
     assert "[limits] max_associations_per_ae = 2 reached" in node.log_text()
 
 
-@pytest.mark.parametrize(
-    ("calling", "accepted"),
-    [
-        (b"BAD\tAE", False),  # a control character
-        (b"BAD\\AE", False),  # backslash
-        (b"  MODALITY  ", True),  # leading and trailing spaces are not significant
-    ],
-)
-def test_calling_ae_titles_the_ae_vr_forbids_are_refused(make_node, calling, accepted) -> None:
-    node = make_node('[access]\nstore = ["MODALITY"]\n')
-    sock = _connect(node)
-    try:
-        sock.sendall(rawfind.association_request(node.ae_title, calling, VERIFICATION))
-        pdu_type, body = rawfind.read_pdu(sock)
-    finally:
-        sock.close()
-    if accepted:
-        assert pdu_type == 0x02
-    else:
-        assert pdu_type == 0x03, pdu_type  # A-ASSOCIATE-RJ
-        assert tuple(body[1:4]) == (0x01, 0x01, 0x03), body  # calling AE not recognised
-        assert "is not valid" in node.log_text()
+def _raw_association(
+    node: peers.CompacsProcess, calling: bytes, source: str
+) -> tuple[socket.socket, int]:
+    """A Verification association asked for from `source` (a loopback address of its own):
+    the socket and the reply's PDU type (0x02 accepted, 0x03 rejected)."""
+    sock = socket.create_connection((node.host, node.port), timeout=30, source_address=(source, 0))
+    sock.sendall(rawfind.association_request(node.ae_title, calling, VERIFICATION))
+    return sock, rawfind.read_pdu(sock)[0]
 
 
-def test_calling_ae_of_spaces_only_is_refused(make_node) -> None:
-    """pynetdicom cannot even decode such a request: an A-ABORT, with one log line."""
+def test_one_peer_with_two_titles_and_two_addresses_cannot_take_every_slot(
+    make_node, tmp_path: Path
+) -> None:
+    """The red team's hog: two AE titles from two addresses asking for every slot. With the
+    default limits it gets two titles' share (2 x 16 of 64), and a third peer gets in."""
     node = make_node()
-    sock = _connect(node)
+    held: list[socket.socket] = []
     try:
-        sock.sendall(rawfind.association_request(node.ae_title, b" " * 16, VERIFICATION))
-        reply = _closed_by_node(sock)
+        for i in range(80):
+            calling = (b"HOG1", b"HOG2")[i % 2]
+            source = ("127.0.0.2", "127.0.0.3")[(i // 2) % 2]
+            sock, pdu_type = _raw_association(node, calling, source)
+            if pdu_type == 0x02:
+                held.append(sock)
+            else:
+                assert pdu_type == 0x03, pdu_type
+                sock.close()
+        assert len(held) == 32, len(held)
+        files = dicomdata.ct_series(tmp_path / "ct", 2)
+        res = node.store(files)
+        assert peers.store_ok(res, files), res.stdout[-2000:]
+        assert node.echo().returncode == 0
     finally:
+        for sock in held:
+            sock.close()
+    assert "[limits] max_associations_per_ae = 16 reached" in node.log_text()
+
+
+def test_when_full_the_biggest_holder_gives_up_its_longest_idle_association(
+    make_node, tmp_path: Path
+) -> None:
+    node = make_node(
+        "[limits]\nmax_associations = 6\nmax_associations_per_ae = 6\n"
+        "max_associations_per_address = 6\n"
+    )
+    held: list[socket.socket] = []
+    try:
+        for i in range(6):  # HOG1 from 127.0.0.2 and HOG2 from 127.0.0.3, 3 each
+            sock, pdu_type = _raw_association(
+                node, (b"HOG1", b"HOG2")[i % 2], ("127.0.0.2", "127.0.0.3")[i % 2]
+            )
+            held.append(sock)
+            assert pdu_type == 0x02, i
+        sock, pdu_type = _raw_association(node, b"HOG1", "127.0.0.2")
         sock.close()
-    assert reply[:1] in (b"\x03", b"\x07"), reply[:16]  # A-ASSOCIATE-RJ or A-ABORT
+        assert pdu_type == 0x03  # the biggest holder gains nothing by asking again
+        time.sleep(3)  # the hog's associations are now idle (admission.EVICTABLE_AFTER_IDLE)
+        assert node.echo().returncode == 0  # a third peer gets in
+        files = dicomdata.ct_series(tmp_path / "ct", 2)
+        assert peers.store_ok(node.store(files), files)
+        closed = []
+        for sock in held:
+            sock.settimeout(0.5)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                data = b""
+            closed.append(data[:1])
+        assert len(closed) == 1 and closed[0] in (b"", b"\x07"), closed  # one A-ABORT
+    finally:
+        for sock in held:
+            sock.close()
     log = node.log_text()
-    assert "must not consist entirely of spaces" in log and "Traceback" not in log
+    assert "evicted the association of HOG" in log
+    assert "for ECHOSCU from 127.0.0.1: [limits] max_associations = 6 reached" in log
+
+
+def test_sigterm_with_an_association_held_open_exits_after_the_grace(
+    make_node, tmp_path: Path
+) -> None:
+    """A client that keeps storing on one association: SIGTERM stops the listener, the
+    association gets its grace (stores go on being acknowledged), is then aborted, and the
+    node exits; every acknowledged object is there after a restart."""
+    grace = 3
+    node = make_node(f"[node]\nshutdown_grace_seconds = {grace}\n")
+    template = pydicom.dcmread(dicomdata.ct_series(tmp_path / "ct", 1)[0])
+    study = template.StudyInstanceUID
+    ae = AE(ae_title="KEEPSTORING")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    acknowledged: list[str] = []
+
+    def keep_storing() -> None:
+        while assoc.is_established:
+            template.SOPInstanceUID = generate_uid()
+            template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+            status = assoc.send_c_store(template)
+            if status and status.Status == 0x0000:
+                acknowledged.append(template.SOPInstanceUID)
+            time.sleep(0.02)  # a modality's pace, not a flood: the machine is shared
+
+    sender = threading.Thread(target=keep_storing)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(acknowledged) >= 5
+        node.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        at_signal = len(acknowledged)
+        returncode = node.proc.wait(timeout=grace + 120)
+        took = time.monotonic() - signalled
+    finally:
+        sender.join(timeout=120)
+        assoc.abort()
+    assert returncode == 0
+    assert took < grace + 25, f"exited {took:.1f} s after SIGTERM with a {grace} s grace"
+    assert len(acknowledged) > at_signal  # the grace let it go on storing
+    log = node.log_text()
+    assert "aborting 1 association(s) still open after the 3 s grace: KEEPSTORING" in log
+    assert "compacs stopped" in log
+    node.stop()  # reaps the exited process
+    node.start()
+    res = peers.getscu(node.port, "STUDY", {"StudyInstanceUID": study}, tmp_path / "got")
+    assert "Received C-GET Response (Success)" in res.stdout, res.stdout[-2000:]
+    retrieved = {pydicom.dcmread(f).SOPInstanceUID for f in (tmp_path / "got").iterdir()}
+    missing = set(acknowledged) - retrieved
+    assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged objects lost"
+
+
+# (called, calling, accepted)
+AE_TITLE_CASES = [
+    (b"COMPACS", b"BAD\tAE", False),  # a control character
+    (b"COMPACS", b"MODALITY\t", False),  # pynetdicom strips a trailing one: not here
+    (b"COMPACS", b"BAD\\AE", False),  # backslash
+    (b"COMPACS", b"\xffAE", False),  # outside ASCII: pynetdicom logged a traceback
+    (b"COMPACS", b" " * 16, False),  # spaces only: pynetdicom could not decode it
+    (b"COMP\tACS", b"MODALITY", False),  # the called AE title is checked the same way
+    (b"COMPACS", b"  MODALITY  ", True),  # leading and trailing spaces are not significant
+    (b"COMPACS", b"MODALITY\0\0\0", True),  # NUL padding, as some devices send
+]
+
+
+def test_ae_titles_the_ae_vr_forbids_are_refused_with_one_log_line(make_node) -> None:
+    node = make_node()
+    for called, calling, accepted in AE_TITLE_CASES:
+        before = node.log_text().count("association rejected")
+        sock = _connect(node)
+        try:
+            pdu = rawfind.association_request(node.ae_title, calling, VERIFICATION)
+            sock.sendall(pdu[:10] + called.ljust(16) + pdu[26:])
+            pdu_type, body = rawfind.read_pdu(sock)
+        finally:
+            sock.close()
+        case = (called, calling)
+        if accepted:
+            assert pdu_type == 0x02, case
+            continue
+        assert pdu_type == 0x03, case  # A-ASSOCIATE-RJ
+        reason = 0x03 if called == b"COMPACS" else 0x07  # calling / called AE not recognised
+        assert tuple(body[1:4]) == (0x01, 0x01, reason), (case, body[:4])
+        field = "calling" if reason == 0x03 else "called"
+        lines = [ln for ln in node.log_text().splitlines() if "association rejected" in ln]
+        assert len(lines) == before + 1, case
+        assert f"the {field} AE title is not valid" in lines[-1], lines[-1]
+        assert "\t" not in lines[-1]  # shown escaped: a title cannot forge log lines
+    assert node.echo().returncode == 0
+    log = node.log_text()
+    assert "Traceback" not in log, log[log.index("Traceback") :][:3000]
+    assert log.count("association rejected") == 6
 
 
 def test_peer_resets_and_undecodable_pdus_are_one_log_line_each(make_node) -> None:
@@ -257,30 +411,3 @@ def test_peer_resets_and_undecodable_pdus_are_one_log_line_each(make_node) -> No
     assert "unknown PDU type 0x09" in log
     assert "undecodable PDU" in log
     assert "Traceback" not in log, log[log.index("Traceback") :][:3000]
-
-
-def test_cmove_by_a_caller_that_may_not_retrieve_gets_0124(make_node, tmp_path) -> None:
-    node = make_node(
-        '[access]\nstore = ["*"]\nquery = ["*"]\nretrieve = ["VIEWER"]\n'
-        '[move_destinations]\nVIEWER = "127.0.0.1:1"\n'
-    )
-    files = dicomdata.ct_series(tmp_path / "ct", 1)
-    assert peers.store_ok(node.store(files), files)
-    ae = AE(ae_title="NOSY")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
-    try:
-        identifier = pydicom.Dataset()
-        identifier.QueryRetrieveLevel = "STUDY"
-        identifier.StudyInstanceUID = pydicom.dcmread(files[0]).StudyInstanceUID
-        statuses = [
-            status.Status
-            for status, _ds in assoc.send_c_move(
-                identifier, "VIEWER", StudyRootQueryRetrieveInformationModelMove
-            )
-            if status
-        ]
-    finally:
-        assoc.release()
-    assert statuses == [0x0124], [hex(s) for s in statuses]
-    assert "refused retrieve for NOSY" in node.log_text()

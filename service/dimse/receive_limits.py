@@ -9,7 +9,14 @@ MB per 100 MB of a 1 GiB element sent). Here, per association:
 
 - a PDU longer than we advertised (`[node] max_pdu`, P-DATA-TF) or than 1 MiB (every other
   PDU type) is refused before its body is read;
-- a PDU must arrive whole within `[limits] pdu_read_timeout` of its first byte;
+- a PDU must arrive whole within `[limits] pdu_read_timeout` of its first byte, and the
+  first one (the A-ASSOCIATE-RQ) within `[limits] association_request_timeout` of the
+  connection: pynetdicom's own 5 s wait for it cannot end while its network thread sits in
+  this read, so a half-sent request held the connection for the whole PDU timeout (30 s);
+- the AE titles of an A-ASSOCIATE-RQ are read from its bytes before pynetdicom decodes
+  them (it strips a trailing tab, and logs a traceback for a byte outside ASCII): one that
+  the AE VR forbids is kept for scp's EVT_REQUESTED handler to refuse, and replaced by a
+  placeholder that pynetdicom can decode;
 - a data set larger than `[limits] max_dataset_bytes` is refused as its fragments arrive;
 - a C-STORE data set larger than `[limits] spool_dataset_bytes` goes on in a file, as
   pynetdicom's own STORE_RECV_CHUNKED_DATASET does for all of them: the C-STORE handler then
@@ -28,6 +35,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from tempfile import NamedTemporaryFile
@@ -39,6 +47,7 @@ from pynetdicom.dsutils import create_file_meta
 
 from compacs.service.config import Limits
 from compacs.service.dimse import internals
+from compacs.service.dimse.admission import ae_title_problem
 
 log = logging.getLogger("compacs.limits")
 
@@ -46,6 +55,10 @@ CONTROL_PDU_LIMIT = 1 << 20  # A-ASSOCIATE-RQ with 128 contexts is some 10 KiB
 P_DATA_TF = 0x04
 _KNOWN_PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
 _CHUNK = 1 << 20  # a PDU of unknown (unlimited) size grows by at most this much per read
+A_ASSOCIATE_RQ = 0x01
+# Called and Calling AE Title fields of an A-ASSOCIATE-RQ PDU (PS3.8 9.3.2)
+_AE_FIELDS = {"called": slice(10, 26), "calling": slice(26, 42)}
+_PLACEHOLDER_AE = b"INVALID".ljust(16)
 
 
 class _Refused(Exception):
@@ -56,12 +69,25 @@ class _Closed(Exception):
     """The peer closed the connection."""
 
 
-def install(assoc: Any, limits: Limits, max_pdu: int, spool_dir: Path) -> None:
-    """Put the limits on a new (acceptor) association, before its network thread starts."""
+def install(
+    assoc: Any,
+    limits: Limits,
+    max_pdu: int,
+    spool_dir: Path,
+    on_pdu: Callable[[Any], None] = lambda assoc: None,
+) -> None:
+    """Put the limits on a new (acceptor) association, before its network thread starts.
+    `on_pdu(assoc)` is told of every PDU that arrives whole (admission's idle time)."""
     if not internals.guards("the PDU and data set limits of [limits]"):
         return
     dul = assoc.dul
-    dul._read_pdu_data = lambda: _read_pdu(dul, limits, max_pdu)
+    dul._compacs_request_deadline = time.monotonic() + limits.association_request_timeout
+
+    def read_pdu_data() -> None:
+        if _read_pdu(dul, limits, max_pdu):
+            on_pdu(assoc)
+
+    dul._read_pdu_data = read_pdu_data
     dimse = assoc.dimse
     receive = dimse.receive_primitive
 
@@ -108,14 +134,24 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float, what: str
     return got
 
 
-def _read_pdu(dul: Any, limits: Limits, max_pdu: int) -> None:
-    """Read one PDU as pynetdicom's DUL would (events onto its queues), within the limits."""
+def raw_ae_titles(assoc: Any) -> dict[str, bytes] | None:
+    """The called and calling AE titles as the A-ASSOCIATE-RQ carried them (16 bytes each);
+    None where the limits are not installed."""
+    return getattr(assoc.dul, "_compacs_ae_titles", None)
+
+
+def _read_pdu(dul: Any, limits: Limits, max_pdu: int) -> bool:
+    """Read one PDU as pynetdicom's DUL would (events onto its queues), within the limits;
+    True when one arrived whole and was handed on."""
     if getattr(dul, "_compacs_aborted", False):
         dul.event_queue.put("Evt17")
-        return
+        return False
     sock = dul.socket.socket
     previous_timeout = sock.gettimeout()
     deadline = time.monotonic() + limits.pdu_read_timeout
+    first = getattr(dul, "_compacs_request_deadline", None)  # None once the first PDU is in
+    if first is not None:
+        deadline = min(deadline, first)
     try:
         try:
             pdu = _read_within(sock, deadline, limits, max_pdu)
@@ -123,29 +159,51 @@ def _read_pdu(dul: Any, limits: Limits, max_pdu: int) -> None:
             sock.settimeout(previous_timeout)
     except _Closed:
         dul.event_queue.put("Evt17")  # transport connection closed
-        return
+        return False
     except TimeoutError:
-        _abort(
-            dul,
-            f"a PDU did not arrive whole within {limits.pdu_read_timeout:g} s "
-            "([limits] pdu_read_timeout)",
-        )
-        return
+        if first is not None and deadline == first:
+            why = (
+                "no complete A-ASSOCIATE-RQ within "
+                f"{limits.association_request_timeout:g} s of connecting "
+                "([limits] association_request_timeout)"
+            )
+        else:
+            why = (
+                f"a PDU did not arrive whole within {limits.pdu_read_timeout:g} s "
+                "([limits] pdu_read_timeout)"
+            )
+        _abort(dul, why)
+        return False
     except _Refused as exc:
         _abort(dul, str(exc))
-        return
+        return False
     except OSError as exc:  # a reset: one line, not pynetdicom's traceback
         log.info("connection from %s ended: %s", _peer(dul), exc)
         dul.event_queue.put("Evt17")
-        return
+        return False
+    dul._compacs_request_deadline = None
+    if pdu[0] == A_ASSOCIATE_RQ and len(pdu) >= _AE_FIELDS["calling"].stop:
+        _keep_ae_titles(dul, pdu)
     try:
         decoded, event = dul._decode_pdu(pdu)
     except Exception as exc:
         log.warning("A-ABORT to %s: undecodable PDU (%s: %s)", _peer(dul), type(exc).__name__, exc)
         dul.event_queue.put("Evt19")
-        return
+        return False
     dul.event_queue.put(event)
     dul._recv_pdu.put(decoded)
+    return True
+
+
+def _keep_ae_titles(dul: Any, pdu: bytearray) -> None:
+    """Keep the request's AE titles as sent; put a decodable placeholder where one is not an
+    AE title (scp's EVT_REQUESTED handler refuses the request by what was kept)."""
+    titles = {}
+    for name, field in _AE_FIELDS.items():
+        titles[name] = bytes(pdu[field])
+        if ae_title_problem(titles[name]):
+            pdu[field] = _PLACEHOLDER_AE
+    dul._compacs_ae_titles = titles
 
 
 def _read_within(sock: socket.socket, deadline: float, limits: Limits, max_pdu: int) -> bytearray:

@@ -10,6 +10,7 @@ speed, see there), and yields only the final status.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import mmap
 import socket
@@ -44,7 +45,7 @@ from compacs.service.dimse import (
     receive_limits,
     suboperations,
 )
-from compacs.service.dimse.admission import REJECT_CALLING_AE, Admission
+from compacs.service.dimse.admission import REJECT_CALLED_AE, REJECT_CALLING_AE, Admission
 
 log = logging.getLogger("compacs.scp")
 
@@ -88,55 +89,126 @@ def handle_store(event: evt.Event, service: ArchiveService) -> int:
         return service.receive(raw, *args)
 
 
+# Refused: Not Authorized, a general failure status (PS3.7 Annex C) that every DIMSE
+# response may carry: what [access] answers a caller that may not use a service.
 STATUS_NOT_AUTHORISED = 0x0124
 PYNETDICOM_THREAD_CEILING = 4096
+# The DIMSE services of each [access] service, for log lines
+_DIMSE_NAMES = {"store": "C-STORE", "query": "C-FIND", "retrieve": "C-GET/C-MOVE"}
+_LOOPBACK = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+
+
+def is_local(assoc: Any) -> bool:
+    """Whether the caller is on the node's own host: it comes from 127.0.0.1 or ::1, or
+    from the very address it connected to (a process here that reached the node by the
+    host's own address). Other loopback addresses (127.0.0.2 ...) do not count: a client
+    comes from one only by binding it on purpose (Linux sends from 127.0.0.1 to any
+    loopback address, Debian's 127.0.1.1 hostname included), and a test plays a remote
+    peer from one."""
+    requestor = assoc.requestor
+    cached = getattr(requestor, "_compacs_local", None)
+    if cached is not None:
+        return cached
+    local = False
+    with contextlib.suppress(ValueError):
+        peer = ipaddress.ip_address(requestor.address)
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        local = peer in _LOOPBACK
+        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        if not local and sock is not None:
+            with contextlib.suppress(OSError):
+                own = ipaddress.ip_address(sock.getsockname()[0])
+                if isinstance(own, ipaddress.IPv6Address) and own.ipv4_mapped is not None:
+                    own = own.ipv4_mapped
+                local = own == peer and not own.is_unspecified
+    requestor._compacs_local = local
+    return local
 
 
 def _refused(event: evt.Event, access: Access, service: str) -> bool:
     """True (and a log line) if the calling AE may not use `service`."""
-    requestor = event.assoc.requestor
-    if access.allows(service, requestor.ae_title, requestor.address):
+    assoc = event.assoc
+    requestor = assoc.requestor
+    if access.allows(service, requestor.ae_title, requestor.address, is_local(assoc)):
         return False
-    log.warning(
-        "refused %s for %s from %s: not in [access] %s",
-        service,
-        requestor.ae_title,
-        requestor.address,
-        service,
-    )
+    _log_refused(requestor, service)
     return True
 
 
-def handle_requested(event: evt.Event, access: Access, admission: Admission) -> None:
-    """EVT_REQUESTED: reject invalid calling AE titles, callers that the [access] table
-    allows nothing at all, and requests past the [limits] on associations."""
-    requestor = event.assoc.requestor
-    raw_calling = str(requestor.primitive.calling_ae_title)  # negotiation not done yet
-    refusal = admission.refusal(event.assoc, raw_calling, requestor.address)
-    if refusal is None and not access.allows_any(raw_calling.strip(), requestor.address):
-        refusal = REJECT_CALLING_AE, "not in [access]"
+def _log_refused(requestor: Any, service: str) -> None:
+    log.warning(
+        "refused %s (%s) for %s from %s: not listed in [access] %s (status 0x%04X)",
+        service,
+        _DIMSE_NAMES[service],
+        admission.shown(requestor.ae_title),
+        requestor.address,
+        service,
+        STATUS_NOT_AUTHORISED,
+    )
+
+
+def handle_requested(event: evt.Event, config: NodeConfig, gate: Admission) -> None:
+    """EVT_REQUESTED: reject AE titles the AE VR forbids, a called AE title that is not ours
+    (`[node] check_called_ae`), callers that the [access] table allows nothing at all, and
+    requests past the [limits] on associations."""
+    assoc = event.assoc
+    requestor = assoc.requestor
+    address = requestor.address
+    primitive = requestor.primitive  # negotiation not done yet: requestor.ae_title unset
+    raw = receive_limits.raw_ae_titles(assoc) or {
+        "calling": str(primitive.calling_ae_title),
+        "called": str(primitive.called_ae_title),
+    }
+    calling, called = raw["calling"], raw["called"]
+    refusal = None
+    if problem := admission.ae_title_problem(calling):
+        refusal = REJECT_CALLING_AE, f"the calling AE title is not valid: {problem}"
+    elif problem := admission.ae_title_problem(called):
+        refusal = REJECT_CALLED_AE, f"the called AE title is not valid: {problem}"
+    else:
+        calling = _text(calling)
+        if config.check_called_ae and _text(called) != config.ae_title:
+            refusal = (
+                REJECT_CALLED_AE,
+                (
+                    f"called AE title {admission.shown(called)} is not this node's "
+                    f"{config.ae_title} ([node] check_called_ae = true)"
+                ),
+            )
+        elif not config.access.allows_any(calling, address, is_local(assoc)):
+            refusal = REJECT_CALLING_AE, "allowed no service in [access]"
+        else:
+            refusal = gate.refusal(assoc, calling, address)
     if refusal is None:
         return
     reason, why = refusal
     log.warning(
-        "association rejected: calling AE %s from %s: %s",
-        raw_calling.strip(),
-        requestor.address,
+        "association rejected: calling AE %s from %s, called AE %s: %s",
+        admission.shown(calling),
+        address,
+        admission.shown(called),
         why,
     )
     # then kill() as pynetdicom's own rejections do, which lets the DUL send the A-ASSOCIATE-RJ
-    event.assoc.acse.send_reject(*reason)
-    event.assoc.kill()
+    assoc.acse.send_reject(*reason)
+    assoc.kill()
 
 
-def handle_accepted(event: evt.Event, access: Access, admission: Admission) -> None:
+def _text(title: bytes | str) -> str:
+    """A valid AE title as compared with the config's: without its padding."""
+    text = title.decode("ascii") if isinstance(title, bytes) else title
+    return text.rstrip("\0 ").lstrip(" ")
+
+
+def handle_accepted(event: evt.Event, access: Access, gate: Admission) -> None:
     """EVT_ACCEPTED: log, and answer a caller that may not retrieve 0x0124 on C-GET/C-MOVE."""
-    admission.accepted(event.assoc)
+    gate.accepted(event.assoc)
     requestor = event.assoc.requestor
     log.info(
         "association accepted: %s from %s:%s", requestor.ae_title, requestor.address, requestor.port
     )
-    if not access.allows("retrieve", requestor.ae_title, requestor.address):
+    if not access.allows("retrieve", requestor.ae_title, requestor.address, is_local(event.assoc)):
         refuse_retrieve(event.assoc)
 
 
@@ -159,15 +231,18 @@ def refuse_retrieve(assoc: Any) -> None:
         rsp.MessageIDBeingRespondedTo = msg.MessageID
         rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
         rsp.Status = STATUS_NOT_AUTHORISED
-        requestor = assoc.requestor
-        log.warning(
-            "refused retrieve for %s from %s: not in [access] retrieve",
-            requestor.ae_title,
-            requestor.address,
-        )
+        rsp.ErrorComment = NOT_AUTHORISED_COMMENT["retrieve"]
+        _log_refused(assoc.requestor, "retrieve")
         assoc.dimse.send_msg(rsp, context_id)
 
     assoc._serve_request = serve_request
+
+
+# Error Comment (LO, at most 64 characters) of a 0x0124 answer: what to do about it
+NOT_AUTHORISED_COMMENT = {
+    service: f"not authorised: list this AE in the node's [access] {service}"
+    for service in ("query", "retrieve")
+}
 
 
 # C-FIND SOP class -> query information model of service/query.py
@@ -210,7 +285,7 @@ def handle_find(
     calling = event.assoc.requestor.ae_title
     model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "study")
     if _refused(event, config.access, "query"):
-        yield _failure(STATUS_NOT_AUTHORISED, "calling AE not allowed to query"), None
+        yield _failure(STATUS_NOT_AUTHORISED, NOT_AUTHORISED_COMMENT["query"]), None
         return
     try:
         identifier = event.identifier
@@ -295,7 +370,7 @@ def _instances(event: evt.Event, service: ArchiveService, what: str) -> list:
 def handle_get(event: evt.Event, service: ArchiveService) -> Iterator:
     """EVT_C_GET: sub-operations on the requestor's own association, in syntaxes it accepted."""
     if _refused(event, service.config.access, "retrieve"):
-        yield _failure(STATUS_NOT_AUTHORISED, "calling AE not allowed to retrieve"), None
+        yield _failure(STATUS_NOT_AUTHORISED, NOT_AUTHORISED_COMMENT["retrieve"]), None
         return
     instances = _instances(event, service, "C-GET")
     yield len(instances)
@@ -348,27 +423,29 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
-def handle_conn_open(event: evt.Event, config: NodeConfig, admission: Admission) -> None:
+def handle_conn_open(event: evt.Event, config: NodeConfig, gate: Admission) -> None:
     """EVT_CONN_OPEN (before the association's threads start): limits, and no Nagle.
 
     pynetdicom leaves Nagle on, and a C-FIND-RQ/RSP exchange (command and data set in
     separate sends) then waits for delayed ACKs: a one-match C-FIND measured 88 ms with
     Nagle on both ends, 50 ms with it off on one end, 6 ms with it off on both."""
     assoc = event.assoc
-    admission.connection_opened(assoc, assoc.requestor.address)
-    receive_limits.install(assoc, config.limits, config.max_pdu, config.data_dir / "spool")
+    gate.connection_opened(assoc, assoc.requestor.address)
+    receive_limits.install(
+        assoc, config.limits, config.max_pdu, config.data_dir / "spool", on_pdu=gate.touch
+    )
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _association_ended(kind: str | None, admission: Admission) -> Callable[[evt.Event], None]:
+def _association_ended(kind: str | None, gate: Admission) -> Callable[[evt.Event], None]:
     """Free the association's slot; log how it ended (kind None: the connection's close,
     which follows every end and a connection that never associated: not logged)."""
 
     def handler(event: evt.Event) -> None:
-        admission.ended(event.assoc)
+        gate.ended(event.assoc)
         if kind is None:
             return
         requestor = event.assoc.requestor
@@ -441,7 +518,7 @@ def handlers(service: ArchiveService) -> list:
         (evt.EVT_C_GET, handle_get, [service]),
         (evt.EVT_C_MOVE, handle_move, [service]),
         (evt.EVT_CONN_OPEN, handle_conn_open, [config, gate]),
-        (evt.EVT_REQUESTED, handle_requested, [config.access, gate]),
+        (evt.EVT_REQUESTED, handle_requested, [config, gate]),
         (evt.EVT_ACCEPTED, handle_accepted, [config.access, gate]),
         (evt.EVT_RELEASED, _association_ended("released", gate)),
         (evt.EVT_ABORTED, _association_ended("aborted", gate)),
