@@ -90,6 +90,7 @@ _JOINS: tuple[Any, ...] = (
 
 # Matching kinds: how a key's value is turned into SQL.
 TEXT, PN, UI, DA, TM, INT = "text", "pn", "ui", "da", "tm", "int"
+MULTI = "multi"  # text values kept backslash-joined in one column: a key matches any of them
 
 # Tags answered by find() itself, never matched against a column.
 _QUERY_RETRIEVE_LEVEL = 0x00080052
@@ -144,7 +145,7 @@ _ATTRS: dict[str, _Attr] = {
     "PatientName": _Attr(0, Patient.patient_name, PN, Study.patient_name),
     "PatientBirthDate": _Attr(0, Patient.patient_birth_date, DA, Study.patient_birth_date),
     "PatientSex": _Attr(0, Patient.patient_sex, TEXT, Study.patient_sex),
-    "OtherPatientIDs": _Attr(1, Study.other_patient_ids, TEXT),
+    "OtherPatientIDs": _Attr(1, Study.other_patient_ids, MULTI),
     "StudyInstanceUID": _Attr(1, Study.study_instance_uid, UI),
     "StudyDate": _Attr(1, Study.study_date, DA),
     "StudyTime": _Attr(1, Study.study_time, TM),
@@ -511,6 +512,8 @@ def _condition(
             conditions.append(empty if kind == INT else or_(empty, column == ""))
         elif kind in (TEXT, PN):
             conditions.append(_text_match(column, value, fold=kind == PN, dialect=dialect))
+        elif kind == MULTI:
+            conditions.append(_element_match(column, value, dialect))
         elif kind == DA:
             conditions.append(_range(keyword, column, value, _date_bounds))
         elif kind == TM:
@@ -533,6 +536,15 @@ def _text_match(column: Any, value: str, *, fold: bool, dialect: str) -> ColumnE
         # SQLite's LIKE ignores ASCII case; GLOB is its case-sensitive pattern operator.
         return column.op("GLOB")(_glob_pattern(value))
     return column.like(_like_pattern(value), escape=_LIKE_ESCAPE)
+
+
+def _element_match(column: Any, value: str, dialect: str) -> ColumnElement[bool]:
+    """One value (wildcards allowed, case-sensitive) against any of the backslash-joined
+    values of `column`: "\\A1\\B2\\" contains "\\B2\\". A wildcard may span values."""
+    wrapped = literal("\\") + column + literal("\\")
+    if dialect == "sqlite":
+        return wrapped.op("GLOB")("*\\" + _glob_pattern(value) + "\\*")
+    return wrapped.like("%\\" + _like_pattern(value) + "\\%", escape=_LIKE_ESCAPE)
 
 
 def _like_pattern(value: str) -> str:
