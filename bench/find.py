@@ -46,6 +46,7 @@ from sqlalchemy import func, insert, select  # noqa: E402
 
 from compacs.service.query import find_encoded  # noqa: E402
 from compacs.service.storage.index import Blob, Index, Instance, Patient, Series, Study  # noqa: E402
+from compacs.service.storage.schema import PATIENT_RECEIVED, patient_identity  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77"  # pydicom's root + a branch of our own
 CAP = 100  # answers read before the C-CANCEL of the "capped" universal query
@@ -145,15 +146,16 @@ def build(index: Index, n_studies: int, seed: int) -> Built:
     while len(studies) < n_studies:
         pid = len(patients) + 1
         birth = date(1930, 1, 1) + timedelta(days=rng.randrange(90 * 365))
-        patients.append(
-            {
-                "id": pid,
-                "patient_id": f"PID{pid:07d}",
-                "patient_name": f"{rng.choices(names, weights)[0]}^{rng.choice(GIVEN)}",
-                "patient_birth_date": birth.strftime("%Y%m%d"),
-                "patient_sex": rng.choice("MF"),
-            }
+        patient = {
+            "patient_id": f"PID{pid:07d}",
+            "patient_name": f"{rng.choices(names, weights)[0]}^{rng.choice(GIVEN)}",
+            "patient_birth_date": birth.strftime("%Y%m%d"),
+            "patient_sex": rng.choice("MF"),
+        }
+        identity = patient_identity(
+            patient["patient_id"], None, patient["patient_name"], patient["patient_birth_date"], ""
         )
+        patients.append({"id": pid, "identity": identity, **patient})
         for _ in range(min(1 + int(rng.expovariate(0.8)), 6, n_studies - len(studies))):
             sk = len(studies) + 1
             kind = rng.choices(kinds, kind_weights)[0]
@@ -171,6 +173,11 @@ def build(index: Index, n_studies: int, seed: int) -> Built:
                     "study_id": str(sk % 100000),
                     "study_description": rng.choice(descriptions),
                     "referring_physician_name": rng.choice(PHYSICIANS) or None,
+                    # each study keeps its patient's attributes, as ingest writes them
+                    "patient_name": patient["patient_name"],
+                    "patient_birth_date": patient["patient_birth_date"],
+                    "patient_sex": patient["patient_sex"],
+                    "patient_source": PATIENT_RECEIVED,
                     "created_at": now,
                 }
             )

@@ -81,7 +81,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from sqlalchemy import create_engine
 
     from compacs.service.archive_service import redact
-    from compacs.service.storage.schema import current_revision, migrate
+    from compacs.service.storage.schema import backfill_pending, current_revision, migrate
 
     config = _config(args)
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -91,13 +91,39 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         before = current_revision(engine)
         migrate(engine)
         after = current_revision(engine)
+        pending = backfill_pending(engine)
     finally:
         engine.dispose()
     if before == after:
         print(f"index {redact(url)} is at revision {after}, the newest: nothing to do")
     else:
         print(f"index {redact(url)} upgraded from revision {before or '(empty)'} to {after}")
+    if pending:
+        _backfill(config, url)
     return 0
+
+
+def _backfill(config: NodeConfig, url: str) -> None:
+    """The studies of an index upgraded past 0007 read their patient attributes from their
+    objects (service/backfill.py); a second run continues a stopped one."""
+    from compacs.service.archive_service import ArchiveService
+    from compacs.service.backfill import backfill_patients
+    from compacs.service.storage.archive import Archive
+    from compacs.service.storage.index import Index
+
+    root = config.data_dir / "archive"
+    if not root.is_dir():
+        raise UsageError(
+            f"{config.data_dir}: no compacs archive here (expected {root}), and the index's "
+            "studies need their objects to finish the upgrade; give the --data folder that "
+            "`compacs serve` used"
+        )
+    service = ArchiveService(config, Archive(root), Index.open(url, check=None))
+    try:
+        read, unreadable = backfill_patients(service)
+    finally:
+        service.close()
+    print(f"patient attributes read for {read} studies ({unreadable} unreadable: see the log)")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -109,6 +135,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"instances {stats['instances']}  studies {stats['studies']}  pending {stats['pending']}"
         f"  parked {stats['parked']}  flagged {stats['flagged']}"
     )
+    if stats["patient_id_conflicts"]:
+        print(
+            f"patient_id_conflict {stats['patient_id_conflicts']} (PatientIDs whose studies "
+            "disagree on the name or birth date; `compacs verify` lists them)"
+        )
     if stats["parked"] or stats["flagged"]:
         print("(parked: compression failed; flagged: kept as received, non-conformant;")
         print(" `compacs verify` lists them with the reasons)")

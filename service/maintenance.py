@@ -119,6 +119,13 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
             failures.append(f"{where}: parked, compression failed: {problem.last_error}")
         if problem.defects:
             failures.append(f"{where}: kept as received, flagged: {problem.defects}")
+    failures.extend(
+        f"patient_id_conflict: PatientID {c.patient_id!r}"
+        f"{f' (issuer {c.issuer_of_patient_id!r})' if c.issuer_of_patient_id else ''}"
+        f" has studies that disagree; named {c.patient_name!r},"
+        f" born {c.patient_birth_date or '(none)'}: {c.studies} studies (e.g. {c.a_study})"
+        for c in service.index.patient_conflicts()
+    )
     known = service.index.blob_paths()
     young = service.config.ingest.lease_seconds
     for tier, archive in service.archives.items():

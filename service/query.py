@@ -13,14 +13,21 @@ Matching choices (PS3.4 C.2.2.2), all documented in the docstrings below:
 - single value: exact and case-sensitive, except PN (PatientName, ReferringPhysicianName),
   matched case-insensitively as PS3.4 C.2.2.2.1 permits and Orthanc does by default
   (``CaseSensitivePN`` false), so "smith*" finds "SMITH^JOHN";
-- wildcards ``*`` and ``?`` on text keys (CS, LO, SH, PN) and, leniently, on UIDs; a value of
-  only ``*`` is universal matching (it also matches entities without a value);
+- wildcards ``*`` and ``?`` on text keys (CS, LO, SH, PN); a value of only ``*`` is universal
+  matching (it also matches entities without a value). Never on UIDs (C.2.2.2.4 excludes UI):
+  a UI key is a UID or a list of UIDs matched exactly (uid_values, index.uid_in), the same
+  in C-GET and C-MOVE, so "*" there matches no UID rather than every one;
 - ranges ``A-B``, ``-B``, ``A-`` on DA and TM keys; a partial date or time ("2020", "-2020",
   "0930") is taken as the whole period it names, like "20200101-20201231";
 - a list of values (backslash) matches any of them: UID list matching for UI keys
   (C.2.2.2.2) and, leniently, on the other keys (ModalitiesInStudy "CT\\MR" is the common use);
 - ``""`` (two double quotes) is empty value matching: entities without a value;
 - ModalitiesInStudy at study level matches a study when any of its series matches.
+
+Patient attributes (schema.Patient, schema.Study): at STUDY level and below, PatientName,
+PatientBirthDate, PatientSex, IssuerOfPatientID and OtherPatientIDs are the study's own (as
+received with its objects); at PATIENT level a row is one name and birth date under a
+PatientID (+ IssuerOfPatientID), so a PatientID whose studies disagree answers once per name.
 
 Hierarchy (C.4.1.2.2), lenient like Orthanc: keys of the query level and of the levels above
 it are matching keys (the unique keys of the upper levels identify the parent; other upper
@@ -45,7 +52,15 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from compacs.service.dimse.identifier_encoding import IdentifierEncoder, Target
-from compacs.service.storage.index import Blob, Index, Instance, Patient, Series, Study
+from compacs.service.storage.index import (
+    Blob,
+    Index,
+    Instance,
+    Patient,
+    Series,
+    Study,
+    uid_in,
+)
 from compacs.service.storage.schema import HOT_TIER
 
 LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -75,6 +90,7 @@ _JOINS: tuple[Any, ...] = (
 
 # Matching kinds: how a key's value is turned into SQL.
 TEXT, PN, UI, DA, TM, INT = "text", "pn", "ui", "da", "tm", "int"
+MULTI = "multi"  # text values kept backslash-joined in one column: a key matches any of them
 
 # Tags answered by find() itself, never matched against a column.
 _QUERY_RETRIEVE_LEVEL = 0x00080052
@@ -100,11 +116,17 @@ class QueryError(Exception):
 
 @dataclass(frozen=True)
 class _Attr:
-    """A key stored in a column: the level whose table holds it and how it matches."""
+    """A key stored in a column: the level whose table holds it and how it matches;
+    `below`, where given, is the column that queries of a lower level use (the patient
+    attributes each study keeps of its own, schema.Study)."""
 
     level: int
     column: Any
     kind: str
+    below: Any = None
+
+    def column_at(self, depth: int) -> Any:
+        return self.below if depth > self.level and self.below is not None else self.column
 
 
 @dataclass(frozen=True)
@@ -119,9 +141,11 @@ class _Computed:
 
 _ATTRS: dict[str, _Attr] = {
     "PatientID": _Attr(0, Patient.patient_id, TEXT),
-    "PatientName": _Attr(0, Patient.patient_name, PN),
-    "PatientBirthDate": _Attr(0, Patient.patient_birth_date, DA),
-    "PatientSex": _Attr(0, Patient.patient_sex, TEXT),
+    "IssuerOfPatientID": _Attr(0, Patient.issuer_of_patient_id, TEXT),
+    "PatientName": _Attr(0, Patient.patient_name, PN, Study.patient_name),
+    "PatientBirthDate": _Attr(0, Patient.patient_birth_date, DA, Study.patient_birth_date),
+    "PatientSex": _Attr(0, Patient.patient_sex, TEXT, Study.patient_sex),
+    "OtherPatientIDs": _Attr(1, Study.other_patient_ids, MULTI),
     "StudyInstanceUID": _Attr(1, Study.study_instance_uid, UI),
     "StudyDate": _Attr(1, Study.study_date, DA),
     "StudyTime": _Attr(1, Study.study_time, TM),
@@ -370,9 +394,10 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
         seen.add(keyword)
         values = _values(elem)
         if attr is not None:
-            columns.append(attr.column)
+            column = attr.column_at(depth)
+            columns.append(column)
             if values is not None:
-                condition = _condition(keyword, attr.column, attr.kind, values, dialect)
+                condition = _condition(keyword, column, attr.kind, values, dialect)
                 if condition is not None:
                     conditions.append(condition)
         else:
@@ -460,10 +485,24 @@ def _values(elem: DataElement) -> list[str] | None:
 # --------------------------------------------------------------------------- matching
 
 
+def uid_values(value: Any) -> list[str]:
+    """The UIDs a UI key names (PS3.4 C.2.2.2.2): its backslash-separated values without
+    their padding (space, NUL), empty ones dropped. "*" and "?" stay what they are: UIDs take
+    no wildcards, so such a value matches no UID. C-FIND and C-GET/C-MOVE both read UID keys
+    with this and match them with index.uid_in."""
+    if value is None:
+        return []
+    items = value if isinstance(value, MultiValue | list | tuple) else str(value).split("\\")
+    out = [str(v).strip(" \0") for v in items]
+    return [v for v in out if v]
+
+
 def _condition(
     keyword: str, column: Any, kind: str, values: Sequence[str], dialect: str
 ) -> ColumnElement[bool] | None:
     """SQL for one key's value(s) (PS3.4 C.2.2.2); None means universal matching."""
+    if kind == UI:
+        return uid_in(column, uid_values(values))
     if any(v.strip("*") == "" for v in values):
         return None  # "*" is universal matching (C.2.2.2.3), whatever the VR
     conditions: list[ColumnElement[bool]] = []
@@ -471,8 +510,10 @@ def _condition(
         if value == '""':  # empty value matching: no value (or, for text, a blank one)
             empty = column.is_(None)
             conditions.append(empty if kind == INT else or_(empty, column == ""))
-        elif kind in (TEXT, PN, UI):
+        elif kind in (TEXT, PN):
             conditions.append(_text_match(column, value, fold=kind == PN, dialect=dialect))
+        elif kind == MULTI:
+            conditions.append(_element_match(column, value, dialect))
         elif kind == DA:
             conditions.append(_range(keyword, column, value, _date_bounds))
         elif kind == TM:
@@ -495,6 +536,15 @@ def _text_match(column: Any, value: str, *, fold: bool, dialect: str) -> ColumnE
         # SQLite's LIKE ignores ASCII case; GLOB is its case-sensitive pattern operator.
         return column.op("GLOB")(_glob_pattern(value))
     return column.like(_like_pattern(value), escape=_LIKE_ESCAPE)
+
+
+def _element_match(column: Any, value: str, dialect: str) -> ColumnElement[bool]:
+    """One value (wildcards allowed, case-sensitive) against any of the backslash-joined
+    values of `column`: "\\A1\\B2\\" contains "\\B2\\". A wildcard may span values."""
+    wrapped = literal("\\") + column + literal("\\")
+    if dialect == "sqlite":
+        return wrapped.op("GLOB")("*\\" + _glob_pattern(value) + "\\*")
+    return wrapped.like("%\\" + _like_pattern(value) + "\\%", escape=_LIKE_ESCAPE)
 
 
 def _like_pattern(value: str) -> str:

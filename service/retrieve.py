@@ -18,7 +18,7 @@ from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 
 from compacs.service import wire
-from compacs.service.query import UNIQUE_KEYS
+from compacs.service.query import UNIQUE_KEYS, uid_values
 from compacs.service.storage.index import Index, Instance
 from compacs.service.syntaxes import (
     EXPLICIT_LE,
@@ -89,8 +89,11 @@ def matching_instances(index: Index, identifier: Dataset) -> list[Instance]:
     for lvl, keyword in LEVEL_KEYS.items():
         value = identifier.get(keyword)
         if value not in (None, ""):
-            values = value if isinstance(value, MultiValue) else [value]
-            filters[keyword] = [str(v).strip() for v in values if str(v).strip()]
+            if keyword == "PatientID":  # LO: a list of IDs, matched exactly too
+                values = value if isinstance(value, MultiValue) else [value]
+                filters[keyword] = [str(v).strip() for v in values if str(v).strip()]
+            elif uids := uid_values(value):  # a UI key: as C-FIND reads it, no wildcards
+                filters[keyword] = uids
         if lvl == level:
             break
     if LEVEL_KEYS[level] not in filters:

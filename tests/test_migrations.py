@@ -3,13 +3,21 @@ SQLite and PostgreSQL: an archive upgraded in place must answer as a new one wou
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from io import BytesIO
 from pathlib import Path
+from time import monotonic, sleep
 
 import pytest
-from pydicom.dataset import Dataset
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, select, text
 
 from compacs.service.query import find
+from compacs.service.storage.archive import Archive
 from compacs.service.storage.index import Blob, Index, Instance, NewBlob, Series
 from compacs.service.storage.schema import IndexOutOfDate, check_revision, migrate
 
@@ -21,7 +29,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_url")
 
 
-def test_0002_counts_the_instances_already_indexed(url: str) -> None:
+def test_0002_counts_the_instances_already_indexed(url: str, tmp_path: Path) -> None:
     """A 0001 index with 2 series of 3 and 1 instances: after the upgrade the per-series
     counters hold 3 and 1, C-FIND reports them, and new arrivals keep counting."""
     engine = create_engine(url)
@@ -57,7 +65,7 @@ def test_0002_counts_the_instances_already_indexed(url: str) -> None:
             )
     engine.dispose()
 
-    migrate(create_engine(url))  # what `compacs db upgrade` does
+    upgrade(url, tmp_path)  # the objects are not there: the studies keep the old values
     index = Index.open(url)
     try:
         with index.reading() as s:
@@ -90,7 +98,7 @@ def test_0002_counts_the_instances_already_indexed(url: str) -> None:
         index.close()
 
 
-def test_0004_turns_blob_paths_into_blob_rows_and_references(url: str) -> None:
+def test_0004_turns_blob_paths_into_blob_rows_and_references(url: str, tmp_path: Path) -> None:
     """A 0003 index holding a pending and a stored instance: after the upgrade each has a
     blob row with its path, size and checksum, a reference to it, version 0 and no claim."""
     engine = create_engine(url)
@@ -127,8 +135,8 @@ def test_0004_turns_blob_paths_into_blob_rows_and_references(url: str) -> None:
             )
     with pytest.raises(IndexOutOfDate, match="compacs db upgrade"):
         check_revision(engine, "test")
-    migrate(engine)
     engine.dispose()
+    upgrade(url, tmp_path)
     index = Index.open(url)
     try:
         got = {
@@ -158,3 +166,260 @@ def index_lease():  # noqa: ANN201
     from compacs.service.storage.index import lease
 
     return lease(60)
+
+
+# --------------------------------------------------------------------------- 0007
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def _env(url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACS_")}
+    return {**env, "COMPACS_INDEX_URL": url, "PYTHONUNBUFFERED": "1"}
+
+
+def _upgrade_command(tmp_path: Path) -> list[str]:
+    data = tmp_path / "data"
+    (data / "archive").mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "compacs.service.cli", "db", "upgrade", "--data", str(data)]
+
+
+def upgrade(url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`compacs db upgrade` as an administrator runs it, on the index at `url` with the
+    archive in tmp_path/data (an empty one when the test wrote no objects)."""
+    res = subprocess.run(
+        _upgrade_command(tmp_path), capture_output=True, text=True, env=_env(url), timeout=600
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def old_index(url: str, tmp_path: Path, studies: list[tuple[str, list[bytes]]]) -> None:
+    """A 0006 index as compacs wrote it before 0007, with real objects in the archive: one
+    patient row per PatientID, named by the first object that came (the defect 0007 fixes).
+    `studies`: (Study Instance UID, Part-10 objects), in the order received."""
+    archive = Archive(tmp_path / "data" / "archive")
+    engine = create_engine(url)
+    migrate(engine, "0006")
+    with engine.begin() as conn:
+        for study_uid, objects in studies:
+            for raw in objects:
+                ds = dcmread(BytesIO(raw), stop_before_pixels=True)
+                pid = str(ds.get("PatientID", "") or "")
+                params = {"pid": pid, "study": study_uid, "series": ds.SeriesInstanceUID}
+                if (
+                    conn.scalar(text("SELECT id FROM patient WHERE patient_id = :pid"), params)
+                    is None
+                ):
+                    conn.execute(
+                        text(
+                            "INSERT INTO patient (patient_id, patient_name, patient_birth_date)"
+                            " VALUES (:pid, :name, :birth)"
+                        ),
+                        {
+                            **params,
+                            "name": str(ds.PatientName),
+                            "birth": ds.get("PatientBirthDate"),
+                        },
+                    )
+                known = text("SELECT id FROM study WHERE study_instance_uid = :study")
+                if conn.scalar(known, params) is None:
+                    conn.execute(
+                        text(
+                            "INSERT INTO study (study_instance_uid, patient_pk, created_at)"
+                            " SELECT :study, id, CURRENT_TIMESTAMP FROM patient"
+                            " WHERE patient_id = :pid"
+                        ),
+                        params,
+                    )
+                conn.execute(
+                    text(
+                        "INSERT INTO series (series_instance_uid, study_pk, modality,"
+                        " created_at, instance_count)"
+                        " SELECT :series, id, 'CT', CURRENT_TIMESTAMP, 0 FROM study"
+                        " WHERE study_instance_uid = :study"
+                    ),
+                    params,
+                )
+                sop = str(ds.SOPInstanceUID)
+                path = archive.stored_path(study_uid, ds.SeriesInstanceUID, sop, "old")
+                digest = archive.write(path, raw)
+                conn.execute(
+                    text(
+                        "INSERT INTO blob (tier, path, kind, size, checksum, created_at)"
+                        " VALUES ('hot', :path, 'instance', :size, :digest, CURRENT_TIMESTAMP)"
+                    ),
+                    {"path": path, "size": len(raw), "digest": digest},
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO instance (sop_instance_uid, series_pk, sop_class_uid,"
+                        " received_transfer_syntax, received_size, state,"
+                        " stored_transfer_syntax, stored_size, blob_pk, blob_length, checksum,"
+                        " received_at)"
+                        " SELECT :sop, series.id, :cls, :ts, :size, 'stored', :ts, :size,"
+                        " blob.id, :size, :digest, CURRENT_TIMESTAMP FROM series, blob"
+                        " WHERE series.series_instance_uid = :series AND blob.path = :path"
+                    ),
+                    {
+                        **params,
+                        "sop": sop,
+                        "cls": CT_IMAGE,
+                        "ts": EXPLICIT_LE,
+                        "size": len(raw),
+                        "digest": digest,
+                        "path": path,
+                    },
+                )
+                conn.execute(
+                    text(
+                        "UPDATE series SET instance_count = instance_count + 1"
+                        " WHERE series_instance_uid = :series"
+                    ),
+                    params,
+                )
+    engine.dispose()
+
+
+def part10(patient_id: str | None, name: str, study_uid: str, **more: str) -> bytes:
+    """A real Part-10 object (a header-only CT image: the backfill reads headers)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+    ds.SOPClassUID, ds.Modality = CT_IMAGE, "CT"
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    ds.PatientName = name
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    for keyword, value in more.items():
+        setattr(ds, keyword, value)
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def study_names(url: str) -> dict[str, str]:
+    index = Index.open(url)
+    try:
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID, q.PatientName = "STUDY", "", ""
+        return {a.StudyInstanceUID: str(a.PatientName) for a in find(index, q, "study")}
+    finally:
+        index.close()
+
+
+def test_0007_backfills_each_study_from_its_objects(url: str, tmp_path: Path) -> None:
+    """The issue's case in an index written before 0007 (ROE^RICHARD then DOE^JANE under one
+    PatientID, and two objects without one, all answered with the first name): after
+    `compacs db upgrade`, each study answers its own patient, the PatientID is flagged, and a
+    study whose objects are gone keeps the old values and is named in the log."""
+    roe, doe, anon_a, anon_b, lost = (generate_uid() for _ in range(5))
+    old_index(
+        url,
+        tmp_path,
+        [
+            (roe, [part10("0", "ROE^RICHARD", roe, PatientBirthDate="19500101") for _ in "ab"]),
+            (doe, [part10("0", "DOE^JANE", doe, PatientBirthDate="19800202")]),
+            (anon_a, [part10(None, "ANON^A", anon_a)]),
+            (anon_b, [part10("", "ANON^B", anon_b)]),
+            (lost, [part10("0", "LOST^ONE", lost)]),
+        ],
+    )
+    lost_blob = next((tmp_path / "data" / "archive" / "hot").rglob("*.dcm"))
+    for blob in (tmp_path / "data" / "archive" / "hot").rglob("*.dcm"):
+        if dcmread(blob).StudyInstanceUID == lost:
+            lost_blob = blob
+    lost_blob.unlink()
+    engine = create_engine(url)
+    with pytest.raises(IndexOutOfDate, match="compacs db upgrade"):
+        check_revision(engine, "test")
+    engine.dispose()
+
+    res = upgrade(url, tmp_path)
+    assert "upgraded from revision 0006" in res.stdout
+    assert "patient attributes read for 4 studies (1 unreadable" in res.stdout, res.stdout
+    assert lost in res.stderr and "keeps the patient attributes" in res.stderr, res.stderr
+    assert study_names(url) == {
+        roe: "ROE^RICHARD",
+        doe: "DOE^JANE",
+        anon_a: "ANON^A",
+        anon_b: "ANON^B",
+        lost: "ROE^RICHARD",  # unreadable: what the old index said
+    }
+    index = Index.open(url)
+    try:
+        assert index.stats()["patient_id_conflicts"] == 1
+        names = sorted((c.patient_name, c.studies) for c in index.patient_conflicts())
+        assert names == [("DOE^JANE", 1), ("ROE^RICHARD", 2)]
+        q = Dataset()
+        q.QueryRetrieveLevel, q.PatientID, q.PatientName = "PATIENT", "", ""
+        q.PatientBirthDate, q.NumberOfPatientRelatedStudies = "", ""
+        patients = sorted(
+            (a.PatientID or "", str(a.PatientName), a.PatientBirthDate or "")
+            for a in find(index, q, "patient")
+        )
+        assert patients == [
+            ("", "ANON^A", ""),
+            ("", "ANON^B", ""),
+            ("0", "DOE^JANE", "19800202"),
+            ("0", "ROE^RICHARD", "19500101"),
+        ]
+    finally:
+        index.close()
+    res = upgrade(url, tmp_path)  # nothing left to do
+    assert "nothing to do" in res.stdout and "patient attributes read" not in res.stdout
+
+
+def test_0007_backfill_killed_half_way_continues(url: str, tmp_path: Path) -> None:
+    """kill -9 during the backfill of 400 studies: other commands still refuse the index, a
+    second `compacs db upgrade` reads only the studies left, and every study ends with its
+    own name."""
+    names = {generate_uid(): f"PATIENT^{i:03d}" for i in range(400)}
+    old_index(url, tmp_path, [(uid, [part10("SAME", n, uid)]) for uid, n in names.items()])
+    engine = create_engine(url)
+    waiting = text("SELECT count(*) FROM study WHERE patient_source IS NULL")
+    proc = subprocess.Popen(
+        _upgrade_command(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(url),
+    )
+    try:
+        left = None
+        deadline = monotonic() + 300
+        while monotonic() < deadline and proc.poll() is None:
+            try:
+                with engine.connect() as conn:
+                    left = conn.scalar(waiting)
+            except Exception:  # the column does not exist until the migration has run
+                left = None
+            if left is not None and left <= 350:
+                break
+            sleep(0.02)
+        proc.kill()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with engine.connect() as conn:
+        left = conn.scalar(waiting)
+    assert 0 < left < 400, f"not killed half way ({left} left): {out}{err}"
+    with pytest.raises(IndexOutOfDate, match="still have to be read"):
+        check_revision(engine, "test")
+    engine.dispose()
+
+    res = upgrade(url, tmp_path)
+    assert f"patient attributes read for {left} studies (0 unreadable" in res.stdout, res.stdout
+    assert study_names(url) == names
+    index = Index.open(url)
+    try:
+        assert index.stats()["patient_id_conflicts"] == 1
+        conflicts = index.patient_conflicts()
+        assert sorted(c.patient_name for c in conflicts) == sorted(names.values())
+        assert all(c.studies == 1 for c in conflicts)
+    finally:
+        index.close()

@@ -12,12 +12,13 @@ that a transaction never has to upgrade a read snapshot another process has outd
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+from pydicom.multival import MultiValue
 from sqlalchemy import (
     Connection,
     bindparam,
@@ -31,9 +32,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.sql.elements import ColumnElement
 
 from compacs.service.storage.schema import (
     KIND_INSTANCE,
+    PATIENT_BACKFILLED,
+    PATIENT_RECEIVED,
+    PATIENT_UNREADABLE,
     STATE_PARKED,
     STATE_PENDING,
     STATE_STORED,
@@ -46,6 +51,7 @@ from compacs.service.storage.schema import (
     check_revision,
     is_empty,
     migrate,
+    patient_identity,
     utcnow,
 )
 
@@ -97,6 +103,17 @@ class Problem(NamedTuple):
     last_error: str | None
 
 
+class PatientConflict(NamedTuple):
+    """One name (and birth date) under a PatientID that has others: verify lists them."""
+
+    patient_id: str
+    issuer_of_patient_id: str | None
+    patient_name: str | None
+    patient_birth_date: str | None
+    studies: int
+    a_study: str  # one of its Study Instance UIDs, to look it up
+
+
 class DuplicateInstance(Exception):
     """Another association or process indexed this SOP Instance UID first."""
 
@@ -108,6 +125,8 @@ _COUNT_INSTANCE = (  # built once: add_received runs it for every instance
 )
 _INSTANCE = Instance.__table__
 _BLOB = Blob.__table__
+_STUDY = Study.__table__
+_PATIENT = Patient.__table__
 
 
 def _text(ds: Any, keyword: str, limit: int | None = None) -> str | None:
@@ -777,35 +796,9 @@ class Index:
 
     def _series_for(self, conn: Connection, ds: Any, update: bool = False) -> int:
         """The series row of `ds`, created with its study and patient where missing; with
-        `update`, existing rows take the values of `ds` (a replaced object)."""
-        patient = _upsert(
-            conn,
-            Patient,
-            "patient_id",
-            _text(ds, "PatientID", 64) or "",
-            {
-                "patient_name": _text(ds, "PatientName"),
-                "patient_birth_date": _text(ds, "PatientBirthDate", 8),
-                "patient_sex": _text(ds, "PatientSex", 16),
-            },
-            update,
-        )
-        study = _upsert(
-            conn,
-            Study,
-            "study_instance_uid",
-            _uid(ds, "StudyInstanceUID"),
-            {
-                "patient_pk": patient,
-                "study_date": _text(ds, "StudyDate", 8),
-                "study_time": _text(ds, "StudyTime", 16),
-                "accession_number": _text(ds, "AccessionNumber", 64),
-                "study_id": _text(ds, "StudyID", 64),
-                "study_description": _text(ds, "StudyDescription"),
-                "referring_physician_name": _text(ds, "ReferringPhysicianName"),
-            },
-            update,
-        )
+        `update`, existing rows take the values of `ds` (a replaced object): its study's
+        patient attributes change, no other study's."""
+        study = _study_for(conn, ds, update)
         return _upsert(
             conn,
             Series,
@@ -820,6 +813,95 @@ class Index:
             },
             update,
         )
+
+    # --- patients (schema.Patient says how studies are grouped) ---
+    def studies_to_backfill(self, limit: int) -> list[tuple[int, str]]:
+        """Studies (id, Study Instance UID) of an upgraded index whose patient attributes
+        still wait for `compacs db upgrade` to read them from a stored object."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_STUDY.c.id, _STUDY.c.study_instance_uid)
+                .where(_STUDY.c.patient_source.is_(None))
+                .order_by(_STUDY.c.id)
+                .limit(limit)
+            )
+            return [tuple(row) for row in rows]
+
+    def backfill_pending(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.scalar(
+                select(func.count(_STUDY.c.id)).where(_STUDY.c.patient_source.is_(None))
+            )
+
+    def study_header_sources(self, study_pk: int) -> list[Instance]:
+        """The instances of a study to read its patient attributes from, the cheapest first
+        (a Part-10 blob of its own before a slice of a series volume, then the smallest)."""
+        with self.reading() as s:
+            return list(
+                s.scalars(
+                    select(Instance)
+                    .join(Series)
+                    .options(joinedload(Instance.blob))
+                    .where(Series.study_pk == study_pk)
+                    .order_by(Instance.frame_first.is_not(None), Instance.blob_length, Instance.id)
+                    .limit(3)
+                )
+            )
+
+    def backfill_study(self, study_pk: int, ds: Any | None) -> bool:
+        """Give an upgraded index's study the patient attributes of `ds` (one of its stored
+        objects), or, with None (none could be read), mark it as keeping the old index's
+        values. Only a study still waiting is changed (False otherwise), so a re-run after a
+        kill, or two at once, never does one twice."""
+        with self._write() as conn:
+            row = conn.execute(
+                select(_STUDY.c.patient_pk, _STUDY.c.study_instance_uid).where(
+                    _STUDY.c.id == study_pk, _STUDY.c.patient_source.is_(None)
+                )
+            ).first()
+            if row is None:
+                return False
+            if ds is None:
+                conn.execute(
+                    _STUDY.update()
+                    .where(_STUDY.c.id == study_pk)
+                    .values(patient_source=PATIENT_UNREADABLE)
+                )
+                return True
+            patient = _patient_values(ds)
+            patient_pk = _patient_for(conn, patient, row.study_instance_uid)
+            conn.execute(
+                _STUDY.update()
+                .where(_STUDY.c.id == study_pk)
+                .values(
+                    patient_pk=patient_pk,
+                    **_study_patient_values(patient),
+                    patient_source=PATIENT_BACKFILLED,
+                )
+            )
+            if patient_pk != row.patient_pk:
+                _leave_patient(conn, row.patient_pk)
+        return True
+
+    def patient_conflicts(self) -> list[PatientConflict]:
+        """PatientIDs (with issuer) whose studies disagree on the name or birth date: one entry
+        per patient row, for verify."""
+        with self.reading() as s:
+            rows = s.execute(
+                select(
+                    Patient.patient_id,
+                    Patient.issuer_of_patient_id,
+                    Patient.patient_name,
+                    Patient.patient_birth_date,
+                    func.count(Study.id),
+                    func.min(Study.study_instance_uid),
+                )
+                .join(Study, Study.patient_pk == Patient.id)
+                .where(Patient.patient_id_conflict.is_(True))
+                .group_by(Patient.id)
+                .order_by(Patient.patient_id, Patient.issuer_of_patient_id, Patient.id)
+            )
+            return [PatientConflict(*row) for row in rows]
 
     def instances(
         self, *, study_uid: str | None = None, series_uid: str | None = None
@@ -865,7 +947,7 @@ class Index:
             )
             for key, values in keys.items():
                 if values:
-                    query = query.where(columns[key].in_(values))
+                    query = query.where(uid_in(columns[key], values))
             return list(s.scalars(query))
 
     def stats(self) -> dict[str, Any]:
@@ -904,6 +986,15 @@ class Index:
                 "pending": count(Instance.state == STATE_PENDING),
                 "parked": count(Instance.state == STATE_PARKED),
                 "flagged": count(Instance.defects.is_not(None)),
+                # PatientIDs (with issuer) whose studies disagree on the name or birth date
+                "patient_id_conflicts": s.scalar(
+                    select(func.count()).select_from(
+                        select(Patient.patient_id, Patient.issuer_of_patient_id)
+                        .where(Patient.patient_id_conflict.is_(True))
+                        .distinct()
+                        .subquery()
+                    )
+                ),
                 "by_modality": grouped(Series.modality),
                 "by_codec": grouped(Instance.codec),
                 "by_tier": grouped(Blob.tier),
@@ -921,6 +1012,17 @@ def _held(claim: Claim, owner: str) -> tuple[Any, ...]:
         _INSTANCE.c.state == STATE_PENDING,
         _INSTANCE.c.claimed_by == owner,
     )
+
+
+def uid_in(column: Any, uids: Sequence[str]) -> ColumnElement[bool]:
+    """Exact UID matching on a list of UIDs (PS3.4 C.2.2.2.2; UIDs take no wildcards, so "*"
+    and "?" are plain characters that no UID has), the one way C-FIND (query.py) and
+    C-GET/C-MOVE (retrieve.py) match UID keys. One IN list: one OR per UID made SQLite refuse
+    2,000 UIDs ("Expression tree is too large (maximum depth 1000)"); an IN list of 40,000
+    took 0.2 s here. Its limit is the driver's bound values per statement (SQLite: 32,766 by
+    default, 250,000 in Debian's; PostgreSQL: 65,535), beyond what an explicit VR identifier
+    can carry (64 KiB per element: about 1,000 full-length UIDs)."""
+    return column.in_(list(uids))
 
 
 def _release_if_unreferenced(conn: Connection, blob_pk: int | None) -> None:
@@ -958,6 +1060,134 @@ def _upsert(
     if update:
         conn.execute(table.update().where(table.c.id == row_id).values(**values))
     return row_id
+
+
+def _patient_values(ds: Any) -> dict[str, Any]:
+    """The patient attributes of an object, as the index keeps them."""
+    return {
+        "patient_id": _text(ds, "PatientID", 64) or "",
+        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),
+        "patient_name": _text(ds, "PatientName"),
+        "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+        "patient_sex": _text(ds, "PatientSex", 16),
+        "other_patient_ids": _joined(ds, "OtherPatientIDs"),
+    }
+
+
+def _study_patient_values(patient: dict[str, Any]) -> dict[str, Any]:
+    """The study's own copy of its patient attributes (PatientID lives on the patient row:
+    every study of a row has the same)."""
+    return {k: v for k, v in patient.items() if k != "patient_id"}
+
+
+def _patient_for(conn: Connection, patient: dict[str, Any], study_uid: str) -> int:
+    """The patient row (schema.Patient) for these attributes, created when missing; a new
+    row under a PatientID that already has one flags them all as a conflict."""
+    identity = patient_identity(
+        patient["patient_id"],
+        patient["issuer_of_patient_id"],
+        patient["patient_name"],
+        patient["patient_birth_date"],
+        study_uid,
+    )
+    row_id = conn.execute(select(_PATIENT.c.id).where(_PATIENT.c.identity == identity)).scalar()
+    if row_id is not None:
+        return row_id
+    values = {k: v for k, v in patient.items() if k != "other_patient_ids"}
+    try:
+        with conn.begin_nested():
+            row_id = conn.execute(
+                insert(_PATIENT).values(**values, identity=identity)
+            ).inserted_primary_key[0]
+    except IntegrityError:  # another process was first
+        row_id = conn.execute(select(_PATIENT.c.id).where(_PATIENT.c.identity == identity)).scalar()
+        if row_id is None:
+            raise
+        return row_id
+    _mark_conflicts(conn, patient["patient_id"], patient["issuer_of_patient_id"])
+    return row_id
+
+
+def _same_patient_id(patient_id: str, issuer: str | None) -> Any:
+    same_issuer = (
+        _PATIENT.c.issuer_of_patient_id.is_(None)
+        if issuer is None
+        else _PATIENT.c.issuer_of_patient_id == issuer
+    )
+    return (_PATIENT.c.patient_id == patient_id) & same_issuer
+
+
+def _mark_conflicts(conn: Connection, patient_id: str, issuer: str | None) -> None:
+    """Flag every row of a PatientID (+ issuer) when it has more than one (a name or birth
+    date differs: schema.patient_identity), unflag a row left alone. Objects without a
+    PatientID each have a row of their own: never a conflict."""
+    if not patient_id:
+        return
+    group = _same_patient_id(patient_id, issuer)
+    rows = conn.scalar(select(func.count(_PATIENT.c.id)).where(group))
+    conn.execute(_PATIENT.update().where(group).values(patient_id_conflict=rows > 1))
+
+
+def _leave_patient(conn: Connection, patient_pk: int) -> None:
+    """A study moved to another patient row: drop the old row if no study is left on it (a
+    PATIENT-level C-FIND must not answer a name nobody has any more), and re-check its
+    PatientID's conflict."""
+    old = conn.execute(
+        select(_PATIENT.c.patient_id, _PATIENT.c.issuer_of_patient_id).where(
+            _PATIENT.c.id == patient_pk
+        )
+    ).first()
+    if old is None:
+        return
+    left = conn.scalar(select(func.count(_STUDY.c.id)).where(_STUDY.c.patient_pk == patient_pk))
+    if not left:
+        conn.execute(_PATIENT.delete().where(_PATIENT.c.id == patient_pk))
+    _mark_conflicts(conn, old.patient_id, old.issuer_of_patient_id)
+
+
+def _study_for(conn: Connection, ds: Any, update: bool) -> int:
+    """The study row of `ds`, created (with its patient row) where missing. With `update` (a
+    replaced object) it takes the values of `ds`, its patient attributes included, and moves
+    to the patient row they name: other studies of the old row keep theirs."""
+    uid = _uid(ds, "StudyInstanceUID")
+    row = conn.execute(
+        select(_STUDY.c.id, _STUDY.c.patient_pk).where(_STUDY.c.study_instance_uid == uid)
+    ).first()
+    if row is not None and not update:
+        return row.id
+    patient = _patient_values(ds)
+    patient_pk = _patient_for(conn, patient, uid)
+    values = {
+        "patient_pk": patient_pk,
+        "study_date": _text(ds, "StudyDate", 8),
+        "study_time": _text(ds, "StudyTime", 16),
+        "accession_number": _text(ds, "AccessionNumber", 64),
+        "study_id": _text(ds, "StudyID", 64),
+        "study_description": _text(ds, "StudyDescription"),
+        "referring_physician_name": _text(ds, "ReferringPhysicianName"),
+        **_study_patient_values(patient),
+        "patient_source": PATIENT_RECEIVED,
+    }
+    if row is not None:
+        conn.execute(_STUDY.update().where(_STUDY.c.id == row.id).values(**values))
+        if row.patient_pk != patient_pk:
+            _leave_patient(conn, row.patient_pk)
+        return row.id
+    study_pk = _upsert(conn, Study, "study_instance_uid", uid, values, False)
+    # Another process inserted the study first, under its own patient row: ours may be empty.
+    if conn.scalar(select(_STUDY.c.patient_pk).where(_STUDY.c.id == study_pk)) != patient_pk:
+        _leave_patient(conn, patient_pk)
+    return study_pk
+
+
+def _joined(ds: Any, keyword: str) -> str | None:
+    """A multi-valued text attribute as DICOM writes it (backslash-joined)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    items = value if isinstance(value, MultiValue | list | tuple) else [value]
+    text = "\\".join(str(v).strip().replace("\x00", "") for v in items)
+    return text or None
 
 
 def _totals(count: int, received: int, stored: int) -> dict[str, Any]:

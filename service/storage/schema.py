@@ -20,6 +20,7 @@ every other command and a `serve` on an older index refuse to run, saying what t
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from importlib import resources
 
@@ -29,11 +30,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
     String,
     Text,
+    false,
     inspect,
     text,
 )
@@ -48,9 +51,27 @@ HOT_TIER = "hot"  # where received objects land; later tiers are colder
 KIND_INSTANCE = "instance"  # one Part-10 object
 KIND_VOLUME = "volume"  # the pixel data of many instances coded together
 
+PATIENT_RECEIVED = "received"
+PATIENT_BACKFILLED = "backfilled"
+PATIENT_UNREADABLE = "unreadable"
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def patient_identity(
+    patient_id: str, issuer: str | None, name: str | None, birth_date: str | None, study_uid: str
+) -> str:
+    """The Patient row a study belongs to, as a fixed-length key: PatientID, issuer, name
+    and birth date (trailing empty name components do not make another person: "DOE^JANE^^"
+    is "DOE^JANE", PS3.5 6.2.1); without a PatientID, the study itself, so that objects
+    without one never share a patient."""
+    if patient_id:
+        parts = ["id", patient_id, issuer or "", (name or "").rstrip("^ "), birth_date or ""]
+    else:
+        parts = ["study", study_uid]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 class Base(DeclarativeBase):
@@ -58,16 +79,35 @@ class Base(DeclarativeBase):
 
 
 class Patient(Base):
+    """One patient identity: a PatientID (+ IssuerOfPatientID) with one name and birth date.
+
+    Studies under one PatientID that disagree on the name or the birth date get one row each
+    (colliding IDs are common: "0", "ANON", outside studies), all flagged
+    `patient_id_conflict`, so a PATIENT-level C-FIND answers each name with its own studies
+    and never shows one patient's name on another's study. An object without a PatientID
+    gets a row of its own per study: never merged with anyone. `identity` (patient_identity())
+    is the unique key that says which row a study belongs to.
+    """
+
     __tablename__ = "patient"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
+    identity: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
     patient_name: Mapped[str | None] = mapped_column(Text)
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
-    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))  # of the latest study written
+    # Another row has the same PatientID and issuer (set on all of them, kept by the index).
+    patient_id_conflict: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false(), index=True
+    )
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
 
 class Study(Base):
+    """A study, with the patient attributes of its own objects (as Orthanc keeps them per
+    study): a study-level C-FIND answers and matches these, never another study's."""
+
     __tablename__ = "study"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -78,6 +118,16 @@ class Study(Base):
     study_id: Mapped[str | None] = mapped_column(String(64))
     study_description: Mapped[str | None] = mapped_column(Text)
     referring_physician_name: Mapped[str | None] = mapped_column(Text)
+    patient_name: Mapped[str | None] = mapped_column(Text)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    other_patient_ids: Mapped[str | None] = mapped_column(Text)  # backslash-joined
+    # Where the patient attributes came from: PATIENT_RECEIVED (ingest), PATIENT_BACKFILLED
+    # (read from a stored object by `compacs db upgrade`), PATIENT_UNREADABLE (no object of
+    # it could be read: the values the old index held), NULL (an upgraded index's study
+    # still waiting for the backfill).
+    patient_source: Mapped[str | None] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -212,6 +262,14 @@ def is_empty(engine: Engine) -> bool:
     return not inspect(engine).get_table_names()
 
 
+def backfill_pending(engine: Engine) -> bool:
+    """Whether studies still wait for `compacs db upgrade` to read their patient attributes
+    (revision 0007: Study.patient_source)."""
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT 1 FROM study WHERE patient_source IS NULL LIMIT 1")).first()
+    return row is not None
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to `revision` (the newest by default), one process at a time."""
     cfg = _alembic_config()
@@ -226,6 +284,12 @@ def check_revision(engine: Engine, where: str) -> None:
     """Raise IndexOutOfDate unless the index is at this compacs' revision."""
     head, current = head_revision(), current_revision(engine)
     if current == head:
+        if backfill_pending(engine):
+            raise IndexOutOfDate(
+                f"{where}: the patient attributes of some studies still have to be read from "
+                "their objects (an upgrade past revision 0007 was stopped); run "
+                "`compacs db upgrade` with the same --config/--data to finish it"
+            )
         return
     if current is None:
         raise IndexOutOfDate(

@@ -1,0 +1,345 @@
+"""The patient model (schema.Patient, schema.Study): each study answers with its own patient
+attributes, a PatientID whose studies disagree is flagged, objects without a PatientID never
+merge, a replace changes its own study only; and UID keys, matched exactly through one
+function in C-FIND and C-GET/C-MOVE, also in lists of 2,000.
+
+Unit tests on an index filled through Index.add_received (SQLite and PostgreSQL), then the
+same through a real node: storescu in, DCMTK findscu out, `compacs stats` and `verify`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dicomdata
+import pydicom
+import pytest
+from nodecheck import store_all, wait_compressed
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from test_find import KEEP_AS_RECEIVED, findscu
+
+from compacs.service.query import find
+from compacs.service.retrieve import matching_instances
+from compacs.service.storage.index import Index, NewBlob
+
+# A UID with "*" is what the tests send on purpose: pydicom warns on setting it.
+# (and partial dates, a lenient extension)
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    index = Index.open(url, create=True)
+    try:
+        yield index
+    finally:
+        index.close()
+
+
+def dataset(patient_id: str | None, name: str, study: str, **more: Any) -> Dataset:
+    ds = Dataset()
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    ds.PatientName = name
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, more.pop("series", None) or generate_uid()
+    ds.SOPInstanceUID = more.pop("sop", None) or generate_uid()
+    ds.SOPClassUID, ds.Modality = CT_IMAGE, "CT"
+    for keyword, value in more.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def add(index: Index, ds: Dataset) -> Dataset:
+    index.add_received(
+        ds,
+        NewBlob(f"x/{ds.SOPInstanceUID}.dcm", 10, "0"),
+        None,
+        None,
+        received_transfer_syntax=EXPLICIT_LE,
+        received_size=10,
+        stored_transfer_syntax=EXPLICIT_LE,
+        stored_size=10,
+    )
+    return ds
+
+
+def query(index: Index, level: str, model: str = "study", **keys: Any) -> list[Dataset]:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return list(find(index, ds, model))
+
+
+def names_by_study(index: Index, **keys: Any) -> dict[str, str]:
+    answers = query(index, "STUDY", **{"StudyInstanceUID": "", "PatientName": "", **keys})
+    return {a.StudyInstanceUID: str(a.PatientName) for a in answers}
+
+
+# --------------------------------------------------------------------------- unit
+
+
+def test_each_study_answers_its_own_patient_and_the_id_is_flagged(index: Index) -> None:
+    roe, doe, other = generate_uid(), generate_uid(), generate_uid()
+    add(index, dataset("0", "ROE^RICHARD", roe, PatientBirthDate="19500101", PatientSex="M"))
+    add(index, dataset("0", "DOE^JANE", doe, PatientBirthDate="19800202", PatientSex="F"))
+    add(index, dataset("0", "DOE^JANE^^", doe))  # a second object of the study: no new row
+    add(index, dataset("P7", "SMITH^ANN", other, OtherPatientIDs=["A1", "B2"]))
+    assert names_by_study(index) == {roe: "ROE^RICHARD", doe: "DOE^JANE", other: "SMITH^ANN"}
+    assert list(names_by_study(index, PatientName="DOE*")) == [doe]
+    assert list(names_by_study(index, PatientName="roe^richard")) == [roe]
+    (d,) = query(
+        index, "STUDY", StudyInstanceUID=doe, PatientBirthDate="", PatientSex="", PatientID=""
+    )
+    assert (d.PatientID, d.PatientBirthDate, d.PatientSex) == ("0", "19800202", "F")
+    assert list(names_by_study(index, PatientBirthDate="1950")) == [roe]
+    (s,) = query(index, "STUDY", StudyInstanceUID=other, OtherPatientIDs="")
+    assert list(s.OtherPatientIDs) == ["A1", "B2"]
+    assert list(names_by_study(index, OtherPatientIDs="B2")) == [other]
+    assert list(names_by_study(index, OtherPatientIDs="A?")) == [other]
+    assert list(names_by_study(index, OtherPatientIDs="A")) == []
+
+    # PATIENT level: one answer per name under the PatientID, each with its own studies
+    patients = query(
+        index,
+        "PATIENT",
+        "patient",
+        PatientID="0",
+        PatientName="",
+        PatientBirthDate="",
+        NumberOfPatientRelatedStudies="",
+    )
+    got = sorted(
+        (str(p.PatientName), p.PatientBirthDate, p.NumberOfPatientRelatedStudies) for p in patients
+    )
+    assert got == [("DOE^JANE", "19800202", 1), ("ROE^RICHARD", "19500101", 1)]
+    (p,) = query(index, "PATIENT", "patient", PatientID="", PatientName="DOE*")
+    assert p.PatientID == "0"
+    # Patient Root below PATIENT: the PatientID names both studies
+    found = query(index, "STUDY", "patient", PatientID="0", StudyInstanceUID="")
+    assert sorted(a.StudyInstanceUID for a in found) == sorted([roe, doe])
+
+    assert index.stats()["patient_id_conflicts"] == 1
+    conflicts = index.patient_conflicts()
+    assert sorted((c.patient_id, c.patient_name, c.a_study) for c in conflicts) == [
+        ("0", "DOE^JANE", doe),
+        ("0", "ROE^RICHARD", roe),
+    ]
+
+
+def test_the_issuer_separates_patient_ids(index: Index) -> None:
+    a, b = generate_uid(), generate_uid()
+    add(index, dataset("123", "ROE^RICHARD", a, IssuerOfPatientID="HOSP_A"))
+    add(index, dataset("123", "DOE^JANE", b, IssuerOfPatientID="HOSP_B"))
+    assert index.stats()["patient_id_conflicts"] == 0
+    patients = query(index, "PATIENT", "patient", PatientID="123", IssuerOfPatientID="HOSP_B")
+    assert [p.IssuerOfPatientID for p in patients] == ["HOSP_B"]
+    (s,) = query(index, "STUDY", StudyInstanceUID=a, IssuerOfPatientID="")
+    assert s.IssuerOfPatientID == "HOSP_A"
+
+
+def test_objects_without_a_patient_id_never_merge(index: Index) -> None:
+    absent, empty, again = generate_uid(), generate_uid(), generate_uid()
+    add(index, dataset(None, "ANON^ONE", absent))
+    add(index, dataset("", "ANON^TWO", empty))
+    add(index, dataset("", "ANON^TWO", again))  # the same name: still another study's patient
+    assert names_by_study(index) == {absent: "ANON^ONE", empty: "ANON^TWO", again: "ANON^TWO"}
+    patients = query(
+        index, "PATIENT", "patient", PatientID="", PatientName="", NumberOfPatientRelatedStudies=""
+    )
+    assert sorted((str(p.PatientName), p.NumberOfPatientRelatedStudies) for p in patients) == [
+        ("ANON^ONE", 1),
+        ("ANON^TWO", 1),
+        ("ANON^TWO", 1),
+    ]
+    assert index.stats()["patient_id_conflicts"] == 0
+
+
+def test_replace_changes_its_own_study_only(index: Index) -> None:
+    a, b = generate_uid(), generate_uid()
+    first = add(index, dataset("P1", "ROE^RICHARD", a))
+    add(index, dataset("P1", "ROE^RICHARD", b))
+    assert index.stats()["patient_id_conflicts"] == 0
+    corrected = dataset(
+        "P1", "DOE^JANE", a, series=first.SeriesInstanceUID, sop=first.SOPInstanceUID
+    )
+    held = index.received_version(first.SOPInstanceUID)
+    assert held is not None
+    blob = NewBlob(f"x/{first.SOPInstanceUID}-2.dcm", 10, "1")
+    assert index.replace_received(corrected, held, blob, None, None, received_size=10)
+    assert names_by_study(index) == {a: "DOE^JANE", b: "ROE^RICHARD"}
+    assert index.stats()["patient_id_conflicts"] == 1
+    # corrected back: the DOE row is left by its only study and goes; no conflict remains
+    again = dataset(
+        "P1", "ROE^RICHARD", a, series=first.SeriesInstanceUID, sop=first.SOPInstanceUID
+    )
+    held = index.received_version(first.SOPInstanceUID)
+    assert held is not None
+    blob = NewBlob(f"x/{first.SOPInstanceUID}-3.dcm", 10, "2")
+    assert index.replace_received(again, held, blob, None, None, received_size=10)
+    assert index.stats()["patient_id_conflicts"] == 0
+    patients = query(index, "PATIENT", "patient", PatientID="P1", PatientName="")
+    assert [str(p.PatientName) for p in patients] == ["ROE^RICHARD"]
+
+
+def test_uid_lists_of_2000_and_no_wildcards_in_find_and_retrieve(index: Index) -> None:
+    study = generate_uid()
+    series = generate_uid()
+    stored = [add(index, dataset("P1", "ROE^RICHARD", study, series=series)) for _ in range(3)]
+    rng = random.Random(20)
+    noise = [f"2.25.{rng.getrandbits(100)}" for _ in range(2000)]
+    sops = [stored[0].SOPInstanceUID, stored[2].SOPInstanceUID]
+    for level, keyword, wanted in (
+        ("STUDY", "StudyInstanceUID", [study]),
+        ("SERIES", "SeriesInstanceUID", [series]),
+        ("IMAGE", "SOPInstanceUID", sops),
+    ):
+        uids = noise[:1000] + wanted + noise[1000:]
+        answers = query(index, level, **{keyword: uids})
+        assert sorted(getattr(a, keyword) for a in answers) == sorted(wanted), level
+        # the same list names the same instances for a C-GET/C-MOVE
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = level
+        setattr(identifier, keyword, uids)
+        got = {i.sop_instance_uid for i in matching_instances(index, identifier)}
+        assert got == ({s.SOPInstanceUID for s in stored} if level != "IMAGE" else set(sops))
+
+    # "*" and "?" are no wildcards on a UID: nothing matches, in C-FIND as in C-GET
+    for value in ("*", study[:-1] + "?", study[:10] + "*"):
+        assert query(index, "STUDY", StudyInstanceUID=value) == [], value
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = value
+        assert matching_instances(index, identifier) == [], value
+    # an empty UID key is still universal matching in C-FIND
+    assert [a.StudyInstanceUID for a in query(index, "STUDY", StudyInstanceUID="")] == [study]
+
+
+# --------------------------------------------------------------------------- node + DCMTK
+
+
+def _study(out: Path, patient_id: str | None, name: str, n: int = 1, **more: Any) -> list[Path]:
+    overrides: dict[str, Any] = {"PatientName": name, **more}
+    files = dicomdata.ct_series(out, n, generate_uid(), prefix=name.split("^")[0], **overrides)
+    for f in files:  # the template has a PatientID: set or remove it as asked
+        ds = pydicom.dcmread(f)
+        if patient_id is None:
+            del ds.PatientID
+        else:
+            ds.PatientID = patient_id
+        ds.save_as(f)
+    return files
+
+
+@pytest.mark.peers
+def test_colliding_patient_ids_over_dimse(make_node: Any, tmp_path: Path) -> None:
+    """The issue's case: ROE^RICHARD, then DOE^JANE under one PatientID, stored with
+    storescu and asked with findscu in both models; plus objects without a PatientID."""
+    node = make_node(KEEP_AS_RECEIVED)
+    roe = _study(tmp_path / "roe", "0123", "ROE^RICHARD", 2)
+    doe = _study(tmp_path / "doe", "0123", "DOE^JANE", 1)
+    anon_a = _study(tmp_path / "anon", None, "ANON^A")
+    anon_b = _study(tmp_path / "anon", "", "ANON^B")
+    for files in (roe, doe, anon_a, anon_b):
+        store_all(node, files)
+    uid = {
+        key: pydicom.dcmread(files[0]).StudyInstanceUID
+        for key, files in (("roe", roe), ("doe", doe), ("a", anon_a), ("b", anon_b))
+    }
+    out = tmp_path / "rsp"
+
+    answers = findscu(node, "study", "STUDY", {"StudyInstanceUID": "", "PatientName": ""}, out)
+    by_study = {a.StudyInstanceUID: str(a.PatientName) for a in answers}
+    assert by_study == {
+        uid["roe"]: "ROE^RICHARD",
+        uid["doe"]: "DOE^JANE",
+        uid["a"]: "ANON^A",
+        uid["b"]: "ANON^B",
+    }
+    keys = {"StudyInstanceUID": "", "PatientName": "DOE*"}
+    assert [a.StudyInstanceUID for a in findscu(node, "study", "STUDY", keys, out)] == [uid["doe"]]
+
+    keys = {"PatientID": "0123", "PatientName": "", "NumberOfPatientRelatedStudies": ""}
+    patients = findscu(node, "patient", "PATIENT", keys, out)
+    got = sorted((str(p.PatientName), int(p.NumberOfPatientRelatedStudies)) for p in patients)
+    assert got == [("DOE^JANE", 1), ("ROE^RICHARD", 1)]
+    keys = {"PatientID": "", "PatientName": "ANON*", "NumberOfPatientRelatedStudies": ""}
+    anon = findscu(node, "patient", "PATIENT", keys, out)
+    assert sorted(str(p.PatientName) for p in anon) == ["ANON^A", "ANON^B"]
+    keys = {"PatientID": "0123", "StudyInstanceUID": "", "PatientName": ""}
+    studies = findscu(node, "patient", "STUDY", keys, out)
+    assert {a.StudyInstanceUID: str(a.PatientName) for a in studies} == {
+        uid["roe"]: "ROE^RICHARD",
+        uid["doe"]: "DOE^JANE",
+    }
+
+    stats = node.stats()
+    assert stats["patient_id_conflicts"] == 1
+    res = node.cli("stats", "--data", str(node.data_dir))
+    assert "patient_id_conflict 1" in res.stdout, res.stdout
+    res = node.verify()
+    assert res.returncode == 1
+    listed = [line for line in res.stdout.splitlines() if "patient_id_conflict" in line]
+    assert len(listed) == 2, res.stdout
+    assert any("ROE^RICHARD" in line and uid["roe"] in line for line in listed), listed
+    assert any("DOE^JANE" in line and uid["doe"] in line for line in listed), listed
+
+
+@pytest.mark.peers
+def test_replace_re_send_changes_its_own_study_only(make_node: Any, tmp_path: Path) -> None:
+    node = make_node(KEEP_AS_RECEIVED + '[node]\non_duplicate = "replace"\n')
+    first = _study(tmp_path / "a", "P1", "ROE^RICHARD")
+    second = _study(tmp_path / "b", "P1", "ROE^RICHARD")
+    store_all(node, first + second)
+    ds = pydicom.dcmread(first[0])
+    ds.PatientName = "DOE^JANE"
+    corrected = tmp_path / "corrected.dcm"
+    ds.save_as(corrected)
+    store_all(node, [corrected])
+    wait_compressed(node, 2)
+    out = tmp_path / "rsp"
+    answers = findscu(node, "study", "STUDY", {"StudyInstanceUID": "", "PatientName": ""}, out)
+    assert {a.StudyInstanceUID: str(a.PatientName) for a in answers} == {
+        ds.StudyInstanceUID: "DOE^JANE",
+        pydicom.dcmread(second[0]).StudyInstanceUID: "ROE^RICHARD",
+    }
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_findscu_with_2000_uids(
+    make_node: Any, tmp_path: Path, request: pytest.FixtureRequest, database: str
+) -> None:
+    """Lists of 2,000 UIDs at STUDY, SERIES and IMAGE level (short UIDs: one findscu
+    argument holds at most 128 KiB), and a UID key of "*" matching nothing."""
+    env = {"COMPACS_INDEX_URL": request.getfixturevalue("pg_url")} if database != "sqlite" else {}
+    node = make_node(KEEP_AS_RECEIVED, env=env)
+    files = dicomdata.ct_series(tmp_path / "in", 3, PatientID="P1")
+    store_all(node, files)
+    stored = [pydicom.dcmread(f) for f in files]
+    rng = random.Random(2000)
+    noise = [f"2.25.{rng.getrandbits(64)}" for _ in range(2000)]
+    out = tmp_path / "rsp"
+    for level, keyword, wanted in (
+        ("STUDY", "StudyInstanceUID", [stored[0].StudyInstanceUID]),
+        ("SERIES", "SeriesInstanceUID", [stored[0].SeriesInstanceUID]),
+        ("IMAGE", "SOPInstanceUID", [stored[0].SOPInstanceUID, stored[2].SOPInstanceUID]),
+    ):
+        uids = "\\".join(noise[:1000] + wanted + noise[1000:])
+        answers = findscu(node, "study", level, {keyword: uids}, out)
+        assert sorted(getattr(a, keyword) for a in answers) == sorted(wanted), level
+    assert findscu(node, "study", "STUDY", {"StudyInstanceUID": "*"}, out) == []
+    everything = findscu(node, "study", "STUDY", {"StudyInstanceUID": ""}, out)
+    assert [a.StudyInstanceUID for a in everything] == [stored[0].StudyInstanceUID]
+    assert "Traceback" not in node.log_text()
