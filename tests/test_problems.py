@@ -160,6 +160,47 @@ def test_only_the_object_that_crashes_its_worker_is_charged_and_parked(
     assert attempts(node)[culprit_uid][:2] == ("pending", 0)
 
 
+TIER_CONFIG = """
+[ingest]
+lease_seconds = 2
+[tiering]
+stable_minutes = 0
+cpu_share = 1
+every_minutes = 0
+[[tiers]]
+name = "cold"
+after_days = 30
+codecs = ["crashmarked"]
+form = "instance"
+"""
+
+
+def test_a_tier_move_that_kills_its_worker_fails_alone(make_node, tmp_path: Path) -> None:
+    """The tier worker runs one move at a time: the move that kills it fails, and the moves
+    after it get a fresh worker instead of a broken pool."""
+    path = os.pathsep.join(filter(None, [str(CRASH_PLUGIN), os.environ.get("PYTHONPATH")]))
+    node = make_node(TIER_CONFIG, env={"PYTHONPATH": path})
+    (marked,) = dicomdata.ct_series(tmp_path / "marked", 1)
+    ds = pydicom.dcmread(marked)
+    pixels = ds.pixel_array.copy()
+    pixels[0, :2] = (4242, -4242)  # what crashmarked dies on
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(marked)
+    others = dicomdata.ct_series(tmp_path / "others", 4)
+    assert peers.store_ok(node.store([marked]), [marked])  # first: moved first
+    assert peers.store_ok(node.store(others), others)
+    wait_compressed(node, 5)
+    res = node.cli(
+        "tier", "run", "--config", str(node.config), "--data", str(node.data_dir),
+        "--as-of", "2099-01-01",
+    )  # fmt: skip
+    assert res.returncode == 1, res.stdout + res.stderr
+    (failed,) = [line for line in res.stdout.splitlines() if line.startswith("FAILED")]
+    assert ds.SOPInstanceUID in failed and "BrokenProcessPool" in failed, res.stdout
+    tiers = node.stats()["by_tier"]
+    assert tiers["cold"]["instances"] == 4 and tiers["hot"]["instances"] == 1, tiers
+
+
 def corrupt_jpegls(tmp_path: Path) -> tuple[Path, Path]:
     """Two real JPEG-LS files from a CT slice each (DCMTK dcmcjpls): one intact, one with
     64 bytes in the middle of its scan overwritten (CharLS: "invalid JPEG-LS stream")."""

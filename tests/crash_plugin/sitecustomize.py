@@ -7,6 +7,9 @@ in the node and in each of its spawned compression workers. It registers two JPE
 - `crashtest` ends its process with os._exit on every encode, as a native codec that
   segfaults or a worker the out-of-memory killer ends would: the pool sees a worker die
   mid-job;
+- `crashmarked` does so only on a frame whose first two pixels are 4242 and -4242 (the
+  marked object, for a tier's codec list, which has no rule to pick one object), and
+  encodes as jpegls otherwise;
 - `holdtest` waits until the file named by $CRASHTEST_RELEASE exists, then encodes as
   jpegls: an innocent job that is surely running beside the crashing one.
 
@@ -23,6 +26,8 @@ from typing import Any
 from compacs.codecs import registry
 from compacs.codecs.jpegls import JpegLS
 
+MARK = 4242
+
 
 class CrashTest(JpegLS):
     name = "crashtest"
@@ -30,6 +35,16 @@ class CrashTest(JpegLS):
 
     def encode_frame(self, frame: Any, fmt: Any, **params: Any) -> bytes:
         os._exit(70)
+
+
+class CrashMarked(JpegLS):
+    name = "crashmarked"
+    description = "test plugin: ends its worker process on a marked frame"
+
+    def encode_frame(self, frame: Any, fmt: Any, **params: Any) -> bytes:
+        if frame.ndim >= 2 and int(frame[0, 0]) == MARK and int(frame[0, 1]) == -MARK:
+            os._exit(70)
+        return super().encode_frame(frame, fmt, **params)
 
 
 class HoldTest(JpegLS):
@@ -45,4 +60,5 @@ class HoldTest(JpegLS):
 
 
 registry.register(CrashTest())
+registry.register(CrashMarked())
 registry.register(HoldTest())
