@@ -21,10 +21,12 @@ import peers
 import pydicom
 import pytest
 from nodecheck import exported_by_sop, wait_compressed
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from test_bulk_jobs import paused, workers
+from test_jobs import make_service, receive
 
 from compacs.service.storage.index import Index, Instance
+from compacs.service.storage.schema import Acknowledgement
 
 CRASH_PLUGIN = Path(__file__).parent / "crash_plugin"
 CRASH_CONFIG = """
@@ -261,3 +263,72 @@ def test_a_corrupt_jpegls_arrival_is_kept_flagged_listed_and_sent_as_stored(
     retrieved_ds = pydicom.dcmread(retrieved)
     assert retrieved_ds.file_meta.TransferSyntaxUID == JPEG_LS, res.stdout
     assert retrieved_ds.PixelData == sent.PixelData
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_park_acknowledge_and_requeue_in_the_index(database: str, request, tmp_path: Path) -> None:
+    """The index side of problems, ack and requeue on both databases, in-process: a job that
+    always fails (its received blob damaged on disk) is parked; acknowledged; a changed
+    problem is not; requeued, it is pending from no attempts, unclaimed, its version moved
+    on, its acknowledgement gone; a flag the job adds keeps the defects ingest found."""
+    from compacs.service import problems
+
+    url = request.getfixturevalue("pg_url") if database == "postgresql" else ""
+    service, steps = make_service(tmp_path, f'max_attempts = 2\n[node]\nindex_url = "{url}"\n')
+    try:
+        (ct,) = dicomdata.ct_series(tmp_path / "ct", 1)
+        assert receive(service, ct.read_bytes()) == 0
+        (inst,) = service.index.instances()
+        path = service.archive.abspath(inst.blob.path)
+        path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+        steps.run_one()
+        steps.run_one()
+        index = service.index
+        (problem,) = index.problems()
+        assert (problem.state, problem.attempts, problem.acknowledged) == ("parked", 2, None)
+        assert problem.text.startswith("parked: ") and "checksum mismatch" in problem.text
+        with pytest.raises(problems.SelectionError, match="no flagged or parked object"):
+            problems.acknowledge(index, ["1.2.3"], [], False, "me", None)
+        acked = problems.acknowledge(index, [], [problem.study_instance_uid], False, "me", "n")
+        assert [p.sop_instance_uid for p in acked] == [problem.sop_instance_uid]
+        (problem,) = index.problems()
+        assert (problem.acknowledged.by, problem.acknowledged.note) == ("me", "n")
+        with index.writing() as s:  # the problem changes: the acknowledgement no longer holds
+            s.execute(update(Instance).values(last_error="another error"))
+        assert index.problems()[0].acknowledged is None
+        assert problems.requeue(index, [], [], True, "me") == 1
+        (row,) = index.instances()
+        assert (row.state, row.attempts, row.last_error, row.claimed_by) == (
+            "pending", 0, None, None,
+        )  # fmt: skip
+        assert row.version == inst.version + 1
+        assert index.problems() == []
+        with index.writing() as s:  # what the acknowledgement table holds: nothing for it
+            assert s.scalar(select(func.count()).select_from(Acknowledgement)) == 0
+    finally:
+        service.close()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_the_jobs_flag_joins_the_defects_ingest_found(database: str, request, tmp_path: Path):
+    """A corrupt JPEG-LS arrival with a study UID ingest flags (a hex letter): both flags are
+    kept, in one line each, and the object stays as received, without a failed attempt."""
+    url = request.getfixturevalue("pg_url") if database == "postgresql" else ""
+    service, steps = make_service(tmp_path, f'[node]\nindex_url = "{url}"\n')
+    try:
+        _good, bad = corrupt_jpegls(tmp_path)
+        ds = pydicom.dcmread(bad)
+        ds.StudyInstanceUID = "1.2.3.4a"
+        ds.save_as(bad)
+        assert receive(service, bad.read_bytes()) == 0
+        steps.run_one()
+        (problem,) = service.index.problems()
+        assert problem.state == "stored" and problem.attempts == 0
+        first, second = problem.defects.split("; ")
+        assert first == "StudyInstanceUID '1.2.3.4a' is not a valid UID"
+        assert second.startswith("pixel data does not decode: JpeglsError")
+        (inst,) = service.index.instances()
+        assert service.read_instance(inst) == bad.read_bytes()  # kept as received
+    finally:
+        service.close()
