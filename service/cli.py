@@ -108,7 +108,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     if stats["parked"] or stats["flagged"]:
         print("(parked: compression failed; flagged: kept as received, non-conformant;")
-        print(" `compacs verify` lists them with the reasons)")
+        print(" `compacs problems` lists them with the reasons)")
     print(
         f"received {_mb(stats['bytes_received'])}  stored {_mb(stats['bytes_stored'])}  "
         f"ratio {stats['ratio'] or '-'}"
@@ -577,7 +577,8 @@ def _add_scu_commands(sub: Any) -> None:
 
 
 def cmd_problems(args: argparse.Namespace) -> int:
-    """List parked and flagged objects with their reasons, or (`ack`) acknowledge them."""
+    """List parked and flagged objects with their reasons, and blobs that failed fixity; or
+    (`ack`) acknowledge objects."""
     from compacs.service import problems
 
     service = _open_service(args)
@@ -595,13 +596,20 @@ def cmd_problems(args: argparse.Namespace) -> int:
             print(f"{len(acked)} problem(s) acknowledged by {args.by}")
             return 0
         found = service.index.problems()
+        fixity = service.index.fixity_failures()
     finally:
         service.close()
     if args.json:
-        print(json.dumps([problems.as_json(p) for p in found], indent=2))
+        print(json.dumps({
+            "objects": [problems.as_json(p) for p in found],
+            "fixity_failures": [{"tier": t, "blob": b, "error": e} for t, b, e in fixity],
+        }, indent=2))  # fmt: skip
         return 0
     if found:
         print("\n".join(problems.table(found)))
+    if fixity:
+        print("blobs whose last fixity check failed (restore them; never acknowledged):")
+        print("\n".join(f"  {tier}/{path}: {error}" for tier, path, error in fixity))
     print(problems.summary(found))
     return 0
 

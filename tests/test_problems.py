@@ -67,7 +67,9 @@ def attempts(node: peers.CompacsProcess) -> dict[str, tuple[str, int, str | None
 def problems_json(node: peers.CompacsProcess) -> list[dict]:
     res = node.cli("problems", "--data", str(node.data_dir), "--json")
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    listed = json.loads(res.stdout)
+    assert listed["fixity_failures"] == []
+    return listed["objects"]
 
 
 def wait_for(what, timeout: float = 120):  # noqa: ANN001, ANN201
@@ -263,6 +265,25 @@ def test_a_corrupt_jpegls_arrival_is_kept_flagged_listed_and_sent_as_stored(
     retrieved_ds = pydicom.dcmread(retrieved)
     assert retrieved_ds.file_meta.TransferSyntaxUID == JPEG_LS, res.stdout
     assert retrieved_ds.PixelData == sent.PixelData
+
+    # a damaged blob is no flag to acknowledge: verify fails until it is restored; fixity
+    # re-reads both blobs and fails only that one (the flagged one is intact as received)
+    good_uid = str(pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID)
+    blob = next(
+        p for p in (node.data_dir / "archive" / "hot").rglob("*.dcm")
+        if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == good_uid
+    )  # fmt: skip
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    fixity = node.cli("tier", "fixity", "--data", str(node.data_dir))
+    assert fixity.returncode == 1, fixity.stdout + fixity.stderr
+    listed = json.loads(node.cli("problems", "--data", str(node.data_dir), "--json").stdout)
+    (failure,) = listed["fixity_failures"]
+    assert "checksum mismatch" in failure["error"] and failure["blob"] in str(blob), failure
+    assert node.cli("problems", "ack", "--data", str(node.data_dir), "--all").returncode == 0
+    verify = node.verify()
+    assert verify.returncode == 1 and "checksum mismatch" in verify.stdout, verify.stdout
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])

@@ -792,6 +792,21 @@ class Index:
                 problems.append(problem)
             return problems
 
+    def kept_undecodable(self, blob_pk: int) -> bool:
+        """Whether the blob holds an instance kept as received and flagged: its pixels not
+        decoding is then a known defect of what was received, not damage (fixity)."""
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(_INSTANCE.c.id).where(
+                        _INSTANCE.c.blob_pk == blob_pk,
+                        _INSTANCE.c.defects.is_not(None),
+                        _INSTANCE.c.codec == "passthrough",
+                    )
+                ).first()
+                is not None
+            )
+
     def acknowledge(self, problems: list[Problem], by: str, note: str | None) -> None:
         """Record that `by` knows these problems as they read now; audited one by one."""
         ack = Acknowledgement.__table__
