@@ -298,6 +298,8 @@ class Jobs:
         with self._lock:
             self._jobs[future] = (job, pool, True)
         future.add_done_callback(self._finish)
+        if self._closing:  # shutdown() may have looked for this pool before it existed
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _stored_path(self, claim: Claim) -> str:
         return self.archive.stored_path(
