@@ -245,6 +245,11 @@ def test_a_corrupt_jpegls_arrival_is_kept_flagged_listed_and_sent_as_stored(
     verify = node.verify()
     assert verify.returncode == 1 and f"SOP {bad_uid}" in verify.stdout
     assert verify.stdout.count(bad_uid) == 1, verify.stdout  # the flag, not also its decoding
+    requeue = node.cli("requeue", "--data", str(node.data_dir), bad_uid)  # flagged, not parked
+    assert requeue.returncode == 2 and "no parked object has SOP Instance UID" in requeue.stderr
+    requeue = node.cli("requeue", "--data", str(node.data_dir))
+    assert requeue.returncode == 2, requeue.stderr
+    assert "compacs: requeue: give SOP Instance UIDs, --study UID, or --all" in requeue.stderr
     ack = node.cli("problems", "ack", "--data", str(node.data_dir), bad_uid)
     assert ack.returncode == 0, ack.stderr
     assert node.verify().returncode == 0
