@@ -25,6 +25,7 @@ from sqlalchemy import func, select, update
 from test_bulk_jobs import paused, workers
 from test_jobs import make_service, receive
 
+from compacs.service.maintenance import verify
 from compacs.service.storage.index import Index, Instance
 from compacs.service.storage.schema import Acknowledgement
 
@@ -339,7 +340,8 @@ def test_park_acknowledge_and_requeue_in_the_index(database: str, request, tmp_p
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_the_jobs_flag_joins_the_defects_ingest_found(database: str, request, tmp_path: Path):
     """A corrupt JPEG-LS arrival with a study UID ingest flags (a hex letter): both flags are
-    kept, in one line each, and the object stays as received, without a failed attempt."""
+    kept, in one line each, and the object stays as received, without a failed attempt. On
+    an index from before arrivals were decoded, verify flags it."""
     url = request.getfixturevalue("pg_url") if database == "postgresql" else ""
     service, steps = make_service(tmp_path, f'[node]\nindex_url = "{url}"\n')
     try:
@@ -356,5 +358,13 @@ def test_the_jobs_flag_joins_the_defects_ingest_found(database: str, request, tm
         assert second.startswith("pixel data does not decode: JpeglsError")
         (inst,) = service.index.instances()
         assert service.read_instance(inst) == bad.read_bytes()  # kept as received
+
+        # an index from before arrivals were decoded: verify flags what it finds
+        with service.index.writing() as s:
+            s.execute(update(Instance).values(defects=None))
+        (line,) = [f for f in verify(service, progress=False) if ds.SOPInstanceUID in f]
+        assert "flagged: pixel data does not decode: JpeglsError" in line, line
+        (problem,) = service.index.problems()
+        assert problem.defects.startswith("pixel data does not decode: JpeglsError")
     finally:
         service.close()

@@ -792,6 +792,16 @@ class Index:
                 problems.append(problem)
             return problems
 
+    def add_flag(self, instance_pk: int, defect: str) -> None:
+        """Flag an instance found non-conformant after ingest (verify, on an index older than
+        the flagging of undecodable arrivals), its defect added to any it has."""
+        with self._write() as conn:
+            conn.execute(
+                _INSTANCE.update()
+                .where(_INSTANCE.c.id == instance_pk)
+                .values(defects=func.coalesce(_INSTANCE.c.defects + "; ", "") + defect)
+            )
+
     def kept_undecodable(self, blob_pk: int) -> bool:
         """Whether the blob holds an instance kept as received and flagged: its pixels not
         decoding is then a known defect of what was received, not damage (fixity)."""
