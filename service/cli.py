@@ -609,7 +609,7 @@ def cmd_problems(args: argparse.Namespace) -> int:
         print("\n".join(problems.table(found)))
     if fixity:
         print("blobs whose last fixity check failed (restore them; never acknowledged):")
-        print("\n".join(f"  {tier}/{path}: {error}" for tier, path, error in fixity))
+        print("\n".join(f"  {path} (tier {tier}): {error}" for tier, path, error in fixity))
     print(problems.summary(found))
     return 0
 
