@@ -142,7 +142,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         )
     if stats["parked"] or stats["flagged"]:
         print("(parked: compression failed; flagged: kept as received, non-conformant;")
-        print(" `compacs verify` lists them with the reasons)")
+        print(" `compacs problems` lists them with the reasons)")
     print(
         f"received {_mb(stats['bytes_received'])}  stored {_mb(stats['bytes_stored'])}  "
         f"ratio {stats['ratio'] or '-'}"
@@ -197,7 +197,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for line in failures:
         print(line)
     count = len(service.index.instances())
-    print(f"verified {count} instance(s): {len(failures)} problem(s)")
+    acked = sum(p.acknowledged is not None for p in service.index.problems())
+    print(
+        f"verified {count} instance(s): {len(failures)} problem(s)"
+        + (f", {acked} acknowledged (`compacs problems` lists them)" if acked else "")
+    )
     return 1 if failures else 0
 
 
@@ -644,6 +648,91 @@ def _add_scu_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_pull)
 
 
+def cmd_problems(args: argparse.Namespace) -> int:
+    """List parked and flagged objects with their reasons, and blobs that failed fixity; or
+    (`ack`) acknowledge objects."""
+    from compacs.service import problems
+
+    service = _open_service(args)
+    try:
+        if args.problems_command == "ack":
+            args.by = args.by or problems.who()
+            try:
+                acked = problems.acknowledge(
+                    service.index, args.uids, args.study, args.all, args.by, args.note
+                )
+            except problems.SelectionError as exc:
+                raise UsageError(f"problems ack: {exc}") from exc
+            for problem in acked:
+                print(f"acknowledged SOP {problem.sop_instance_uid}: {problem.text}")
+            print(f"{len(acked)} problem(s) acknowledged by {args.by}")
+            return 0
+        found = service.index.problems()
+        fixity = service.index.fixity_failures()
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps({
+            "objects": [problems.as_json(p) for p in found],
+            "fixity_failures": [{"tier": t, "blob": b, "error": e} for t, b, e in fixity],
+        }, indent=2))  # fmt: skip
+        return 0
+    if found:
+        print("\n".join(problems.table(found)))
+    if fixity:
+        print("blobs whose last fixity check failed (restore them; never acknowledged):")
+        print("\n".join(f"  {path} (tier {tier}): {error}" for tier, path, error in fixity))
+    print(problems.summary(found))
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from compacs.service import problems
+
+    args.by = args.by or problems.who()
+    service = _open_service(args)
+    try:
+        count = problems.requeue(service.index, args.uids, args.study, args.all, args.by)
+    except problems.SelectionError as exc:
+        raise UsageError(f"requeue: {exc}") from exc
+    finally:
+        service.close()
+    lease = service.config.ingest.lease_seconds
+    print(
+        f"{count} parked object(s) re-queued with their attempts reset: a running node takes "
+        f"them within about {lease / 2:g} s, a stopped one at its next start"
+    )
+    return 0
+
+
+def _add_problem_commands(sub: Any, data_options: Any) -> None:
+    def selection(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("uids", nargs="*", metavar="SOP_UID", help=f"SOP Instance UIDs to {what}")
+        p.add_argument(
+            "--study", action="append", default=[], metavar="UID", help=f"{what} a whole study's"
+        )
+        p.add_argument("--all", action="store_true", help=f"{what} every one")
+        p.add_argument("--by", help="recorded as who did it (default: USER@HOST)")
+
+    p = sub.add_parser("problems", help="list parked and flagged objects with their reasons")
+    data_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_problems, problems_command=None)
+    psub = p.add_subparsers(dest="problems_command", metavar="ACTION")
+    a = psub.add_parser(
+        "ack", help="acknowledge problems as they read now, so that `verify` passes them"
+    )
+    a.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
+    a.add_argument("--data", default=argparse.SUPPRESS, help="data folder (as for problems)")
+    selection(a, "acknowledge")
+    a.add_argument("--note", help="why (kept in the index and the audit log)")
+
+    p = sub.add_parser("requeue", help="send parked objects back to compression")
+    data_options(p)
+    selection(p, "re-queue")
+    p.set_defaults(func=cmd_requeue)
+
+
 # --- parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compacs", description=__doc__.splitlines()[0])
@@ -739,6 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, metavar="FILE.dcm")
     p.set_defaults(func=cmd_rules_explain)
     _add_scu_commands(sub)
+    _add_problem_commands(sub, data_options)
     _help_as_description(parser)
     return parser
 

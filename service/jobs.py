@@ -11,8 +11,14 @@ never compress, or undo, the same row:
   is deleted (nobody points at it) and nothing else is touched;
 - a job that fails counts an attempt and its reason, is retried, and after `[ingest]
   max_attempts` is parked: kept as received, listed by stats and verify;
-- a worker process that dies (a codec crash) takes its pool with it: the pool is made anew
-  and the jobs it held are counted and retried;
+- a worker process that dies (a codec crash: a segfault, os._exit, the kernel's OOM killer)
+  takes its pool with it, and every job the pool held fails alike, whether it ran or merely
+  waited. None of them is charged: the pool is made anew and those jobs become *suspects*,
+  run one at a time in a pool of one worker of their own until the one that kills its worker
+  is found. Only that culprit counts an attempt (and is parked after max_attempts, its later
+  attempts run alone too); the other suspects go back to the shared pool. A compressed
+  arrival whose pixels do not decode is no failure at all: it is kept as received and
+  flagged ("undecodable pixel data", with the decoder's reason) when its job first meets it;
 - the blob a job replaces is released in the index, and deleted by the sweep a grace period
   later (storage/sweep.py), never while a C-GET may still be sending it.
 
@@ -26,6 +32,7 @@ import errno
 import logging
 import multiprocessing
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,10 +40,11 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID
 
 from compacs.service import rules as rules_mod
-from compacs.service.compress import NOT_A_CODEC_FAILURE, Derived, compress
+from compacs.service.compress import NOT_A_CODEC_FAILURE, Derived, compress, source_frames
 from compacs.service.config import NodeConfig
 from compacs.service.storage.archive import Archive, new_token
 from compacs.service.storage.index import Claim, Index, NewBlob, lease
@@ -122,6 +130,8 @@ def _run_job(job: Job) -> JobResult:
         _worker["rules"], rules_mod.object_attributes(ds, claim.calling_ae or "")
     )
     outcome = compress(raw, ds, rule.codecs if rule else ())
+    if outcome.codec == "passthrough" and outcome.source_error is None:
+        outcome.source_error = undecodable_arrival(ds)
     digest = archive.write(job.stored, outcome.data)
     return JobResult(
         job,
@@ -137,20 +147,41 @@ def _run_job(job: Job) -> JobResult:
     )
 
 
+def undecodable_arrival(ds: Dataset) -> str | None:
+    """Why a compressed arrival kept as received does not decode (None when it does, or when
+    it is not compressed). The runner decodes an arrival only to re-encode it, so one that
+    arrived in the rule's syntax already, or under a rule that keeps it, would otherwise be
+    found damaged only by `compacs verify`, long after the sender could send it again."""
+    if "PixelData" not in ds or not UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed:
+        return None
+    try:
+        source_frames(ds)
+    except BaseException as exc:
+        if isinstance(exc, NOT_A_CODEC_FAILURE):
+            raise
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return f"pixel data does not decode: {reason}".splitlines()[0]
+    return None
+
+
 # --- node side --------------------------------------------------------------------------
-def process_pool(config: NodeConfig, archive: Archive) -> Callable[[], Executor]:
+def process_pool(
+    config: NodeConfig, archive: Archive, workers: int | None = None
+) -> Callable[[], Executor]:
     """The default executor: spawned worker processes (never fork a threaded server), all
     started at once: each spends about a second importing its libraries, which would
-    otherwise land on the first images received (and in ingest benchmarks)."""
+    otherwise land on the first images received (and in ingest benchmarks). `workers`: the
+    config's count by default; 1 for the pool that runs suspects alone."""
+    count = workers or config.effective_workers
 
     def make() -> Executor:
         pool = ProcessPoolExecutor(
-            max_workers=config.effective_workers,
+            max_workers=count,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker_init,
             initargs=(str(archive.root), config.rules),
         )
-        for warm in [pool.submit(_warm_up) for _ in range(config.effective_workers)]:
+        for warm in [pool.submit(_warm_up) for _ in range(count)]:
             warm.result()
         return pool
 
@@ -174,13 +205,23 @@ class Jobs:
         self.owner = owner
         if executor_factory is None:
             executor_factory = process_pool(config, archive)
+            isolation_factory = process_pool(config, archive, workers=1)
         else:  # an in-process executor shares this process' globals
             worker_init(str(archive.root), config.rules)
+            isolation_factory = executor_factory
         self._make_executor = executor_factory
-        # in flight: the job and the executor running it
-        self._jobs: dict[Future, tuple[Job, Executor]] = {}
+        self._make_isolation = isolation_factory
+        # in flight: the job, the executor running it, and whether it runs alone (a suspect)
+        self._jobs: dict[Future, tuple[Job, Executor, bool]] = {}
         self._in_flight: set[tuple[int, int]] = set()  # (instance id, version) of each claim
         self._retries: set[threading.Timer] = set()
+        # Jobs a broken pool held, waiting to run alone; whether one runs alone now (or its
+        # pool is being started); that pool, made when first needed; the instances whose job
+        # killed its worker while it ran alone (their next attempts run alone too).
+        self._suspects: deque[Claim] = deque()
+        self._isolating = False
+        self._isolation: Executor | None = None
+        self._crashed: set[int] = set()
         self._closing = False
         self._lock = threading.Lock()
         self.idle = threading.Condition(self._lock)
@@ -197,6 +238,16 @@ class Jobs:
             if (claim.instance_id, claim.version) in self._in_flight or self._closing:
                 return
             self._in_flight.add((claim.instance_id, claim.version))
+        self._dispatch(claim)
+
+    def _dispatch(self, claim: Claim) -> None:
+        """Send an in-flight claim to the shared pool; one whose job killed its worker before
+        waits for the pool of one instead, so that it cannot take others with it again."""
+        if claim.instance_id in self._crashed:
+            with self._lock:
+                self._suspects.append(claim)
+            self._isolate_next()
+            return
         job = Job(claim, self._stored_path(claim))
         for _ in range(2):
             executor = self.executor
@@ -209,12 +260,46 @@ class Jobs:
                 log.info("compression of SOP %s not queued (%s)", claim.sop_instance_uid, exc)
                 break
             with self._lock:
-                self._jobs[future] = (job, executor)
+                self._jobs[future] = (job, executor, False)
             future.add_done_callback(self._finish)
             return
         with self._lock:
             self._in_flight.discard((claim.instance_id, claim.version))
             self.idle.notify_all()
+
+    def _isolate_next(self) -> None:
+        """Run the next suspect alone, unless one runs alone already: a worker that dies
+        then names its job."""
+        with self._lock:
+            if self._isolating or self._closing:
+                return
+            if not self._suspects:
+                idle, self._isolation = self._isolation, None
+                if idle is not None and self._make_isolation is not self._make_executor:
+                    idle.shutdown(wait=False)  # no lone worker lingers; the next is fresh
+                return
+            self._isolating = True
+            claim = self._suspects.popleft()
+        job = Job(claim, self._stored_path(claim))
+        try:
+            if self._isolation is None:
+                self._isolation = self._make_isolation()
+            pool = self._isolation
+            future = pool.submit(run_job, job)
+        except Exception as exc:  # a pool that cannot start, or shutting down: try later
+            with self._lock:
+                self._isolating = False
+                self._suspects.appendleft(claim)
+            self._isolation = None
+            if not self._closing:
+                log.error("a compression worker for one job could not be started (%s)", exc)
+                self._later(self._isolate_next)
+            return
+        with self._lock:
+            self._jobs[future] = (job, pool, True)
+        future.add_done_callback(self._finish)
+        if self._closing:  # shutdown() may have looked for this pool before it existed
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _stored_path(self, claim: Claim) -> str:
         return self.archive.stored_path(
@@ -233,28 +318,49 @@ class Jobs:
                 log.exception("a new compression worker pool could not be started")
         broken.shutdown(wait=False, cancel_futures=True)
 
-    def _retry_later(self, claim: Claim) -> None:
-        def retry() -> None:
+    def _later(self, action: Callable[[], None]) -> None:
+        """Run `action` after [ingest] retry_seconds (wait_idle waits for it)."""
+
+        def fire() -> None:
             with self._lock:
                 self._retries.discard(timer)
             if not self._closing:
-                self.submit(claim)
+                action()
 
-        timer = threading.Timer(self.config.ingest.retry_seconds, retry)
+        timer = threading.Timer(self.config.ingest.retry_seconds, fire)
         timer.daemon = True
         with self._lock:
             self._retries.add(timer)
         timer.start()
 
+    def _retry_later(self, claim: Claim) -> None:
+        self._later(lambda: self.submit(claim))
+
     def _finish(self, future: Future) -> None:
         with self._lock:
-            job, executor = self._jobs[future]
+            job, executor, alone = self._jobs[future]
         claim = job.claim
+        key = (claim.instance_id, claim.version)
+        suspect = False
+        release = True  # still in flight at the end: drop it from _in_flight then
         try:
             if future.cancelled():
                 return  # shutting down: the claim is released, the row stays pending
             exc = future.exception()
-            if exc is None:
+            if isinstance(exc, BrokenProcessPool):
+                self.archive.delete(job.stored)  # an attempt cut off: nobody points at it
+                if not alone:  # it ran beside the culprit, or merely waited: not charged
+                    self._renew_executor(executor)
+                    suspect = not self._closing
+                    release = not suspect
+                    return
+            with self._lock:  # before a retry may submit the claim again
+                self._in_flight.discard(key)
+                release = False
+            if isinstance(exc, BrokenProcessPool):
+                self._culprit(claim, executor, exc)
+            elif exc is None:
+                self._crashed.discard(claim.instance_id)
                 self._record(future.result())
             elif isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
                 # The received copy is safe: try again when there is room, without counting
@@ -268,17 +374,48 @@ class Jobs:
                 if self.index.still_claimed(claim, self.owner):
                     self._retry_later(claim)
             else:
-                if isinstance(exc, BrokenProcessPool):
-                    self._renew_executor(executor)
-                    exc = JobError(f"the worker process died while the job ran or waited ({exc})")
                 self._failed(claim, exc)
         except Exception:
             log.exception("recording a compression result failed; the object stays pending")
         finally:
             with self._lock:
                 self._jobs.pop(future, None)
-                self._in_flight.discard((claim.instance_id, claim.version))
+                if suspect:
+                    self._suspects.append(claim)
+                if release:
+                    self._in_flight.discard(key)
+                if alone:
+                    self._isolating = False
                 self.idle.notify_all()
+            if suspect or alone:
+                self._isolate_next()
+
+    def _culprit(self, claim: Claim, pool: Executor, exc: BaseException) -> None:
+        """A worker died running this job alone: it is the one to charge. The other suspects
+        were not in that pool; they go back to the shared one."""
+        if self._isolation is pool:
+            self._isolation = None
+        pool.shutdown(wait=False, cancel_futures=True)
+        self._crashed.add(claim.instance_id)
+        with self._lock:
+            cleared = list(self._suspects)
+            self._suspects.clear()
+        log.error(
+            "SOP %s kills the compression worker that runs it alone: charged one attempt%s",
+            claim.sop_instance_uid,
+            f"; {len(cleared)} other job(s) it held up go back to the worker pool"
+            if cleared
+            else "",
+        )
+        for other in cleared:
+            self._dispatch(other)
+        self._failed(
+            claim,
+            JobError(
+                "the compression worker died running this object alone (a codec crash: a "
+                f"segfault, os._exit or the out-of-memory killer; {exc})"
+            ),
+        )
 
     def _failed(self, claim: Claim, exc: BaseException) -> None:
         """Count a failed attempt; retry later, or park the object after max_attempts."""
@@ -289,6 +426,7 @@ class Jobs:
         if state is None:  # replaced meanwhile, or the claim was lost: not ours any more
             log.info("compression of SOP %s dropped: the object changed or moved on", sop)
         elif state == STATE_PARKED:
+            self._crashed.discard(claim.instance_id)
             log.error(
                 "compression of SOP %s failed %d times, parked (kept as received): %s",
                 sop,
@@ -314,7 +452,7 @@ class Jobs:
             NewBlob(job.stored, result.size, result.checksum),
             stored_transfer_syntax=result.transfer_syntax,
             codec=result.codec,
-            **({"defects": result.source_error} if result.source_error else {}),
+            flag=result.source_error,
             **(_derived_fields(result.derived) if result.derived else {}),
         )
         if not stored:  # replaced, or another process took over: our file belongs to no row
@@ -383,7 +521,10 @@ class Jobs:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no compression job is in flight (tests, benchmarks, shutdown)."""
         with self._lock:
-            return self.idle.wait_for(lambda: not self._jobs and not self._retries, timeout)
+            return self.idle.wait_for(
+                lambda: not (self._jobs or self._retries or self._suspects or self._isolating),
+                timeout,
+            )
 
     def shutdown(self) -> None:
         """Let running jobs finish; queued ones stay pending, released for any process."""
@@ -392,7 +533,10 @@ class Jobs:
             for timer in self._retries:
                 timer.cancel()
             self._retries.clear()
+            self._suspects.clear()  # their claims are released below, like queued jobs
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._isolation is not None:
+            self._isolation.shutdown(wait=True, cancel_futures=True)
         released = self.index.release_claims(self.owner)
         if released:
             log.info(

@@ -98,7 +98,11 @@ def _reason(exc: BaseException) -> str:
 
 def verify(service: ArchiveService, progress: bool = True) -> list[str]:
     """Every problem found: bad checksums, undecodable blobs, missing blobs, orphans, and the
-    objects the index flags (kept although non-conformant) or parked (compression failed).
+    objects the index flags (kept although non-conformant) or parked (compression failed),
+    unless an administrator acknowledged them as they read now (`compacs problems ack`): so
+    verify can serve as a health check. An object kept as received that does not decode is
+    flagged (here, where the index predates its job's check), not a second problem; a
+    checksum failure is never acknowledged.
     A file younger than a claim's lease may be a live node's write in progress: not an
     orphan yet."""
     failures: list[str] = []
@@ -110,10 +114,19 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
         except BaseException as exc:
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
+            if not isinstance(exc, OSError) and inst.codec == "passthrough":
+                if not inst.defects:  # indexed before arrivals were decoded: flag it now
+                    reason = f"pixel data does not decode: {_reason(exc)}".splitlines()[0]
+                    service.index.add_flag(inst.id, reason)
+                    service.index.audit("nonconformant", sop_uid=inst.sop_instance_uid,
+                                        detail=f"{reason} (found by verify)")  # fmt: skip
+                continue  # flagged as received: listed with its flag below
             failures.append(
                 str(Failure(inst.sop_instance_uid, inst.blob.path, _verify_reason(exc)))
             )
     for problem in service.index.problems():
+        if problem.acknowledged is not None:
+            continue
         where = f"SOP {problem.sop_instance_uid} ({problem.blob_path})"
         if problem.state == STATE_PARKED:
             failures.append(f"{where}: parked, compression failed: {problem.last_error}")

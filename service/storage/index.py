@@ -42,6 +42,7 @@ from compacs.service.storage.schema import (
     STATE_PARKED,
     STATE_PENDING,
     STATE_STORED,
+    Acknowledgement,
     AuditEvent,
     Blob,
     Instance,
@@ -93,6 +94,14 @@ class Claim(NamedTuple):
     series_instance_uid: str
 
 
+class Acknowledged(NamedTuple):
+    """Who acknowledged a problem, when, and what they noted."""
+
+    by: str
+    at: datetime
+    note: str | None
+
+
 class Problem(NamedTuple):
     """An instance an administrator should hear of: flagged defects, or parked."""
 
@@ -101,6 +110,18 @@ class Problem(NamedTuple):
     state: str
     defects: str | None
     last_error: str | None
+    study_instance_uid: str = ""
+    attempts: int = 0
+    # the acknowledgement in force: None when there is none, or the problem changed since
+    acknowledged: Acknowledged | None = None
+
+    @property
+    def text(self) -> str:
+        """The problem in one line, as acknowledgements record it."""
+        parts = [f"parked: {self.last_error}"] if self.state == STATE_PARKED else []
+        if self.defects:
+            parts.append(f"flagged: {self.defects}")
+        return "; ".join(parts)
 
 
 class PatientConflict(NamedTuple):
@@ -369,10 +390,15 @@ class Index:
                 conn.execute(_COUNT_INSTANCE, {"pk": series_pk})
             _release_if_unreferenced(conn, expected.blob_pk)
 
-    def mark_stored(self, claim: Claim, owner: str, blob: NewBlob, **fields: Any) -> bool:
+    def mark_stored(
+        self, claim: Claim, owner: str, blob: NewBlob, *, flag: str | None = None, **fields: Any
+    ) -> bool:
         """Record the compressed form in its new blob; False (nothing changed) if this process
         no longer holds the claim at that version (replaced, or taken over after its lease
-        ran out). The received blob is released."""
+        ran out). The received blob is released. `flag`: a defect found by the job (pixels
+        that do not decode), added to those ingest found."""
+        if flag:
+            fields["defects"] = func.coalesce(_INSTANCE.c.defects + "; ", "") + flag
         try:
             self._mark_stored(claim, owner, blob, fields)
         except _Conflict:
@@ -746,8 +772,11 @@ class Index:
                 .where(Instance.id == instance_pk)
             )
 
+    # --- problems: flagged and parked instances, acknowledged or re-queued ---
     def problems(self) -> list[Problem]:
-        """Flagged and parked instances, for verify."""
+        """Flagged and parked instances with the acknowledgement in force on each (verify,
+        `compacs problems`)."""
+        ack = Acknowledgement.__table__
         with self.reading() as s:
             rows = s.execute(
                 select(
@@ -756,12 +785,124 @@ class Index:
                     Instance.state,
                     Instance.defects,
                     Instance.last_error,
+                    Study.study_instance_uid,
+                    Instance.attempts,
+                    ack.c.problem,
+                    ack.c.acknowledged_by,
+                    ack.c.acknowledged_at,
+                    ack.c.note,
                 )
+                .select_from(Instance)
                 .join(Blob)
+                .join(Series)
+                .join(Study)
+                .outerjoin(
+                    ack,
+                    (ack.c.kind == KIND_INSTANCE) & (ack.c.subject == Instance.sop_instance_uid),
+                )
                 .where((Instance.defects.is_not(None)) | (Instance.state == STATE_PARKED))
                 .order_by(Instance.id)
             )
-            return [Problem(*r) for r in rows]
+            problems = []
+            for *fields, acked_text, by, at, note in rows:
+                problem = Problem(*fields)
+                if acked_text is not None and acked_text == problem.text:
+                    problem = problem._replace(acknowledged=Acknowledged(by, at, note))
+                problems.append(problem)
+            return problems
+
+    def add_flag(self, instance_pk: int, defect: str) -> None:
+        """Flag an instance found non-conformant after ingest (verify, on an index older than
+        the flagging of undecodable arrivals), its defect added to any it has."""
+        with self._write() as conn:
+            conn.execute(
+                _INSTANCE.update()
+                .where(_INSTANCE.c.id == instance_pk)
+                .values(defects=func.coalesce(_INSTANCE.c.defects + "; ", "") + defect)
+            )
+
+    def kept_undecodable(self, blob_pk: int) -> bool:
+        """Whether the blob holds an instance kept as received and flagged: its pixels not
+        decoding is then a known defect of what was received, not damage (fixity)."""
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(_INSTANCE.c.id).where(
+                        _INSTANCE.c.blob_pk == blob_pk,
+                        _INSTANCE.c.defects.is_not(None),
+                        _INSTANCE.c.codec == "passthrough",
+                    )
+                ).first()
+                is not None
+            )
+
+    def acknowledge(self, problems: list[Problem], by: str, note: str | None) -> None:
+        """Record that `by` knows these problems as they read now; audited one by one."""
+        ack = Acknowledgement.__table__
+        now = utcnow()
+        with self._write() as conn:
+            for problem in problems:
+                where = (ack.c.kind == KIND_INSTANCE) & (ack.c.subject == problem.sop_instance_uid)
+                conn.execute(ack.delete().where(where))
+                conn.execute(
+                    insert(ack).values(
+                        kind=KIND_INSTANCE,
+                        subject=problem.sop_instance_uid,
+                        problem=problem.text,
+                        acknowledged_by=by[:80],
+                        acknowledged_at=now,
+                        note=note,
+                    )
+                )
+                conn.execute(
+                    insert(AuditEvent.__table__).values(
+                        at=now,
+                        kind="acknowledged",
+                        sop_instance_uid=problem.sop_instance_uid,
+                        detail=f"by {by}: {problem.text}" + (f" (note: {note})" if note else ""),
+                    )
+                )
+
+    def requeue(self, sop_uids: list[str], by: str) -> int:
+        """Send parked instances back to pending with no attempts counted and no claim, so a
+        node takes them at its next recovery pass (or start); their acknowledgements end
+        with the problem. The version moves on: a parked row has no job whose late result
+        could still land, but compare-and-swap never relies on that."""
+        ack = Acknowledgement.__table__
+        now = utcnow()
+        parked = (_INSTANCE.c.state == STATE_PARKED) & _INSTANCE.c.sop_instance_uid.in_(
+            bindparam("uids", expanding=True)
+        )
+        with self._write() as conn:
+            requeued = [
+                row[0]
+                for row in conn.execute(
+                    _INSTANCE.update()
+                    .where(parked)
+                    .values(
+                        state=STATE_PENDING,
+                        attempts=0,
+                        last_error=None,
+                        claimed_by=None,
+                        lease_until=None,
+                        version=_INSTANCE.c.version + 1,
+                    )
+                    .returning(_INSTANCE.c.sop_instance_uid),
+                    {"uids": sop_uids},
+                )
+            ]
+            if requeued:
+                conn.execute(
+                    ack.delete().where(ack.c.kind == KIND_INSTANCE, ack.c.subject.in_(requeued))
+                )
+                conn.execute(
+                    insert(AuditEvent.__table__),
+                    [
+                        {"at": now, "kind": "requeued", "sop_instance_uid": uid, "detail": by}
+                        for uid in requeued
+                    ],
+                )
+            return len(requeued)
 
     def last_audit(self, kind: str) -> str | None:
         """When and what the last audit event of `kind` said."""

@@ -36,6 +36,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     false,
     inspect,
     text,
@@ -228,6 +229,24 @@ class AuditEvent(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Acknowledgement(Base):
+    """An administrator's word that a flagged or parked object is known and may stay as it is
+    (`compacs problems ack`), so that `compacs verify` passes as a health check. It holds
+    while the problem reads as it did when acknowledged: a new defect, or a new failure after
+    `compacs requeue`, is a new problem. The audit log keeps every acknowledgement; this
+    table the one in force per subject."""
+
+    __tablename__ = "acknowledgement"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # what the subject is: "instance"
+    subject: Mapped[str] = mapped_column(String(64))  # its key: the SOP Instance UID
+    problem: Mapped[str] = mapped_column(Text)  # the problem as it read when acknowledged
+    acknowledged_by: Mapped[str] = mapped_column(String(80))
+    acknowledged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    note: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (UniqueConstraint("kind", "subject", name="uq_acknowledgement_subject"),)
 
 
 # --------------------------------------------------------------------------- migrations

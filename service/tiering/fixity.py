@@ -35,10 +35,14 @@ class FixityReport:
     failed: list[str] = field(default_factory=list)
 
 
+class ChecksumMismatch(ValueError):
+    """The blob is not what was written: never excused, whatever the index flags."""
+
+
 def check_blob(data: bytes, expected: str, kind: str) -> None:
     """Raise, saying what is wrong, unless `data` has its checksum and decodes."""
     if checksum(data) != expected:
-        raise ValueError(f"checksum mismatch (expected {expected})")
+        raise ChecksumMismatch(f"checksum mismatch (expected {expected})")
     if kind == KIND_VOLUME:
         start, length = volumes.codestream_span(data[:13])
         stream = memoryview(data)[start : start + length]
@@ -72,8 +76,13 @@ def run(service: Any, *, limit: int = 1000, progress: bool = False) -> FixityRep
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            log.error("FIXITY FAILURE: blob %s on tier %s: %s", path, tier, error)
-            report.failed.append(f"{tier}/{path}: {error}")
+            if not isinstance(exc, ChecksumMismatch | OSError) and service.index.kept_undecodable(
+                blob_pk
+            ):
+                error = None  # intact as received, and flagged so: `compacs problems` lists it
+            else:
+                log.error("FIXITY FAILURE: blob %s on tier %s: %s", path, tier, error)
+                report.failed.append(f"{tier}/{path}: {error}")
         service.index.record_fixity(blob_pk, error)
         report.checked += 1
         if share < 1:

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, TimeoutError
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -220,6 +221,11 @@ def run_due(
                 sops = ", ".join(r.sop_instance_uid for r in move.rows[:3])
                 report.failed.append(f"{move.kind} {sops}: {type(exc).__name__}: {exc}")
                 log.error("tier move to %s failed (%s): %s", move.tier.name, sops, exc)
+                if isinstance(exc, BrokenProcessPool) and own:
+                    # Its worker died (a codec crash) running this move alone: the move is
+                    # the culprit; the moves after it get a fresh worker, not a broken pool.
+                    executor.shutdown(wait=False)
+                    executor = worker_pool()
                 continue
             _commit(service, owner, move, output, report)
             busy = time.monotonic() - begun
