@@ -1,0 +1,194 @@
+"""Big objects in bounded memory (issue 20 item 5): a 256 MB multi-frame object is received,
+compressed, retrieved and exported without the node holding it whole.
+
+The object is made by the test from real pixels (the 20 slices of the real TotalSegmentator
+CT series, 512² 16-bit, repeated into 512 frames: 268 MB uncompressed) and sent by DCMTK
+storescu, retrieved by DCMTK getscu (one, then three at once). The node process' RSS is
+sampled in a thread; what is asserted is the rise over the RSS before each step (peak minus
+baseline), which is memory, not wall-clock time. docs/memory.md gives the figures measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dicomdata
+import numpy as np
+import peers
+import psutil
+import pydicom
+import pytest
+from nodecheck import node_stats, wait_compressed
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
+FRAMES = 512  # of 512² 16-bit: 268,435,456 bytes of pixel data
+LIMIT_MB = 64  # the issue's bound on the node's RSS rise, on receive and per C-GET
+
+
+def big_multiframe(path: Path) -> tuple[Path, str]:
+    """A 256 MB multi-frame CT (uncompressed, explicit VR LE) of real pixels, written frame by
+    frame so that the test itself stays small; the SHA-256 of its pixel data."""
+    from compacs.models.data import ct_series_files
+
+    slices = [pydicom.dcmread(p) for p in ct_series_files()]
+    frames = [np.ascontiguousarray(s.pixel_array, dtype="<u2") for s in slices]
+    ds = slices[0]
+    if not ds.get("SOPClassUID"):  # its anonymiser emptied it; the file meta has it
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, generate_uid())
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PatientID, ds.PatientName = "COMPACS-BIG", "COMPACS^BIG"
+    ds.NumberOfFrames = FRAMES
+    ds.PixelRepresentation = 0
+    frame_bytes = frames[0].nbytes
+    ds.PixelData = bytes(2)  # a placeholder: the real value is written after the header
+    ds["PixelData"].VR = "OW"
+    ds.save_as(path, enforce_file_format=True)
+    head = path.read_bytes()
+    marker = b"\xe0\x7f\x10\x00OW\x00\x00" + (2).to_bytes(4, "little")
+    at = head.rindex(marker)
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        out.write(head[:at])
+        out.write(marker[:8] + (frame_bytes * FRAMES).to_bytes(4, "little"))
+        for i in range(FRAMES):
+            frame = frames[i % len(frames)].tobytes()
+            out.write(frame)
+            digest.update(frame)
+        out.write(head[at + len(marker) + 2 :])
+    return path, digest.hexdigest()
+
+
+def pixel_digest(path: Path) -> str:
+    """SHA-256 of a received file's native pixel data, read frame by frame."""
+    from pydicom.pixels import iter_pixels
+
+    digest = hashlib.sha256()
+    for frame in iter_pixels(path, raw=True):
+        digest.update(np.ascontiguousarray(frame, dtype="<u2").tobytes())
+    return digest.hexdigest()
+
+
+class PeakRss:
+    """The peak RSS of a process (MB), sampled in a thread every 10 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.baseline = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def rss(self) -> float:
+        return self.proc.memory_info().rss / 1e6
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.01)
+
+    @property
+    def rise(self) -> float:
+        return self.peak - self.baseline
+
+
+@contextmanager
+def sampled(pid: int) -> Iterator[PeakRss]:
+    sampler = PeakRss(pid)
+    sampler._thread.start()
+    try:
+        yield sampler
+    finally:
+        sampler._stop.set()
+        sampler._thread.join()
+
+
+def _workers(node: peers.CompacsProcess) -> list[psutil.Process]:
+    children = psutil.Process(node.pid).children()
+    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+
+
+def _in_parallel(calls: list[Callable[[], object]]) -> list:
+    results: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_a_256_mb_object_in_bounded_memory(make_node, tmp_path: Path) -> None:
+    """Receive (storescu), compress (a worker), retrieve (getscu: 1, then 3 at once) and
+    export a 256 MB multi-frame object: the node's RSS rises by less than 64 MB on receive
+    and per concurrent C-GET, a worker's by less than the object's size."""
+    src, pixels = big_multiframe(tmp_path / "big.dcm")
+    size_mb = src.stat().st_size / 1e6
+    node = make_node()
+    time.sleep(2)  # the worker pool's warm-up is over: a steady baseline
+    workers = _workers(node)
+    worker_base = {w.pid: w.memory_info().rss / 1e6 for w in workers}
+    worker_peak = dict(worker_base)
+    stop_workers = threading.Event()
+
+    def sample_workers() -> None:
+        while not stop_workers.is_set():
+            for w in workers:
+                try:
+                    worker_peak[w.pid] = max(worker_peak[w.pid], w.memory_info().rss / 1e6)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=sample_workers, daemon=True)
+    watcher.start()
+    try:
+        with sampled(node.pid) as receive:
+            res = node.store([src])
+            assert peers.store_ok(res, [src]), res.stdout[-3000:]
+        stats = wait_compressed(node, 1, timeout=900)
+    finally:
+        stop_workers.set()
+        watcher.join()
+    worker_rise = max(worker_peak[p] - worker_base[p] for p in worker_base)
+    print(
+        f"object {size_mb:.0f} MB; receive: node RSS +{receive.rise:.1f} MB "
+        f"(baseline {receive.baseline:.0f} MB); worker RSS +{worker_rise:.1f} MB"
+    )
+    assert stats["by_codec"]["jpegls"]["instances"] == 1, stats
+    assert receive.rise < LIMIT_MB, receive.rise
+    assert worker_rise < size_mb, worker_rise
+
+    def get(i: int) -> Callable[[], object]:
+        out = tmp_path / f"get{i}"
+        return lambda: (
+            out,
+            peers.getscu(node.port, "STUDY", {"StudyInstanceUID": study}, out, timeout=900),
+        )
+
+    study = str(pydicom.dcmread(src, stop_before_pixels=True).StudyInstanceUID)
+    for concurrent in (1, 3):
+        with sampled(node.pid) as retrieve:
+            results = _in_parallel([get(i + 10 * concurrent) for i in range(concurrent)])
+        print(
+            f"{concurrent} C-GET(s) at once: node RSS +{retrieve.rise:.1f} MB "
+            f"(baseline {retrieve.baseline:.0f} MB)"
+        )
+        for out, res in results:
+            assert res.returncode == 0, res.stdout[-3000:]
+            (got,) = list(out.glob("*"))
+            assert pixel_digest(got) == pixels
+        assert retrieve.rise < LIMIT_MB * concurrent, retrieve.rise
+    assert node_stats(node)["instances"] == 1
