@@ -197,8 +197,13 @@ def pixel_element(
         pos += 8
         if tag == _SEQUENCE_END:
             return PixelElement(at, value_at, None, pos, tuple(items))
-        if tag != _ITEM or pos + item_length > size:
+        if tag != _ITEM:
             raise ValueError(f"malformed encapsulated Pixel Data item at byte {pos - 8}")
+        if pos + item_length > size:
+            raise ValueError(
+                f"an encapsulated Pixel Data item at byte {pos - 8} runs past the end of the "
+                "data set (truncated)"
+            )
         items.append((pos, item_length))
         pos += item_length
 

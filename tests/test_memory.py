@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,12 @@ import pytest
 from nodecheck import node_stats, wait_compressed
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-pytestmark = [pytest.mark.peers, pytest.mark.slow]
+from compacs.codecs.base import PixelFormat, native_frames
+from compacs.service.compress import compress, compress_file
+from compacs.service.ingest import parse, parse_file
+from compacs.service.rules import CodecChoice
+from compacs.service.storage.archive import Archive, checksum
+from compacs.service.validate import PIXELS, inspect
 
 FRAMES = 512  # of 512² 16-bit: 268,435,456 bytes of pixel data
 LIMIT_MB = 64  # the issue's bound on the node's RSS rise, on receive and per C-GET
@@ -135,6 +141,106 @@ def _in_parallel(calls: list[Callable[[], object]]) -> list:
     return results
 
 
+# --- the pieces, on small real objects: the file paths give what the in-memory ones give ---
+
+
+def _compress_both(source: Path, tmp_path: Path, codecs: list[str]) -> tuple:
+    """`compress` on the object in memory, and `compress_file` on its file."""
+    raw = source.read_bytes()
+    choices = [CodecChoice(name) for name in codecs]
+    in_memory = compress(raw, pydicom.dcmread(BytesIO(raw)), choices)
+    archive = Archive(tmp_path / "archive")
+    with open(source, "rb") as file:
+        outcome = compress_file(
+            file,
+            len(raw),
+            choices,
+            lambda produce: archive.write_stream("out.dcm", produce),
+            lambda: archive.delete("out.dcm"),
+        )
+    written = archive.abspath("out.dcm")
+    return in_memory, outcome, written.read_bytes() if written.exists() else None
+
+
+@pytest.mark.parametrize("key", ["ct", "multiframe", "signed12", "cr10"])
+def test_compress_file_writes_the_bytes_compress_gives(
+    samples: dict[str, Path], key: str, tmp_path: Path
+) -> None:
+    """Explicit VR LE arrivals: frames from the memory map, encoded, verified and written as
+    they come give the very bytes of the in-memory splice, Basic Offset Table included."""
+    in_memory, outcome, data = _compress_both(samples[key], tmp_path, ["jpegls"])
+    assert in_memory.codec == outcome.codec == "jpegls", (in_memory.notes, outcome.notes)
+    assert data == in_memory.data
+    assert outcome.written == (len(data), checksum(data))
+
+
+def test_compress_file_decodes_an_encapsulated_arrival_frame_by_frame(
+    samples: dict[str, Path], tmp_path: Path
+) -> None:
+    """RLE arrival, JPEG-LS rule: each fragment decoded by our codec from the file."""
+    in_memory, outcome, data = _compress_both(samples["rle"], tmp_path, ["jpegls"])
+    assert in_memory.codec == outcome.codec == "jpegls"
+    got, expected = pydicom.dcmread(BytesIO(data)), pydicom.dcmread(BytesIO(in_memory.data))
+    assert got.PixelData == expected.PixelData
+    assert [e.tag for e in got] == [e.tag for e in expected]
+
+
+def test_compress_file_falls_back_and_keeps_what_does_not_decode(
+    samples: dict[str, Path], tmp_path: Path
+) -> None:
+    """A codec that cannot take the image is passed over; pixel data that does not decode
+    keeps the object as received, with the reason; nothing is left written."""
+    _in_memory, outcome, data = _compress_both(samples["rgb"], tmp_path / "a", ["rle"])
+    assert outcome.codec == "rle" and data is not None
+    from test_export import corrupt_jpeg_ls
+
+    bad = corrupt_jpeg_ls(tmp_path / "bad")
+    in_memory, outcome, data = _compress_both(bad, tmp_path / "b", ["j2k"])
+    assert in_memory.codec == outcome.codec == "passthrough" and data is None
+    assert outcome.source_error and outcome.source_error.startswith("pixel data does not decode")
+
+
+def test_a_spooled_data_set_is_parsed_from_its_file_as_from_memory(
+    samples: dict[str, Path], tmp_path: Path
+) -> None:
+    """parse_file and parse agree on the data set and its defects, pixel data never read;
+    a data set cut short in its pixel data is a PIXELS defect either way."""
+    for key in ("multiframe", "jpeg_ls", "ct"):
+        raw = samples[key].read_bytes()
+        for data in (raw, raw[:-1000]):
+            path = tmp_path / f"{key}.dcm"
+            path.write_bytes(data)
+            in_memory, memory_defects = parse(data)
+            from_file, file_defects, extent = parse_file(path)
+            sop_class, sop = str(in_memory.SOPClassUID), str(in_memory.SOPInstanceUID)
+            memory_defects += inspect(in_memory, sop_class, sop)
+            file_defects += inspect(from_file, sop_class, sop, extent)
+            assert from_file.SOPInstanceUID == sop
+            if extent is not None:
+                assert from_file._dict[0x7FE00010].value is None  # located, never read
+            assert [d.kind for d in file_defects] == [d.kind for d in memory_defects], key
+            assert (PIXELS in {d.kind for d in file_defects}) == (data is not raw), key
+
+
+def test_native_frames_are_the_frames_pydicom_gives(samples: dict[str, Path]) -> None:
+    """Bits above BitsStored normalised as pydicom does: masked, or sign-extended."""
+    from pydicom.pixels import iter_pixels
+
+    for key in ("multiframe", "signed12", "ct", "cr15"):
+        ds = pydicom.dcmread(samples[key])
+        fmt = PixelFormat.from_dataset(ds)
+        raw = bytearray(ds.PixelData)
+        raw[1::2] = bytes(b | 0xF0 for b in raw[1::2])  # garbage above BitsStored
+        ds.PixelData = bytes(raw)
+        frames = list(native_frames(memoryview(raw), 0, fmt))
+        expected = list(iter_pixels(ds, raw=True))
+        assert len(frames) == len(expected) == fmt.number_of_frames
+        for got, want in zip(frames, expected, strict=True):
+            assert got.dtype == want.dtype and np.array_equal(got, want), key
+
+
+@pytest.mark.peers
+@pytest.mark.slow
 def test_a_256_mb_object_in_bounded_memory(make_node, make_storescp, tmp_path: Path) -> None:
     """Receive (storescu), compress (a worker), retrieve (getscu: 1, then 3 at once; movescu
     to storescp) and export a 256 MB multi-frame object: the node's RSS rises by less than
