@@ -489,11 +489,11 @@ def compress_file(
     ones one fragment at a time; each is encoded, decoded and compared (invariant 2) and
     its fragment written to the new blob (`write`) as it comes, the Basic Offset Table
     filled in at the end; every byte around the Pixel Data is copied as received, as
-    `_splice` does. `discard` deletes a blob written for a codec that gained nothing.
+    `_splice` does (an implicit VR arrival's are written by pydicom, as `part10` would).
+    `discard` deletes a blob written for a codec that gained nothing.
 
-    None: an object this path does not take (other than explicit VR little endian or an
-    encapsulated syntax, colour by plane, a bounded-error codec, which derives a new
-    object): the caller compresses it in memory.
+    None: an object this path does not take (big endian or deflated, colour by plane, a
+    bounded-error codec, which derives a new object): the caller compresses it in memory.
     """
     from compacs.service.wire import read_head
 
@@ -512,7 +512,8 @@ def compress_file(
                 passthrough.source_error = str(exc)
         return passthrough
     encapsulated = syntaxes.is_encapsulated(received_ts)
-    if error is not None or element is None or not (encapsulated or received_ts == EXPLICIT_LE):
+    little_endian = encapsulated or received_ts in syntaxes.NATIVE
+    if error is not None or element is None or not little_endian:
         return None
     if int(ds.get("PlanarConfiguration", 0) or 0) != 0:
         return None
@@ -579,7 +580,7 @@ def _frames(source: BinaryIO, ds: Dataset, element: Any, size: int) -> Iterator[
         syntax = str(ds.file_meta.TransferSyntaxUID)
         codec = registry.by_transfer_syntax(syntax)
         whole = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.number_of_frames
-        native = element is not None and element.length is not None and syntax == EXPLICIT_LE
+        native = element is not None and element.length is not None and syntax in syntaxes.NATIVE
         if native and fmt.bits_allocated % 8 == 0 and element.length >= whole * fmt.dtype.itemsize:
             with mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 yield from native_frames(mapped, element.value_at, fmt)
@@ -635,9 +636,14 @@ def _write_encoded(
     prefix = source.read(1 << 16)
     meta = FileMetaDataset(shallow_copy(ds.file_meta))
     meta["TransferSyntaxUID"] = DataElement(0x00020010, "UI", _syntax_value(codec))
-    out.write(prefix[:128] + b"DICM")
-    write_file_meta_info(out, meta, enforce_standard=True)
-    _copy(source, out, dataset_start(prefix), element.header_at)
+    implicit = str(ds.file_meta.TransferSyntaxUID) == syntaxes.IMPLICIT_LE
+    if implicit:  # re-encoded in explicit VR, as pydicom writes it in memory
+        before, after = _around_pixels(source, ds, element, size, codec)
+        out.write(before)
+    else:  # every byte around the pixel data as received, as _splice does
+        out.write(prefix[:128] + b"DICM")
+        write_file_meta_info(out, meta, enforce_standard=True)
+        _copy(source, out, dataset_start(prefix), element.header_at)
     count = fmt.number_of_frames
     out.write(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")
     table_at = out.tell() + 8
@@ -657,7 +663,10 @@ def _write_encoded(
     if len(offsets) != count:
         raise ValueError(f"{len(offsets)} frames for NumberOfFrames {count}")
     out.write(_SEQUENCE_DELIMITER)
-    _copy(source, out, element.end, size)
+    if implicit:
+        out.write(after)
+    else:
+        _copy(source, out, element.end, size)
     if table:
         out.seek(table_at)
         out.write(np.asarray(offsets, "<u4").tobytes())
@@ -670,3 +679,29 @@ def _write_encoded(
         raise ValueError(f"the encoded object does not read back: {why or 'fragments differ'}")
     if check.SOPInstanceUID != ds.SOPInstanceUID:
         raise ValueError("the encoded object does not read back: SOP Instance UID differs")
+
+
+def _around_pixels(
+    source: BinaryIO, ds: Dataset, element: Any, size: int, codec: Codec
+) -> tuple[bytes, bytes]:
+    """The Part-10 bytes before and after the encapsulated Pixel Data of an implicit VR
+    arrival in `codec`'s syntax: the data set without its pixel data (and the elements
+    after it, read from the file) written by pydicom, as `part10(with_frames(...))` writes
+    it, around a placeholder that is then cut out."""
+    from pydicom.filereader import read_dataset
+
+    out = shallow_copy(ds)
+    out.file_meta = ds.file_meta
+    del out[0x7FE00010]
+    if element.end < size:
+        source.seek(element.end)
+        out.update(read_dataset(source, True, True, bytelength=size - element.end))
+    marker = [b"\x5a\xa5"]
+    placeholder = encapsulate(marker, has_bot=True)
+    pixels = DataElement(0x7FE00010, "OB", placeholder, is_undefined_length=True)
+    encoded = with_frames(out, codec, marker, PixelFormat.from_dataset(out))
+    encoded[0x7FE00010] = pixels
+    data = part10(encoded)
+    cut = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff" + placeholder + _SEQUENCE_DELIMITER
+    at = data.rindex(cut)
+    return data[:at], data[at + len(cut) :]

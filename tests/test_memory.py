@@ -162,12 +162,13 @@ def _compress_both(source: Path, tmp_path: Path, codecs: list[str]) -> tuple:
     return in_memory, outcome, written.read_bytes() if written.exists() else None
 
 
-@pytest.mark.parametrize("key", ["ct", "multiframe", "signed12", "cr10"])
+@pytest.mark.parametrize("key", ["ct", "multiframe", "signed12", "cr10", "implicit"])
 def test_compress_file_writes_the_bytes_compress_gives(
     samples: dict[str, Path], key: str, tmp_path: Path
 ) -> None:
-    """Explicit VR LE arrivals: frames from the memory map, encoded, verified and written as
-    they come give the very bytes of the in-memory splice, Basic Offset Table included."""
+    """Native arrivals: frames from the memory map, encoded, verified and written as they
+    come give the very bytes of the in-memory path (the splice of explicit VR LE arrivals,
+    pydicom's re-encoding of implicit VR ones), Basic Offset Table included."""
     in_memory, outcome, data = _compress_both(samples[key], tmp_path, ["jpegls"])
     assert in_memory.codec == outcome.codec == "jpegls", (in_memory.notes, outcome.notes)
     assert data == in_memory.data
