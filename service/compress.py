@@ -22,7 +22,7 @@ from pydicom.encaps import encapsulate
 from pydicom.filewriter import dcmwrite, write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from compacs.codecs import registry
 from compacs.codecs.base import Codec, PixelFormat, native_frames
@@ -500,6 +500,8 @@ def compress_file(
     source.seek(0)
     ds, element, error = read_head(source, size)
     received_ts = str(ds.file_meta.TransferSyntaxUID)
+    if UID(received_ts).is_deflated:  # nothing in the file to locate pixel data by
+        return None
     passthrough = FileOutcome("passthrough", received_ts)
     why = kept_as_received(ds)
     if why is not None:

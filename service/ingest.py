@@ -97,6 +97,10 @@ def parse_file(path: Path) -> tuple[Dataset, list[Defect], PixelExtent | None]:
             ds, element, error = read_head(file, path.stat().st_size)
         except Exception as exc:
             raise BadInput(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be read: {exc}") from exc
+        if UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_deflated:
+            # no offsets in the file to locate pixel data by: parsed in memory, as before
+            file.seek(0)
+            return (*parse(file.read()), None)
         file.seek(0)
         defects = _encoding_defects(file.read(1 << 16), ds)
     if error is not None:

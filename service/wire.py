@@ -213,8 +213,11 @@ def read_head(file: BinaryIO, size: int) -> tuple[Dataset, PixelElement | None, 
     (pydicom), and that element located by its headers alone (pixel_element), or why it
     cannot be (malformed, truncated). The data set then holds Pixel Data as a deferred
     element: "PixelData" in it is true, and only reading its value would read the file.
-    Raises what dcmread raises for a data set it cannot read."""
+    Raises what dcmread raises for a data set it cannot read. A deflated data set has no
+    offsets in the file to locate anything by: its element is None, the caller's to handle."""
     ds = dcmread(file, stop_before_pixels=True)
+    if UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_deflated:
+        return ds, None, None
     implicit, little = ds.original_encoding  # as found, which may not be as said
     try:
         element = pixel_element(file, file.tell(), size, implicit_vr=implicit, little_endian=little)

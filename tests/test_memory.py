@@ -40,9 +40,10 @@ LIMIT_MB = 64  # the issue's bound on the node's RSS rise, on receive and per C-
 JPEG_LS = str(JPEGLSLossless)
 
 
-def big_multiframe(path: Path) -> tuple[Path, str]:
+def big_multiframe(path: Path, frames_wanted: int = FRAMES) -> tuple[Path, str]:
     """A 256 MB multi-frame CT (uncompressed, explicit VR LE) of real pixels, written frame by
-    frame so that the test itself stays small; the SHA-256 of its pixel data."""
+    frame so that the test itself stays small; the SHA-256 of its pixel data. Smaller with
+    fewer `frames_wanted` (512 KiB each)."""
     from compacs.models.data import ct_series_files
 
     slices = [pydicom.dcmread(p) for p in ct_series_files()]
@@ -55,7 +56,7 @@ def big_multiframe(path: Path) -> tuple[Path, str]:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.PatientID, ds.PatientName = "COMPACS-BIG", "COMPACS^BIG"
-    ds.NumberOfFrames = FRAMES
+    ds.NumberOfFrames = frames_wanted
     ds.PixelRepresentation = 0
     frame_bytes = frames[0].nbytes
     ds.PixelData = bytes(2)  # a placeholder: the real value is written after the header
@@ -67,8 +68,8 @@ def big_multiframe(path: Path) -> tuple[Path, str]:
     digest = hashlib.sha256()
     with open(path, "wb") as out:
         out.write(head[:at])
-        out.write(marker[:8] + (frame_bytes * FRAMES).to_bytes(4, "little"))
-        for i in range(FRAMES):
+        out.write(marker[:8] + (frame_bytes * frames_wanted).to_bytes(4, "little"))
+        for i in range(frames_wanted):
             frame = frames[i % len(frames)].tobytes()
             out.write(frame)
             digest.update(frame)
@@ -195,6 +196,8 @@ def test_compress_file_falls_back_and_keeps_what_does_not_decode(
     assert outcome.codec == "rle" and data is not None
     from test_export import corrupt_jpeg_ls
 
+    _in_memory, outcome, data = _compress_both(samples["deflate"], tmp_path / "d", ["jpegls"])
+    assert outcome is None and data is None  # deflated: left to the in-memory path
     bad = corrupt_jpeg_ls(tmp_path / "bad")
     in_memory, outcome, data = _compress_both(bad, tmp_path / "b", ["j2k"])
     assert in_memory.codec == outcome.codec == "passthrough" and data is None
@@ -206,9 +209,9 @@ def test_a_spooled_data_set_is_parsed_from_its_file_as_from_memory(
 ) -> None:
     """parse_file and parse agree on the data set and its defects, pixel data never read;
     a data set cut short in its pixel data is a PIXELS defect either way."""
-    for key in ("multiframe", "jpeg_ls", "ct"):
+    for key in ("multiframe", "jpeg_ls", "ct", "deflate"):  # deflate: parsed in memory
         raw = samples[key].read_bytes()
-        for data in (raw, raw[:-1000]):
+        for data in (raw, raw[:-1000]) if key != "deflate" else (raw,):
             path = tmp_path / f"{key}.dcm"
             path.write_bytes(data)
             in_memory, memory_defects = parse(data)
