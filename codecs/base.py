@@ -20,6 +20,8 @@ are not part of a frame and do not survive compression (no DICOM codec keeps the
 from __future__ import annotations
 
 import importlib.util
+import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +93,44 @@ def from_unsigned_bits(frame: np.ndarray, fmt: PixelFormat) -> np.ndarray:
     if shift:
         signed = (signed << shift) >> shift  # arithmetic shift sign-extends
     return signed
+
+
+def native_frames(buffer: Any, offset: int, fmt: PixelFormat) -> Iterator[np.ndarray]:
+    """The frames of native little endian pixel data at `offset` of `buffer` (a memory map
+    of a big object's file), one at a time, in the frame convention: each a copy of its
+    frame with the bits above BitsStored normalised as pydicom's ``iter_pixels(raw=True)``
+    does, so that encoding from here and from pydicom's frames is the same. After each
+    frame, its pages are dropped from the map (`buffer.madvise`), so that reading a big
+    object does not add it to the process' resident memory.
+
+    Whole-byte samples (BitsAllocated 8, 16, 32), colour by pixel (Planar Configuration 0)
+    only: the caller reads anything else with pydicom.
+    """
+    shape = fmt.frame_shape
+    frame_bytes = int(np.prod(shape)) * fmt.dtype.itemsize
+    page = mmap.PAGESIZE
+    for i in range(fmt.number_of_frames):
+        start = offset + i * frame_bytes
+        frame = np.frombuffer(buffer, fmt.dtype, int(np.prod(shape)), start).reshape(shape)
+        frame = normalised(frame.copy(), fmt)
+        low, high = start // page * page, (start + frame_bytes) // page * page
+        if high > low and hasattr(buffer, "madvise"):
+            buffer.madvise(mmap.MADV_DONTNEED, low, high - low)
+        yield frame
+
+
+def normalised(frame: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """`frame` (native samples, in place) with the bits above BitsStored normalised: masked
+    for unsigned samples, sign-extended from BitsStored for signed ones."""
+    unused = fmt.bits_allocated - fmt.bits_stored
+    if unused <= 0:
+        return frame
+    if fmt.signed:
+        frame <<= unused
+        frame >>= unused  # arithmetic shift: sign-extends
+    else:
+        frame &= np.array((1 << fmt.bits_stored) - 1, dtype=frame.dtype)
+    return frame
 
 
 class Backend:

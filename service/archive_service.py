@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import timedelta
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import Dataset
 
@@ -27,6 +29,7 @@ from compacs.service.storage.archive import Archive, age
 from compacs.service.storage.index import Index, Instance
 from compacs.service.storage.schema import HOT_TIER, utcnow
 from compacs.service.tiering.volumes import VolumeReader
+from compacs.service.wire import STREAM_ABOVE
 
 log = logging.getLogger("compacs.archive")
 
@@ -86,8 +89,9 @@ class ArchiveService:
         return cls(config, archive, index, runner)
 
     # --- the DIMSE face's calls ---
-    def receive(self, raw: bytes, calling_ae: str, sop_class: str, sop_inst: str) -> int:
-        """C-STORE: archive one object, return the status to answer."""
+    def receive(self, raw: bytes | Path, calling_ae: str, sop_class: str, sop_inst: str) -> int:
+        """C-STORE: archive one object (its bytes, or the file a big one was spooled to),
+        return the status to answer."""
         if self.ingest is None:
             raise RuntimeError("this archive service was opened without compression jobs")
         return self.ingest.receive(raw, calling_ae, sop_class, sop_inst)
@@ -107,6 +111,28 @@ class ArchiveService:
             if fresh is None or fresh.blob_pk == inst.blob_pk:
                 raise
             return self._read(fresh)
+
+    def open_instance(self, inst: Instance) -> tuple[BinaryIO, int, int] | None:
+        """A big instance's blob (over wire.STREAM_ABOVE), open and checked against its
+        checksum, with the offset and length of the instance in it, to be sent or exported
+        from the file; None for one to read whole (small, or a slice of a series volume).
+        A blob replaced meanwhile is found again as in read_instance."""
+        if inst.frame_first is not None or inst.blob_length <= STREAM_ABOVE:
+            return None
+        try:
+            return self._open(inst)
+        except FileNotFoundError:
+            fresh = self.index.instance(inst.id)
+            if fresh is None or fresh.blob_pk == inst.blob_pk:
+                raise
+            return self._open(fresh) if fresh.frame_first is None else None
+
+    def _open(self, inst: Instance) -> tuple[BinaryIO, int, int]:
+        archive = self.archive_for(inst.blob.tier)
+        file = archive.open_checked(
+            inst.blob.path, inst.blob_offset, inst.blob_length, inst.checksum
+        )
+        return file, inst.blob_offset, inst.blob_length
 
     def _read(self, inst: Instance) -> bytes:
         archive = self.archive_for(inst.blob.tier)

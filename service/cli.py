@@ -166,7 +166,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from compacs.service.maintenance import AS_STORED, export
 
-    if args.transfer_syntax != AS_STORED and not UID(args.transfer_syntax).is_transfer_syntax:
+    if (
+        args.transfer_syntax not in (None, AS_STORED)
+        and not UID(args.transfer_syntax).is_transfer_syntax
+    ):
         raise UsageError(
             f"--transfer-syntax {args.transfer_syntax}: not a DICOM transfer syntax UID; give "
             "e.g. 1.2.840.10008.1.2.1 (explicit VR little endian, the default), or "
@@ -181,10 +184,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             else "nothing to export: the archive is empty"
         )
     report = export(service, instances, args.out, args.transfer_syntax)
+    for kept in report.as_stored:
+        print(f"AS STORED {kept}")
     for failure in report.failures:
         print(f"FAILED {failure}")
+    as_stored = f" ({len(report.as_stored)} as stored)" if report.as_stored else ""
     print(
-        f"exported {len(report.written)} instance(s) to {args.out}, {len(report.failures)} failed"
+        f"exported {len(report.written)} instance(s){as_stored} to {args.out}, "
+        f"{len(report.failures)} failed"
     )
     return 1 if report.failures else 0
 
@@ -766,9 +773,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--transfer-syntax",
-        default="1.2.840.10008.1.2.1",
-        help="transfer syntax UID of the files (default explicit VR little endian), or "
-        "'stored': the stored bytes as they are (objects in compacs' private syntaxes decoded)",
+        default=None,
+        help="transfer syntax UID of the files, or 'stored': the stored bytes as they are "
+        "(objects in compacs' private syntaxes decoded); an object that cannot be given in "
+        "it fails (the export goes on, exit 1). Default: explicit VR little endian, and an "
+        "object whose pixel data does not decode is written as stored and listed (AS STORED)",
     )
     p.set_defaults(func=cmd_export)
 

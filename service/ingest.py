@@ -7,6 +7,11 @@ Compression, bit-exact verification and the swap to the compressed blob happen a
 ack. Once the row is committed the answer is Success, whatever happens to the compression
 job.
 
+A big data set arrives spooled to a file (dimse/receive_limits): it is parsed from the file
+without its pixel data (parse_file: the Pixel Data element's headers are read, its value
+never), hashed in one streamed pass and made the blob by a hard link or a streamed copy, so
+that the node's memory does not grow with the object.
+
 What is checked, refused or kept flagged is validate.py's to say; this module parses,
 recognises re-sends (the same data set, or a changed one: `[node] on_duplicate`), writes
 the blob at a fresh path and indexes it. Two associations or processes receiving the same
@@ -18,14 +23,16 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
 from compacs.service.config import NodeConfig
 from compacs.service.jobs import Jobs, flagged
-from compacs.service.storage.archive import Archive, checksum, new_token
+from compacs.service.storage.archive import Archive, checksum, file_checksums, new_token
 from compacs.service.storage.index import (
     Claim,
     DuplicateInstance,
@@ -43,6 +50,7 @@ from compacs.service.validate import (
     STATUS_PROCESSING_FAILURE,
     BadInput,
     Defect,
+    PixelExtent,
     inspect,
     uid_value,
 )
@@ -77,6 +85,31 @@ def parse(raw: bytes) -> tuple[Dataset, list[Defect]]:
     return ds, _encoding_defects(raw, ds)
 
 
+def parse_file(path: Path) -> tuple[Dataset, list[Defect], PixelExtent | None]:
+    """A spooled data set, read from its file up to its Pixel Data, whose value is located
+    and measured from its headers (wire.read_head) but never read: the extent found is what
+    validate checks. A Pixel Data element whose headers are malformed or run past the end
+    of the file is a PIXELS defect, as `parse` finds for such bytes in memory."""
+    from compacs.service.wire import read_head
+
+    with open(path, "rb") as file:
+        try:
+            ds, element, error = read_head(file, path.stat().st_size)
+        except Exception as exc:
+            raise BadInput(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be read: {exc}") from exc
+        if UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_deflated:
+            # no offsets in the file to locate pixel data by: parsed in memory, as before
+            file.seek(0)
+            return (*parse(file.read()), None)
+        file.seek(0)
+        defects = _encoding_defects(file.read(1 << 16), ds)
+    if error is not None:
+        return ds, [Defect(PIXELS, error), *defects], None
+    if element is None:
+        return ds, defects, None
+    return ds, defects, PixelExtent(element.length, element.fragments)
+
+
 def _encoding_defects(raw: bytes, ds: Dataset) -> list[Defect]:
     """A data set in implicit VR under an explicit VR syntax, or the other way round: pydicom
     reads it as found (and warns), but such bytes trip up other readers and writers."""
@@ -105,6 +138,26 @@ def dataset_hash(raw: bytes) -> str:
     return checksum(memoryview(raw)[dataset_start(raw) :])
 
 
+@dataclass(frozen=True)
+class _Spooled:
+    """A big received data set: its spool file, size and checksums (see _file_hashes)."""
+
+    path: Path
+    size: int
+    checksum: str
+    dataset_hash: str
+
+
+def _file_hashes(path: Path) -> tuple[int, str, str]:
+    """Size, blob checksum and dataset_hash of a spooled file, in one streamed pass."""
+    from compacs.service.wire import dataset_start
+
+    with open(path, "rb") as file:
+        start = dataset_start(file.read(1 << 16))
+    whole, data_set = file_checksums(path, start)
+    return path.stat().st_size, whole, data_set
+
+
 class Ingest:
     """Receives objects for the SCP (one thread per association) and hands each to the
     compression jobs."""
@@ -115,17 +168,25 @@ class Ingest:
         self.index = index
         self.jobs = jobs
 
-    def receive(self, raw: bytes, calling_ae: str, sop_class: str, sop_inst: str) -> int:
-        """Archive one object and return the C-STORE status to answer."""
+    def receive(self, raw: bytes | Path, calling_ae: str, sop_class: str, sop_inst: str) -> int:
+        """Archive one object (its bytes, or the file a big one was spooled to) and return
+        the C-STORE status to answer."""
         try:
-            ds, defects = parse(raw)
-            defects += inspect(ds, sop_class, sop_inst)
+            if isinstance(raw, Path):
+                ds, defects, extent = parse_file(raw)
+            else:
+                (ds, defects), extent = parse(raw), None
+            defects += inspect(ds, sop_class, sop_inst, extent)
             if defects and self.config.ingest.strict:
                 raise BadInput(
                     STATUS_DATASET_MISMATCH,
                     "; ".join(d.text for d in defects) + " ([ingest] strict = true)",
                 )
-            received_hash = dataset_hash(raw)
+            if isinstance(raw, Path):
+                received = _Spooled(raw, *_file_hashes(raw))
+                received_hash = received.dataset_hash
+            else:
+                received, received_hash = raw, dataset_hash(raw)
         except Exception as exc:  # pydicom may fail on malformed elements while we check
             bad = (
                 exc
@@ -152,7 +213,7 @@ class Ingest:
                 ):
                     return STATUS_SUCCESS
                 claim = self._archive(
-                    raw, ds, defects, received_hash, existing, calling_ae, sop_class
+                    received, ds, defects, received_hash, existing, calling_ae, sop_class
                 )
                 if claim is not False:
                     break
@@ -184,7 +245,7 @@ class Ingest:
 
     def _archive(
         self,
-        raw: bytes,
+        raw: bytes | _Spooled,
         ds: Dataset,
         defects: list[Defect],
         received_hash: str,
@@ -205,16 +266,20 @@ class Ingest:
             if keep_as_received
             else self.archive.incoming_path(sop, token)
         )
-        blob = NewBlob(path, len(raw), self.archive.write(path, raw))
+        if isinstance(raw, _Spooled):
+            self.archive.adopt(path, raw.path)
+            blob = NewBlob(path, raw.size, raw.checksum)
+        else:
+            blob = NewBlob(path, len(raw), self.archive.write(path, raw))
         received_ts = str(ds.file_meta.TransferSyntaxUID)
         fields = dict(
             calling_ae=calling_ae,
             sop_class_uid=uid_value(ds, "SOPClassUID") or sop_class,
             received_transfer_syntax=received_ts,
-            received_size=len(raw),
+            received_size=blob.size,
             received_hash=received_hash,
             stored_transfer_syntax=received_ts,
-            stored_size=len(raw),
+            stored_size=blob.size,
             defects="; ".join(d.text for d in defects) or None,
         )
         if keep_as_received:

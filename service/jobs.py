@@ -44,11 +44,18 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
 from compacs.service import rules as rules_mod
-from compacs.service.compress import NOT_A_CODEC_FAILURE, Derived, compress, source_frames
+from compacs.service.compress import (
+    NOT_A_CODEC_FAILURE,
+    Derived,
+    compress,
+    compress_file,
+    source_frames,
+)
 from compacs.service.config import NodeConfig
 from compacs.service.storage.archive import Archive, new_token
 from compacs.service.storage.index import Claim, Index, NewBlob, lease
 from compacs.service.storage.schema import STATE_PARKED
+from compacs.service.wire import STREAM_ABOVE, read_head
 
 log = logging.getLogger("compacs.jobs")
 
@@ -124,6 +131,10 @@ def run_job(job: Job) -> JobResult:
 def _run_job(job: Job) -> JobResult:
     archive: Archive = _worker["archive"]
     claim = job.claim
+    if archive.abspath(claim.blob_path).stat().st_size > STREAM_ABOVE:
+        result = _run_big_job(job, archive)
+        if result is not None:
+            return result
     raw = archive.read(claim.blob_path, claim.checksum)
     ds = dcmread(BytesIO(raw))
     rule = rules_mod.select(
@@ -162,6 +173,42 @@ def undecodable_arrival(ds: Dataset) -> str | None:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return f"pixel data does not decode: {reason}".splitlines()[0]
     return None
+
+
+def _run_big_job(job: Job, archive: Archive) -> JobResult | None:
+    """A big object compressed from its file, frame by frame (compress_file), so that a
+    worker never holds it whole; None: one that compress_file leaves to the in-memory path."""
+    claim = job.claim
+    size = archive.abspath(claim.blob_path).stat().st_size
+    with archive.open_checked(claim.blob_path, 0, size, claim.checksum) as source:
+        ds, _element, _error = read_head(source, size)
+        rule = rules_mod.select(
+            _worker["rules"], rules_mod.object_attributes(ds, claim.calling_ae or "")
+        )
+        outcome = compress_file(
+            source,
+            size,
+            rule.codecs if rule else (),
+            lambda produce: archive.write_stream(job.stored, produce),
+            lambda: archive.delete(job.stored),
+        )
+    if outcome is None:
+        return None
+    if outcome.written is None:  # kept as received: the same bytes under the stored path
+        archive.adopt(job.stored, archive.abspath(claim.blob_path))
+    stored_size, digest = outcome.written or (size, claim.checksum)
+    return JobResult(
+        job,
+        outcome.codec,
+        outcome.transfer_syntax,
+        size,
+        stored_size,
+        digest,
+        tuple(outcome.notes),
+        outcome.fallbacks,
+        outcome.source_error,
+        None,
+    )
 
 
 # --- node side --------------------------------------------------------------------------

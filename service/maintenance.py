@@ -13,8 +13,10 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import UID
 from tqdm import tqdm
 
+from compacs.service import wire
 from compacs.service.archive_service import ArchiveService
 from compacs.service.compress import NOT_A_CODEC_FAILURE, source_frames
 from compacs.service.storage.archive import uid_hash
@@ -28,6 +30,9 @@ log = logging.getLogger("compacs.maintenance")
 
 
 AS_STORED = "stored"  # export target: the stored bytes (our private syntaxes decoded)
+# The export target when none is asked for: explicit VR little endian, which every reader
+# takes; an object whose pixel data does not decode is then written as stored and listed.
+DEFAULT = EXPLICIT_LE
 
 
 @dataclass(frozen=True)
@@ -46,44 +51,96 @@ class Failure:
 class ExportReport:
     written: list[Path] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    # written as stored instead of in the default syntax, and why (written, not failed)
+    as_stored: list[Failure] = field(default_factory=list)
 
 
 def export(
     service: ArchiveService,
     instances: list[Instance],
     out_dir: Path,
-    target: str,
+    target: str | None = None,
     progress: bool = True,
 ) -> ExportReport:
     """Write each instance as a Part-10 file <out>/<study>/<series>/<sop>.dcm in `target`
-    (a transfer syntax UID, or AS_STORED), going on past the ones that fail.
+    (a transfer syntax UID, or AS_STORED), going on past the ones that fail (invariant 7).
+
+    No `target` (None): DEFAULT, except for an object that cannot be given in it (its
+    pixel data does not decode): that one is written as stored, and listed in
+    `as_stored` with the reason. An explicit `target` the object cannot be given in is a
+    failure of that object alone. A big object is read, decoded and written frame by frame
+    from its blob file (wire.streamed) where it is as stored or decoded to explicit VR
+    little endian, never held whole.
 
     File names are UIDs: only those of digits and dots, as the node keeps UIDs with other
     characters too (flagged) and those must not become paths; the others get a hash.
     """
     report = ExportReport()
     for inst in tqdm(instances, desc="export", unit="obj", disable=not progress):
+        series = inst.series
+        path = (
+            out_dir
+            / _file_name(series.study.study_instance_uid)
+            / _file_name(series.series_instance_uid)
+            / f"{_file_name(inst.sop_instance_uid)}.dcm"
+        )
         try:
-            data = service.read_instance(inst)
-            if target != AS_STORED:
-                data = transcode(data, target)
-            elif is_private(inst.stored_transfer_syntax):
-                data = transcode(data, EXPLICIT_LE)  # private syntaxes never leave the node
-            series = inst.series
-            path = (
-                out_dir
-                / _file_name(series.study.study_instance_uid)
-                / _file_name(series.series_instance_uid)
-                / f"{_file_name(inst.sop_instance_uid)}.dcm"
-            )
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            why = _export_one(service, inst, path, target)
             report.written.append(path)
+            if why is not None:
+                report.as_stored.append(Failure(inst.sop_instance_uid, inst.blob.path, why))
         except BaseException as exc:
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
+            path.unlink(missing_ok=True)
             report.failures.append(Failure(inst.sop_instance_uid, inst.blob.path, _reason(exc)))
     return report
+
+
+def _export_one(
+    service: ArchiveService, inst: Instance, path: Path, target: str | None
+) -> str | None:
+    """Write one instance; None, or why it was written as stored instead of DEFAULT."""
+    stored = inst.stored_transfer_syntax
+    syntax = DEFAULT if target is None else target
+    if syntax == AS_STORED:
+        syntax = EXPLICIT_LE if is_private(stored) else stored  # private never leaves
+    try:
+        _write_in(service, inst, path, syntax)
+        return None
+    except BaseException as exc:
+        if isinstance(exc, NOT_A_CODEC_FAILURE):
+            raise
+        # a blob that cannot be read, an asked-for syntax, a private one: the object fails
+        if isinstance(exc, OSError) or target is not None or syntax == stored or is_private(stored):
+            raise
+        path.unlink(missing_ok=True)
+        why = exc
+    _write_in(service, inst, path, stored)
+    return f"written as stored ({UID(stored).name}): not in {UID(syntax).name}: {_reason(why)}"
+
+
+def _write_in(service: ArchiveService, inst: Instance, path: Path, syntax: str) -> None:
+    """One instance as a Part-10 file in `syntax`; streamed from its blob when it is big."""
+    opened = service.open_instance(inst)
+    if opened is not None:
+        source, offset, length = opened
+        try:
+            streaming = wire.streamed(
+                source, offset, length, inst.sop_class_uid, inst.sop_instance_uid, syntax
+            )
+        except BaseException:
+            source.close()
+            raise
+        if streaming is not None:
+            try:
+                wire.write_part10(streaming, path)
+            finally:
+                streaming.close()
+            return
+        source.close()
+    path.write_bytes(transcode(service.read_instance(inst), syntax))
 
 
 def _file_name(uid: str) -> str:

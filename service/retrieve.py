@@ -6,13 +6,16 @@ The stored bytes pass through when the peer accepted the stored syntax; otherwis
 object is decoded and, if the peer accepted one, re-encoded into a compressed syntax
 (verified like any encode). Private syntaxes never leave the node. Instances are read,
 transcoded and handed to pynetdicom one at a time, so memory does not grow with the size
-of the study.
+of the study; a big one (wire.STREAM_ABOVE) is sent from its open blob file, frame by
+frame, where wire.streamed can (with the fast paths), so that memory does not grow with
+the size of the object either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from io import BytesIO
+from typing import BinaryIO
 
 from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
@@ -109,15 +112,39 @@ def matching_instances(index: Index, identifier: Dataset) -> list[Instance]:
     )
 
 
+# The archive service's open_instance: a big instance's blob, open and checked, with the
+# offset and length of the instance in it; None for one to read whole.
+OpenBlob = Callable[[Instance], "tuple[BinaryIO, int, int] | None"]
+
+
 def prepare(
-    read: Callable[[Instance], bytes], inst: Instance, accepted: list[str], fast: bool = True
+    read: Callable[[Instance], bytes],
+    inst: Instance,
+    accepted: list[str],
+    fast: bool = True,
+    open_blob: OpenBlob | None = None,
 ) -> Dataset:
     """Read one instance (`read`: the archive service's) and give it in the best syntax
     the peer accepted: with `fast`, as a wire.WireInstance (stored bytes, maybe with decoded
-    pixels spliced in) where that is safe, else as a transcoded Dataset."""
+    pixels spliced in) where that is safe, else as a transcoded Dataset. A big instance
+    that `open_blob` opens is streamed from its file where wire.streamed can."""
     target = choose_syntax(inst, accepted)
     if target is None:
         raise TranscodeError(f"the peer accepted none of {candidate_syntaxes(inst)}")
+    if fast and open_blob is not None:
+        opened = open_blob(inst)
+        if opened is not None:
+            source, offset, length = opened
+            try:
+                streaming = wire.streamed(
+                    source, offset, length, inst.sop_class_uid, inst.sop_instance_uid, target
+                )
+            except BaseException:
+                source.close()
+                raise
+            if streaming is not None:
+                return streaming
+            source.close()
     blob = read(inst)
     if not fast:
         return transcode_dataset(dcmread(BytesIO(blob)), target)

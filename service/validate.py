@@ -79,8 +79,21 @@ def uid_value(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def inspect(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> list[Defect]:
-    """The defects of an object the node keeps; raises BadInput for one it refuses."""
+@dataclass(frozen=True)
+class PixelExtent:
+    """Pixel Data of a big data set, found in its file by the element's headers alone (see
+    wire.pixel_element), so that it is checked without being read: the value's length
+    (native), or None and the number of fragments (encapsulated)."""
+
+    length: int | None
+    fragments: int = 0
+
+
+def inspect(
+    ds: Dataset, sop_class_uid: str, sop_instance_uid: str, extent: PixelExtent | None = None
+) -> list[Defect]:
+    """The defects of an object the node keeps; raises BadInput for one it refuses.
+    `extent`: its Pixel Data as found in its file (the element in `ds` is not read)."""
     defects: list[Defect] = []
     for keyword in IDENTITY_UIDS:
         value = uid_value(ds, keyword)
@@ -110,7 +123,7 @@ def inspect(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> list[Defe
         )
     if "PixelData" in ds:
         try:
-            check_pixel_data(ds)
+            check_pixel_data(ds, extent)
         except BadInput as exc:
             defects.append(Defect(PIXELS, exc.reason))
     return defects
@@ -126,8 +139,9 @@ def native_pixel_bytes(
     return (rows * per_row * frames * bits_allocated + 7) // 8  # 1-bit frames pack together
 
 
-def check_pixel_data(ds: Dataset) -> None:
-    """Pixel data must agree with the image attributes that say how to read it."""
+def check_pixel_data(ds: Dataset, extent: PixelExtent | None = None) -> None:
+    """Pixel data must agree with the image attributes that say how to read it (as found
+    in its file by `extent`, when given, instead of its value)."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits_allocated = int(ds.BitsAllocated)
@@ -148,13 +162,17 @@ def check_pixel_data(ds: Dataset) -> None:
         raise BadInput(
             STATUS_DATASET_MISMATCH, f"BitsStored {bits_stored} > BitsAllocated {bits_allocated}"
         )
-    value = ds["PixelData"].value
+    value = ds["PixelData"].value if extent is None else b""
     if value is None:
         raise BadInput(STATUS_DATASET_MISMATCH, "PixelData is empty")
     tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if tsyntax and syntaxes.is_encapsulated(tsyntax):
         try:
-            fragments = sum(1 for _ in generate_fragments(value))
+            fragments = (
+                extent.fragments
+                if extent is not None
+                else sum(1 for _ in generate_fragments(value))
+            )
         except (ValueError, struct.error) as exc:
             raise BadInput(
                 STATUS_DATASET_MISMATCH, f"encapsulated pixel data is malformed: {exc}"
@@ -167,10 +185,11 @@ def check_pixel_data(ds: Dataset) -> None:
         return
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     expected = native_pixel_bytes(rows, cols, samples, frames, bits_allocated, photometric)
-    if not expected <= len(value) <= expected + 1:
+    length = len(value) if extent is None or extent.length is None else extent.length
+    if not expected <= length <= expected + 1:
         raise BadInput(
             STATUS_DATASET_MISMATCH,
-            f"PixelData is {len(value)} bytes but Rows {rows} x Columns {cols} x "
+            f"PixelData is {length} bytes but Rows {rows} x Columns {cols} x "
             f"SamplesPerPixel {samples} ({photometric}) x NumberOfFrames {frames} x "
             f"BitsAllocated {bits_allocated} needs {expected}",
         )

@@ -16,15 +16,28 @@ and writes with one scatter-gather send. Two cases take this path, the common on
   transcode_dataset gives; tests/test_wire.py checks the two agree element by element.
 
 Anything else (implicit VR, colour, pydicom-decoded syntaxes) goes through transcode_dataset.
+
+A big object (a blob part larger than STREAM_ABOVE) is never held whole: `streamed` gives
+the same two cases as a WireInstance whose parts are read from the open blob file, and
+decoded, one frame at a time while they are sent (bulk_store) or exported (write_part10).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from compacs.codecs import registry
@@ -34,6 +47,10 @@ from compacs.service.syntaxes import EXPLICIT_LE
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _ITEM, _SEQUENCE_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000) and (FFFE,E0DD), read as LE uint32
+# Blob parts larger than this are sent and exported from their file (`streamed`), never read
+# whole; smaller ones take the in-memory path, one read and one scatter-gather send.
+STREAM_ABOVE = 16 << 20
+STREAM_CHUNK = 1 << 20  # bytes read from a blob file at a time
 
 
 class WireInstance(Dataset):
@@ -43,8 +60,20 @@ class WireInstance(Dataset):
     they read; the content is in `parts`."""
 
     def __init__(
-        self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, parts: list
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        parts: Iterable,
+        *,
+        length: int | None = None,
+        head: bytes = b"",
+        source: BinaryIO | None = None,
     ) -> None:
+        """`parts`: a list of buffers, or (a streamed instance) an iterator over them, read
+        as it is consumed, whose total `length` is known beforehand; `head`: the preamble
+        and file meta a Part-10 file of it starts with (streamed instances, for export);
+        `source`: the open blob file the parts are read from, closed by `close`."""
         super().__init__()
         self.SOPClassUID = UID(sop_class_uid)
         self.SOPInstanceUID = UID(sop_instance_uid)
@@ -52,10 +81,15 @@ class WireInstance(Dataset):
         self.file_meta.TransferSyntaxUID = UID(transfer_syntax)
         self.transfer_syntax = transfer_syntax
         self.parts = parts
+        self.streamed = not isinstance(parts, list)
+        self.encoded_length = sum(len(p) for p in parts) if length is None else length
+        self.head = head
+        self.source = source
 
-    @property
-    def encoded_length(self) -> int:
-        return sum(len(p) for p in self.parts)
+    def close(self) -> None:
+        """Let go of the blob file of a streamed instance (after it was sent or written)."""
+        if self.source is not None:
+            self.source.close()
 
 
 def dataset_start(blob: bytes) -> int:
@@ -101,6 +135,202 @@ def decoded_explicit_le(blob: bytes) -> WireInstance | None:
     return WireInstance(
         str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT_LE, [p for p in parts if len(p)]
     )
+
+
+@dataclass(frozen=True)
+class PixelElement:
+    """Where the Pixel Data element of a Part-10 file sits, read from its headers only."""
+
+    header_at: int  # the element's tag
+    value_at: int
+    length: int | None  # the value's length; None: undefined (encapsulated)
+    end: int  # just past the value (past the Sequence Delimitation Item if encapsulated)
+    items: tuple[tuple[int, int], ...] = ()  # encapsulated: (offset, length) of each item
+
+    @property
+    def fragments(self) -> int:
+        """How many fragments follow the Basic Offset Table item."""
+        return max(0, len(self.items) - 1)
+
+
+def pixel_element(
+    file: BinaryIO, at: int, size: int, *, implicit_vr: bool, little_endian: bool = True
+) -> PixelElement | None:
+    """The Pixel Data element whose header starts at `at` in `file` (`size` bytes long),
+    where pydicom's ``stop_before_pixels`` leaves its file. Only headers are read: the
+    length of native pixel data, or the item headers of encapsulated data, so that a big
+    object is checked and located without its pixels in memory. None: no Pixel Data
+    element starts there. Raises ValueError for a header or an item that is malformed or
+    runs past the end of the file (truncated)."""
+    order = "<" if little_endian else ">"
+    file.seek(at)
+    header = file.read(12)
+    if len(header) < 8:
+        return None
+    if struct.unpack_from(f"{order}HH", header) != (0x7FE0, 0x0010):
+        return None
+    if implicit_vr:
+        (length,) = struct.unpack_from(f"{order}I", header, 4)
+        value_at = at + 8
+    else:
+        if len(header) < 12 or header[4:6] not in (b"OB", b"OW", b"UN"):
+            raise ValueError(f"Pixel Data element with VR {header[4:6]!r}")
+        (length,) = struct.unpack_from(f"{order}I", header, 8)
+        value_at = at + 12
+    if length != 0xFFFFFFFF:
+        if value_at + length > size:
+            raise ValueError(
+                f"Pixel Data is {length} bytes long but the data set ends "
+                f"{size - value_at} bytes after its header (truncated)"
+            )
+        return PixelElement(at, value_at, length, value_at + length)
+    items = []
+    pos = value_at
+    while True:
+        file.seek(pos)
+        item = file.read(8)
+        if len(item) < 8:
+            raise ValueError(
+                "encapsulated Pixel Data without a Sequence Delimitation Item (truncated)"
+            )
+        tag, item_length = struct.unpack("<II", item)
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return PixelElement(at, value_at, None, pos, tuple(items))
+        if tag != _ITEM:
+            raise ValueError(f"malformed encapsulated Pixel Data item at byte {pos - 8}")
+        if pos + item_length > size:
+            raise ValueError(
+                f"an encapsulated Pixel Data item at byte {pos - 8} runs past the end of the "
+                "data set (truncated)"
+            )
+        items.append((pos, item_length))
+        pos += item_length
+
+
+def read_head(file: BinaryIO, size: int) -> tuple[Dataset, PixelElement | None, str | None]:
+    """A Part-10 file's data set read from where `file` stands up to its Pixel Data
+    (pydicom), and that element located by its headers alone (pixel_element), or why it
+    cannot be (malformed, truncated). The data set then holds Pixel Data as a deferred
+    element: "PixelData" in it is true, and only reading its value would read the file.
+    Raises what dcmread raises for a data set it cannot read. A deflated data set has no
+    offsets in the file to locate anything by: its element is None, the caller's to handle."""
+    ds = dcmread(file, stop_before_pixels=True)
+    if UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_deflated:
+        return ds, None, None
+    implicit, little = ds.original_encoding  # as found, which may not be as said
+    try:
+        element = pixel_element(file, file.tell(), size, implicit_vr=implicit, little_endian=little)
+    except ValueError as exc:
+        return ds, None, str(exc)
+    if element is not None:
+        encapsulated = element.length is None
+        ds[0x7FE00010] = RawDataElement(
+            Tag(0x7FE00010),
+            "OB" if encapsulated else "OW",
+            0xFFFFFFFF if encapsulated else element.length,
+            None,
+            element.value_at,
+            implicit,
+            little,
+        )
+    return ds, element, None
+
+
+def _file_range(file: BinaryIO, start: int, end: int) -> Iterator[bytes]:
+    """The bytes of `file` from `start` to `end`, in STREAM_CHUNK pieces."""
+    while start < end:
+        file.seek(start)
+        piece = file.read(min(STREAM_CHUNK, end - start))
+        if not piece:
+            raise ValueError(f"the blob ends at byte {start}, {end - start} bytes early")
+        yield piece
+        start += len(piece)
+
+
+def streamed(
+    source: BinaryIO, offset: int, length: int, sop_class: str, sop_instance: str, target: str
+) -> WireInstance | None:
+    """A big object, `length` bytes at `offset` of the open blob `source` (checked: see
+    Archive.open_checked), in `target` read and decoded from the file as it is consumed:
+    the stored syntax as stored, or explicit VR little endian spliced from one of our
+    codecs' syntaxes (the cases of `as_stored` and `decoded_explicit_le`). None: neither
+    applies (the caller reads it whole). Takes ownership of `source` when it returns an
+    instance (closed by its `close`)."""
+    source.seek(offset)
+    prefix = source.read(min(length, 1 << 16))
+    start = dataset_start(prefix)
+    if len(prefix) < start:
+        return None
+    end = offset + length
+    source.seek(offset)
+    ds, element, _error = read_head(source, end)
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    if target == str(syntax):
+        return WireInstance(
+            sop_class,
+            sop_instance,
+            target,
+            _file_range(source, offset + start, end),
+            length=length - start,
+            head=prefix[:start],
+            source=source,
+        )
+    codec = registry.by_transfer_syntax(str(syntax))
+    if target != EXPLICIT_LE or codec is None or syntax.is_implicit_VR:
+        return None
+    if element is None or element.length is not None:
+        return None
+    fmt = PixelFormat.from_dataset(ds)
+    if fmt.samples_per_pixel != 1:
+        return None
+    frame_bytes = fmt.rows * fmt.columns * fmt.dtype.itemsize
+    native = frame_bytes * fmt.number_of_frames
+    pad = b"\0" * (native % 2)
+    vr = b"OW" if fmt.bits_allocated > 8 else b"OB"
+    header = _PIXEL_DATA_TAG + vr + b"\0\0" + struct.pack("<I", native + len(pad))
+
+    def frames() -> Iterator[memoryview]:
+        source.seek(element.value_at)
+        for i, data in enumerate(generate_frames(source, number_of_frames=fmt.number_of_frames)):
+            at = source.tell()
+            frame = np.ascontiguousarray(codec.decode_frame(data, fmt), fmt.dtype)
+            if frame.nbytes != frame_bytes:
+                raise ValueError(f"frame {i} decodes to {frame.nbytes} bytes, not {frame_bytes}")
+            yield memoryview(frame).cast("B")
+            source.seek(at)  # generate_frames reads on from where it left off
+
+    def parts() -> Iterator:
+        yield from _file_range(source, offset + start, element.header_at)
+        yield header
+        yield from frames()
+        if pad:
+            yield pad
+        yield from _file_range(source, element.end, end)
+
+    meta = FileMetaDataset(ds.file_meta)
+    meta.TransferSyntaxUID = UID(EXPLICIT_LE)
+    head = BytesIO()
+    head.write(prefix[:128] + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    body = (element.header_at - offset - start) + len(header) + native + len(pad)
+    return WireInstance(
+        sop_class,
+        sop_instance,
+        EXPLICIT_LE,
+        parts(),
+        length=body + (end - element.end),
+        head=head.getvalue(),
+        source=source,
+    )
+
+
+def write_part10(inst: WireInstance, path: Path, opener: Callable = open) -> None:
+    """A streamed instance as a Part-10 file at `path` (export), one part at a time."""
+    with opener(path, "wb") as out:
+        out.write(inst.head)
+        for part in inst.parts:
+            out.write(part)
 
 
 def _encapsulated_end(blob: bytes, at: int) -> int:

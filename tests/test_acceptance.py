@@ -64,8 +64,9 @@ def test_every_file_gets_a_status_and_at_least_129_are_kept(corpus_node) -> None
 
 
 def test_every_stored_object_exports(corpus_node) -> None:
-    """As stored: all of them, and those kept as received byte for byte. In explicit VR little
-    endian: all whose pixel data decodes; the others are listed, the export goes on."""
+    """As stored: all of them, and those kept as received byte for byte. In the default
+    syntax (explicit VR little endian): all of them, those whose pixel data does not decode
+    written as stored and listed; asked for explicitly, those fail, the export goes on."""
     node, sent, tmp = corpus_node
     stored = [r for r in sent if r.status == 0]
     out = tmp / "as-stored"
@@ -83,16 +84,23 @@ def test_every_stored_object_exports(corpus_node) -> None:
         if r.sop_instance_uid in as_received:
             assert _pixel_bytes(exported[r.sop_instance_uid]) == _pixel_bytes(r.copy), r.source
 
-    out = tmp / "explicit"
-    res = node.export(out)
-    failed = [line for line in res.stdout.splitlines() if line.startswith("FAILED")]
     verify = node.verify()
     flagged = [line for line in verify.stdout.splitlines() if "flagged" in line]
-    # an export failure is an object the index flags (pixel data that does not decode or
+    out = tmp / "default"
+    res = node.export(out)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert len(list(out.rglob("*.dcm"))) == len(stored)
+    kept = [line for line in res.stdout.splitlines() if line.startswith("AS STORED")]
+    # written as stored: an object the index flags (pixel data that does not decode or
     # disagrees with its attributes), nothing else
-    for line in failed:
-        sop = line.split()[2]
+    for line in kept:
+        sop = line.split()[3]
         assert any(f"SOP {sop} " in f for f in flagged), (line, flagged)
+
+    out = tmp / "explicit"
+    res = node.export(out, transfer_syntax="1.2.840.10008.1.2.1")
+    failed = [line for line in res.stdout.splitlines() if line.startswith("FAILED")]
+    assert sorted(line.split()[2] for line in failed) == sorted(line.split()[3] for line in kept)
     assert res.returncode == (1 if failed else 0)
     assert len(list(out.rglob("*.dcm"))) == len(stored) - len(failed)
 

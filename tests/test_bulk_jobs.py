@@ -61,7 +61,7 @@ def test_export_goes_on_past_a_damaged_blob(compacs_node, tmp_path: Path) -> Non
 def test_rle_with_rows_halved_is_kept_flagged_and_never_requeued(make_node, tmp_path: Path) -> None:
     """The RLE decoder panics (pyo3 PanicException, a BaseException) on it: acknowledged,
     stored as received and flagged; not compressed again at the next start; verify lists
-    it; export exports everything else."""
+    it; export writes it as stored (listed) and exports everything else."""
     node = make_node()
     src = dicomdata.fresh_copy("emri_small_RLE.dcm", tmp_path)
     ds = pydicom.dcmread(src)
@@ -84,10 +84,14 @@ def test_rle_with_rows_halved_is_kept_flagged_and_never_requeued(make_node, tmp_
     assert f"SOP {ds.SOPInstanceUID}" in verify.stdout and "flagged" in verify.stdout
     out = tmp_path / "out"
     res = node.export(out)
-    assert res.returncode == 1
+    assert res.returncode == 0, res.stdout  # the default syntax: as stored where it must
     exported = exported_by_sop(out)
     assert pydicom.dcmread(good[0]).SOPInstanceUID in exported
-    assert ds.SOPInstanceUID not in exported
+    assert pydicom.dcmread(exported[ds.SOPInstanceUID]).PixelData == ds.PixelData
+    assert f"AS STORED SOP {ds.SOPInstanceUID} " in res.stdout
+    res = node.export(tmp_path / "explicit", transfer_syntax="1.2.840.10008.1.2.1")
+    assert res.returncode == 1  # asked for explicitly: that object fails
+    assert f"FAILED SOP {ds.SOPInstanceUID} " in res.stdout
     res = node.export(tmp_path / "as-stored", transfer_syntax="stored")
     assert res.returncode == 0  # as stored, it exports
 

@@ -2,7 +2,9 @@
 
 getscu proposing only explicit VR LE, and proposing JPEG-LS (stored bytes pass through);
 movescu to a DCMTK storescp; Orthanc 1.10 pushing to compacs, C-FINDing and C-MOVEing back,
-and decoding every instance it got; a 300-instance C-GET with the node's RSS flat.
+and decoding every instance it got; a 300-instance C-GET with the node's RSS flat; a big
+object (over wire.STREAM_ABOVE) retrieved both ways (streamed from its blob with the fast
+paths; test_memory.py measures its memory).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import psutil
 import pydicom
 import pytest
 from nodecheck import store_all, wait_compressed
+
+from compacs.service.wire import STREAM_ABOVE
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 JPEG_LS = "1.2.840.10008.1.2.4.80"
@@ -316,3 +320,34 @@ def test_cget_cancel_stops_early_and_association_keeps_working(
         assert again[-1] == 0x0000 and len(received) >= 40
     finally:
         assoc.release()
+
+
+def test_a_big_object_is_retrieved_exactly(make_node, make_storescp, tmp_path: Path) -> None:
+    """A 67 MB multi-frame object (spooled, compressed from its file, still over
+    wire.STREAM_ABOVE as JPEG-LS): getscu taking JPEG-LS gets the stored bytes, getscu taking
+    only uncompressed syntaxes the decoded frames, storescp by C-MOVE the stored bytes;
+    pixel-exact each time."""
+    from test_memory import big_multiframe, pixel_digest
+
+    src, pixels = big_multiframe(tmp_path / "big.dcm", 128)
+    storescp = make_storescp()
+    node = make_node(f'[move_destinations]\nSTORESCP = "127.0.0.1:{storescp.port}"\n')
+    assert peers.store_ok(node.store([src]), [src])
+    stats = wait_compressed(node, 1)
+    assert stats["by_codec"]["jpegls"]["instances"] == 1, stats
+    (blob,) = (node.data_dir / "archive" / "hot").rglob("*.dcm")
+    assert blob.stat().st_size > STREAM_ABOVE  # retrieved from the file, streamed
+    study = {
+        "StudyInstanceUID": str(pydicom.dcmread(src, stop_before_pixels=True).StudyInstanceUID)
+    }
+    for extra, syntax in (("+xt", JPEG_LS), ("", EXPLICIT_LE)):
+        out = tmp_path / f"get{extra}"
+        res = peers.getscu(node.port, "STUDY", study, out, extra=[extra] if extra else [])
+        assert res.returncode == 0, res.stdout[-3000:]
+        (got,) = [p for p in out.rglob("*") if p.is_file()]
+        assert peers.transfer_syntax_of(got) == syntax
+        assert pixel_digest(got) == pixels
+    res = peers.movescu(node.port, "STUDY", study, "STORESCP")
+    assert res.returncode == 0, res.stdout[-3000:]
+    (moved,) = storescp.received()
+    assert peers.transfer_syntax_of(moved) == JPEG_LS and pixel_digest(moved) == pixels

@@ -136,3 +136,93 @@ def test_framing_refuses_a_maximum_pdu_with_no_room(max_pdu: int) -> None:
 def test_framing_an_empty_data_set_still_ends_it() -> None:
     _command, data, controls = unframe(frame(1, b"cmd!", [], 0), 0)
     assert data == b"" and controls == [0x03, 0x02]
+
+
+# --- big objects: streamed from the open blob file ------------------------------------
+
+
+def _blob(samples: dict[str, Path], key: str, tmp_path: Path) -> Path:
+    """The blob compacs keeps for the sample, as a file (JPEG-LS, or as it arrived)."""
+    source = samples[key]
+    arrived = str(pydicom.dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    path = tmp_path / f"{key}.dcm"
+    path.write_bytes(stored_jpeg_ls(source) if arrived == EXPLICIT_LE else source.read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("key", ["ct", "multiframe", "signed12", "rle", "jpeg_ls"])
+def test_streamed_gives_the_bytes_of_the_in_memory_paths(
+    samples: dict[str, Path], key: str, tmp_path: Path
+) -> None:
+    """Decoded to explicit VR LE frame by frame from the file: the data set of
+    decoded_explicit_le, byte for byte; as stored: the blob itself (head included)."""
+    path = _blob(samples, key, tmp_path)
+    blob = path.read_bytes()
+    stored = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    with open(path, "rb") as file:
+        inst = wire.streamed(file, 0, len(blob), "1.2.3", "1.2.3.4", EXPLICIT_LE)
+        assert inst is not None and inst.streamed
+        data = b"".join(bytes(p) for p in inst.parts)
+    spliced = wire.decoded_explicit_le(blob)
+    assert data == b"".join(bytes(p) for p in spliced.parts)
+    assert len(data) == inst.encoded_length
+    assert pydicom.dcmread(BytesIO(inst.head + data)).PixelData == read_explicit_le(data).PixelData
+    with open(path, "rb") as file:
+        inst = wire.streamed(file, 0, len(blob), "1.2.3", "1.2.3.4", stored)
+        assert inst.head + b"".join(bytes(p) for p in inst.parts) == blob
+        assert inst.encoded_length == len(blob) - wire.dataset_start(blob)
+
+
+def test_streamed_leaves_other_targets_to_the_in_memory_path(
+    samples: dict[str, Path], tmp_path: Path
+) -> None:
+    path = _blob(samples, "ct", tmp_path)
+    with open(path, "rb") as file:
+        size = path.stat().st_size
+        assert wire.streamed(file, 0, size, "1.2.3", "1.2.3.4", "1.2.840.10008.1.2") is None
+        rgb = _blob(samples, "rgb", tmp_path)
+    with open(rgb, "rb") as file:
+        assert wire.streamed(file, 0, rgb.stat().st_size, "1", "1.2", EXPLICIT_LE) is None
+
+
+def test_pixel_element_is_located_from_its_headers(
+    samples: dict[str, Path], tmp_path: Path
+) -> None:
+    native, encapsulated = samples["multiframe"], _blob(samples, "multiframe", tmp_path)
+    for path, fragments in ((native, 0), (encapsulated, 10)):
+        data = path.read_bytes()
+        with open(path, "rb") as file:
+            ds, element, error = wire.read_head(file, len(data))
+        assert error is None and element.fragments == fragments
+        # deferred: read from the file only if its value is asked for (get_item would)
+        assert "PixelData" in ds and ds._dict[0x7FE00010].value is None
+        assert data[element.header_at : element.header_at + 4] == b"\xe0\x7f\x10\x00"
+        full = pydicom.dcmread(path)
+        if fragments:
+            assert element.length is None
+            assert data[element.value_at : element.end - 8] == full.PixelData
+        else:
+            assert data[element.value_at : element.end] == full.PixelData
+        truncated = tmp_path / "truncated.dcm"
+        truncated.write_bytes(data[: element.end - 9])
+        with open(truncated, "rb") as file:
+            _ds, element, error = wire.read_head(file, element.end - 9)
+        assert element is None and "truncated" in error
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 20])
+def test_framing_in_runs_carries_the_data_set_of_one_framing(max_pdu: int) -> None:
+    """A streamed data set framed run by run (data_total, data_before): the same bytes,
+    and only the PDU that ends the data set marked last."""
+    command = bytes(range(90))
+    pieces = [bytes([i]) * (1000 + 37 * i) for i in range(7)]
+    total = sum(len(p) for p in pieces)
+    buffers, before = [], 0
+    for i, piece in enumerate(pieces):
+        first = command if i == 0 else b""
+        buffers += frame(3, first, [piece], max_pdu, data_total=total, data_before=before)
+        before += len(piece)
+    got_command, got_data, controls = unframe(buffers, max_pdu)
+    assert got_command == command and got_data == b"".join(pieces)
+    datas = [c for c in controls if not c & 1]
+    assert datas[-1] == 0x02 and set(datas[:-1]) <= {0x00}

@@ -7,6 +7,11 @@ still encoded by pynetdicom's message classes, but the PDUs are framed around vi
 instance's parts and written as one run (pdu_runs). Anything else (a Dataset) goes through
 pynetdicom's own ``send_c_store``.
 
+A streamed WireInstance (a big object, read and decoded from its blob as it goes) is framed
+and queued in runs of RUN_BYTES, at most RUNS_IN_FLIGHT of them waiting for the network
+thread at a time: what one such C-STORE holds in memory is bounded whatever the object's
+size.
+
 This replaces the association's ``send_c_store`` (a pynetdicom 3.0.4 instance attribute,
 restored on exit) with one that follows pynetdicom's own (context, reactor pause, response,
 status), with a stricter reactor pause (see _pause_reactor); pyproject pins that version,
@@ -15,8 +20,10 @@ and the C-GET/C-MOVE tests against getscu, movescu and Orthanc exercise it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -29,6 +36,9 @@ from pynetdicom.dsutils import encode
 
 from compacs.service.dimse import pdu_runs
 from compacs.service.wire import WireInstance
+
+RUN_BYTES = 4 << 20  # data set bytes framed and queued at once, for a streamed instance
+RUNS_IN_FLIGHT = 2
 
 
 def enable(assoc: Any) -> Any:
@@ -64,10 +74,14 @@ def enable(assoc: Any) -> Any:
         message.primitive_to_message(req)
         command = encode(message.command_set, True, True)  # PS3.7 6.3.1: implicit VR LE
         cx_id = int(context.context_id)
-        buffers = pdu_runs.frame(cx_id, command, dataset.parts, assoc.dimse.maximum_pdu_size)
-
-        _pause_reactor(assoc)
-        pdu_runs.queue(assoc.dul, cx_id, buffers)
+        max_pdu = assoc.dimse.maximum_pdu_size
+        if dataset.streamed:
+            _pause_reactor(assoc)
+            _send_streamed(assoc, cx_id, command, dataset, max_pdu)
+        else:
+            buffers = pdu_runs.frame(cx_id, command, dataset.parts, max_pdu)
+            _pause_reactor(assoc)
+            pdu_runs.queue(assoc.dul, cx_id, buffers)
         _cx, rsp = assoc.dimse.get_msg(block=True)
         if rsp is None:  # DIMSE timeout
             assoc._handle_no_response()
@@ -81,6 +95,50 @@ def enable(assoc: Any) -> Any:
         assoc._reactor_checkpoint.set()
 
     return restore
+
+
+def _send_streamed(
+    assoc: Any, cx_id: int, command: bytes, dataset: WireInstance, max_pdu: int
+) -> None:
+    """Queue a streamed instance's PDUs run by run, each once the network thread has
+    written all but RUNS_IN_FLIGHT - 1 of the earlier ones."""
+    in_flight: deque = deque()
+    sent = 0
+
+    def flush(parts: list, length: int) -> None:
+        nonlocal command, sent
+        buffers = pdu_runs.frame(
+            cx_id, command, parts, max_pdu, data_total=dataset.encoded_length, data_before=sent
+        )
+        command, sent = b"", sent + length
+        while len(in_flight) >= RUNS_IN_FLIGHT:
+            while not in_flight[0].done.wait(0.5):
+                if not assoc.dul.is_alive():
+                    raise RuntimeError("the association has ended: C-STORE not sent whole")
+            in_flight.popleft()
+        in_flight.append(pdu_runs.queue(assoc.dul, cx_id, buffers))
+
+    parts: list = []
+    length = 0
+    try:
+        for part in dataset.parts:
+            parts.append(part)
+            length += len(part)
+            if length >= RUN_BYTES:
+                flush(parts, length)
+                parts, length = [], 0
+        if sent + length != dataset.encoded_length:
+            raise RuntimeError(
+                f"SOP {dataset.SOPInstanceUID}: {sent + length} bytes read, "
+                f"{dataset.encoded_length} announced"
+            )
+        if parts or not sent:
+            flush(parts, length)
+    except BaseException:
+        if sent:  # the peer holds part of a message that can never end: abort
+            with contextlib.suppress(Exception):
+                assoc.abort()
+        raise
 
 
 def _pause_reactor(assoc: Any) -> None:

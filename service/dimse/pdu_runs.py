@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from typing import Any
 
 from pynetdicom.pdu_primitives import P_DATA
@@ -30,9 +31,12 @@ _MAX_BUFFERS = 512  # per sendmsg call (Linux allows 1024)
 
 
 class PduRun(bytes):
-    """Stands, as the one PDV of a carrier P-DATA, for the framed PDUs in `buffers`."""
+    """Stands, as the one PDV of a carrier P-DATA, for the framed PDUs in `buffers`;
+    `done` is set once the network thread has written them (or given up on them), so that
+    a streamed sender keeps only a few runs of a big object in memory."""
 
     buffers: list
+    done: threading.Event
 
 
 def pdu_header(context_id: int, control: int, length: int) -> bytes:
@@ -41,10 +45,19 @@ def pdu_header(context_id: int, control: int, length: int) -> bytes:
     return struct.pack(">BxIIBB", 0x04, length + 6, length + 2, context_id, control)
 
 
-def frame(context_id: int, command: bytes, parts: list, max_pdu: int) -> list:
+def frame(
+    context_id: int,
+    command: bytes,
+    parts: list,
+    max_pdu: int,
+    *,
+    data_total: int | None = None,
+    data_before: int = 0,
+) -> list:
     """The buffers of the P-DATA-TF PDUs carrying one message: `command` and the data set
     `parts`, each PDU within the peer's maximum length (0: unlimited). Parts are sliced,
-    not copied."""
+    not copied. A data set streamed in several runs gives its `data_total` length and how
+    much of it earlier runs held (`data_before`): only the PDU that ends it is the last."""
     if 0 < max_pdu <= PDV_OVERHEAD:  # as pynetdicom: no room for a single byte
         raise ValueError(f"the peer's maximum PDU length {max_pdu} is too small to send in")
     room = (max_pdu - PDV_OVERHEAD) if max_pdu else 1 << 62
@@ -53,8 +66,8 @@ def frame(context_id: int, command: bytes, parts: list, max_pdu: int) -> list:
         piece = command[start : start + room]
         last = start + room >= len(command)
         buffers += [pdu_header(context_id, COMMAND_LAST if last else COMMAND, len(piece)), piece]
-    total = sum(len(p) for p in parts)
-    done, chunk, chunk_len = 0, [], 0
+    total = sum(len(p) for p in parts) if data_total is None else data_total
+    done, chunk, chunk_len = data_before, [], 0
     for part in parts:
         view = memoryview(part).cast("B")
         at = 0
@@ -68,17 +81,20 @@ def frame(context_id: int, command: bytes, parts: list, max_pdu: int) -> list:
                 buffers += [pdu_header(context_id, control, chunk_len), *chunk]
                 chunk, chunk_len = [], 0
     if chunk_len or total == 0:  # an empty data set still gets its (empty) last fragment
-        buffers += [pdu_header(context_id, DATA_LAST, chunk_len), *chunk]
+        control = DATA_LAST if done + chunk_len == total else DATA
+        buffers += [pdu_header(context_id, control, chunk_len), *chunk]
     return buffers
 
 
-def queue(dul: Any, context_id: int, buffers: list) -> None:
+def queue(dul: Any, context_id: int, buffers: list) -> PduRun:
     """Hand framed PDUs to the network thread, behind whatever it has queued already."""
     run = PduRun()
     run.buffers = buffers
+    run.done = threading.Event()
     carrier = P_DATA()
     carrier.presentation_data_value_list = [[context_id, run]]
     dul.send_pdu(carrier)
+    return run
 
 
 def send_buffers(sock: socket.socket, buffers: list) -> None:
@@ -108,16 +124,19 @@ def enable(dul: Any) -> None:
         if not (items and len(items) == 1 and isinstance(items[0].presentation_data_value, PduRun)):
             original_send(pdu)
             return
-        sock = getattr(dul.socket, "socket", None)
-        if sock is None:
-            return
-        buffers = items[0].presentation_data_value.buffers
+        run = items[0].presentation_data_value
         try:
+            sock = getattr(dul.socket, "socket", None)
+            if sock is None:
+                return
             if hasattr(sock, "sendmsg") and not hasattr(sock, "cipher"):
-                send_buffers(sock, buffers)
+                send_buffers(sock, run.buffers)
             else:  # TLS sockets have no sendmsg
-                sock.sendall(b"".join(buffers))
+                sock.sendall(b"".join(run.buffers))
         except Exception:  # as AssociationSocket.send: the transport is closed (Evt17)
             dul.event_queue.put("Evt17")
+        finally:
+            run.buffers = []  # the sender's views are released with the run
+            run.done.set()
 
     dul._send = send

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import mmap
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
@@ -85,8 +85,7 @@ def handle_store(event: evt.Event, service: ArchiveService) -> int:
     spooled = getattr(request, "_dataset_path", None)  # receive_limits: a big data set
     if spooled is None:
         return service.receive(event.encoded_dataset(), *args)
-    with open(spooled, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as raw:
-        return service.receive(raw, *args)
+    return service.receive(Path(spooled), *args)  # parsed and archived from its file
 
 
 # Refused: Not Authorized, a general failure status (PS3.7 Annex C) that every DIMSE
@@ -381,6 +380,7 @@ def handle_get(event: evt.Event, service: ArchiveService) -> Iterator:
         event,
         lambda sop_class: suboperations.accepted_for(contexts, sop_class, "scu"),
         service.mark_accessed,
+        service.open_instance,
     )
 
 
@@ -416,6 +416,7 @@ def handle_move(event: evt.Event, service: ArchiveService) -> Iterator:
         event,
         lambda sop_class: suboperations.accepted_for(sub.contexts, sop_class, "scu"),
         service.mark_accessed,
+        service.open_instance,
     )
 
 

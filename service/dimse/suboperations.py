@@ -31,6 +31,7 @@ from compacs.service.dimse.polling import fast_polling, poll_fast
 from compacs.service.retrieve import candidate_syntaxes
 from compacs.service.storage.index import Instance
 from compacs.service.syntaxes import EXPLICIT_LE
+from compacs.service.wire import WireInstance
 
 log = logging.getLogger("compacs.retrieve")
 
@@ -99,19 +100,22 @@ def suboperations(
     event: evt.Event,
     accepted: Callable[[str], list[str]],
     accessed: Callable[[list[int]], None] = lambda ids: None,
+    open_blob: retrieve.OpenBlob | None = None,
 ) -> Iterator[tuple[int, Dataset | None]]:
-    """The (status, dataset) pairs of a C-GET/C-MOVE; `read` is the archive service's, and
-    `accessed` is told which instances were read (tier policies count from last access).
+    """The (status, dataset) pairs of a C-GET/C-MOVE; `read` and `open_blob` are the archive
+    service's, and `accessed` is told which instances were read (tier policies count from
+    last access).
 
     The next instance is read and decoded in a helper thread while pynetdicom sends the
-    current one (CharLS via imagecodecs releases the GIL), so at most two are in memory.
+    current one (CharLS via imagecodecs releases the GIL), so at most two are in memory;
+    a big one is only opened ahead, and read and decoded frame by frame as it is sent.
     """
     calling = event.assoc.requestor.ae_title
     fast = internals.fast_paths()
 
     def load(inst: Instance) -> Dataset:
         try:
-            return retrieve.prepare(read, inst, accepted(inst.sop_class_uid), fast)
+            return retrieve.prepare(read, inst, accepted(inst.sop_class_uid), fast, open_blob)
         except Exception as exc:  # damaged blob, no common syntax, decode failure
             log.error("retrieve of SOP %s for %s failed: %s", inst.sop_instance_uid, calling, exc)
             return failed_suboperation(inst)
@@ -128,8 +132,19 @@ def suboperations(
                 upcoming.append(loader.submit(load, instances[i + READ_AHEAD]))
             if event.is_cancelled:
                 log.info("retrieve cancelled by %s", calling)
+                _close(ds, *(f.result() for f in upcoming))
                 accessed([inst.id for inst in instances[:i]])
                 yield STATUS_CANCEL, None
                 return
-            yield STATUS_PENDING, ds
+            try:
+                yield STATUS_PENDING, ds
+            finally:
+                _close(ds)
         accessed([inst.id for inst in instances])
+
+
+def _close(*prepared: Dataset) -> None:
+    """Let go of the blob files that streamed instances were sent from (or were not)."""
+    for ds in prepared:
+        if isinstance(ds, WireInstance):
+            ds.close()

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 HASH_CHARS = 32
+CHUNK = 1 << 20  # streamed reads and copies: what one big blob costs in memory at a time
 
 
 class ChecksumError(IOError):
@@ -43,6 +46,22 @@ def uid_hash(uid: str) -> str:
 
 def checksum(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_checksums(path: Path, start: int) -> tuple[str, str]:
+    """The checksum of a whole file and that of its bytes from `start` on, in one streamed
+    pass: a big received data set is hashed without being held in memory."""
+    whole, tail = hashlib.sha256(), hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    at = 0
+    with open(path, "rb", buffering=0) as file:
+        while n := file.readinto(buffer):
+            view = memoryview(buffer)[:n]
+            whole.update(view)
+            if at + n > start:
+                tail.update(view[max(0, start - at) :])
+            at += n
+    return "sha256:" + whole.hexdigest(), "sha256:" + tail.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -105,6 +124,62 @@ class Archive:
         _fsync_dir(directory)
         return checksum(data)
 
+    def write_stream(self, relpath: str, produce: Callable[[BinaryIO], None]) -> tuple[int, str]:
+        """As `write`, for a blob too big to hold: `produce` writes it into the open temp
+        file (which it may also read back); its size and checksum are returned, the
+        checksum computed by reading the file back in chunks. Nothing is left at `relpath`
+        or in tmp/ if `produce` raises."""
+        final = self.abspath(relpath)
+        directory = final.parent
+        if directory not in self._known_dirs:
+            self._make_dirs(directory)
+        tmp = self.tmp / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "w+b") as file:
+                produce(file)
+                file.flush()
+                file.seek(0)
+                digest, size = hashlib.sha256(), 0
+                buffer = bytearray(CHUNK)
+                while n := file.readinto(buffer):
+                    digest.update(memoryview(buffer)[:n])
+                    size += n
+                os.fsync(file.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(directory)
+        return size, "sha256:" + digest.hexdigest()
+
+    def adopt(self, relpath: str, src: Path) -> None:
+        """Make the complete file `src` (a spooled data set) the blob at `relpath`, durably,
+        without reading it into memory: a hard link where the two share a file system (the
+        spool folder sits beside the archive), else a streamed copy. Then as `write`: fsync,
+        rename, fsync of the directory. The caller hashed `src` already (file_checksums)."""
+        final = self.abspath(relpath)
+        directory = final.parent
+        if directory not in self._known_dirs:
+            self._make_dirs(directory)
+        tmp = self.tmp / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:  # another file system, or links not allowed: copy
+                with open(src, "rb") as source, open(tmp, "wb") as target:
+                    shutil.copyfileobj(source, target, CHUNK)
+            os.chmod(tmp, 0o644)  # as write's blobs (a spool file is private to the node)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(directory)
+
     def _make_dirs(self, directory: Path) -> None:
         """Create missing parents and fsync each new one's parent so the entry itself survives."""
         missing = []
@@ -134,6 +209,35 @@ class Archive:
         if checksum(data) != expected_checksum:
             raise ChecksumError(f"{relpath}: checksum mismatch (expected {expected_checksum})")
         return data
+
+    def open_checked(
+        self, relpath: str, offset: int, length: int, expected_checksum: str
+    ) -> BinaryIO:
+        """The blob part `read_range` would return, as an open file positioned at `offset`,
+        checked against its checksum by a streamed pass first: a big object is sent or
+        exported from the file, never held whole in memory. The open file keeps the bytes
+        readable even if the sweep deletes the blob meanwhile."""
+        file = open(self.abspath(relpath), "rb")  # noqa: SIM115 - the caller closes it
+        try:
+            digest = hashlib.sha256()
+            buffer = bytearray(CHUNK)
+            file.seek(offset)
+            left = length
+            while left:
+                n = file.readinto(memoryview(buffer)[: min(CHUNK, left)])
+                if not n:
+                    raise ChecksumError(
+                        f"{relpath}: {length - left} bytes at {offset}, expected {length}"
+                    )
+                digest.update(memoryview(buffer)[:n])
+                left -= n
+            if "sha256:" + digest.hexdigest() != expected_checksum:
+                raise ChecksumError(f"{relpath}: checksum mismatch (expected {expected_checksum})")
+            file.seek(offset)
+            return file
+        except BaseException:
+            file.close()
+            raise
 
     def delete(self, relpath: str) -> None:
         self.abspath(relpath).unlink(missing_ok=True)
