@@ -20,11 +20,14 @@ import pytest
 from nodecheck import store_all, wait_compressed
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import func, select
 from test_find import KEEP_AS_RECEIVED, findscu
 
+from compacs.service import problems
 from compacs.service.query import find
 from compacs.service.retrieve import matching_instances
-from compacs.service.storage.index import Index, NewBlob
+from compacs.service.storage.index import Index, NewBlob, PatientProblem
+from compacs.service.storage.schema import Acknowledgement
 
 # A UID with "*" is what the tests send on purpose: pydicom warns on setting it.
 # (and partial dates, a lenient extension)
@@ -191,6 +194,80 @@ def test_replace_changes_its_own_study_only(index: Index) -> None:
     assert index.stats()["patient_id_conflicts"] == 0
     patients = query(index, "PATIENT", "patient", PatientID="P1", PatientName="")
     assert [str(p.PatientName) for p in patients] == ["ROE^RICHARD"]
+
+
+def test_a_patient_id_conflict_is_acknowledged_until_another_name_comes(index: Index) -> None:
+    """`compacs problems ack --patient` in the index: one problem per PatientID (+ issuer),
+    acknowledged as its names read; a new study of a known name keeps the acknowledgement,
+    a new name ends it. A PatientID and issuer of 64 characters each fit (PostgreSQL checks
+    the subject column's length)."""
+    roe, doe = generate_uid(), generate_uid()
+    add(index, dataset("0", "ROE^RICHARD", roe, PatientBirthDate="19500101"))
+    add(index, dataset("0", "DOE^JANE", doe, PatientBirthDate="19800202"))
+    for issuer in ("HOSP_A", "HOSP_B"):  # one PatientID, two patient domains, a conflict in each
+        for name in ("ANN", "BOB"):
+            add(index, dataset("7", name, generate_uid(), IssuerOfPatientID=issuer))
+    long_id, long_issuer = "9" * 64, "I" * 64
+    for name in ("LONG^ONE", "LONG^TWO"):
+        add(index, dataset(long_id, name, generate_uid(), IssuerOfPatientID=long_issuer))
+
+    def conflicts() -> dict[tuple[str, str | None], PatientProblem]:
+        return {(c.patient_id, c.issuer_of_patient_id): c for c in index.patient_problems()}
+
+    found = conflicts()
+    assert sorted(found) == [("0", None), ("7", "HOSP_A"), ("7", "HOSP_B"), (long_id, long_issuer)]
+    assert all(c.acknowledged is None for c in found.values())
+    assert found[("0", None)].reason == (
+        f"2 patients under one PatientID: 'DOE^JANE' born 19800202, 1 study (e.g. {doe}); "
+        f"'ROE^RICHARD' born 19500101, 1 study (e.g. {roe})"
+    )
+
+    with pytest.raises(problems.SelectionError, match="give SOP Instance UIDs, --study UID, --pa"):
+        problems.acknowledge(index, [], [], False, "me", None)
+    with pytest.raises(problems.SelectionError, match="no patient-ID conflict under PatientID '1'"):
+        problems.acknowledge(index, [], [], False, "me", None, ["1"])
+    with pytest.raises(problems.SelectionError, match=r"several issuers \('HOSP_A', 'HOSP_B'\)"):
+        problems.acknowledge(index, [], [], False, "me", None, ["7"])
+    with pytest.raises(problems.SelectionError, match="'7' with issuer 'HOSP_C'"):
+        problems.acknowledge(index, [], [], False, "me", None, ["7"], "HOSP_C")
+    with pytest.raises(problems.SelectionError, match="'7' without an issuer"):
+        problems.acknowledge(index, [], [], False, "me", None, ["7"], "")
+    with pytest.raises(problems.SelectionError, match="give --patient too"):
+        problems.acknowledge(index, [], [], False, "me", None, [], "HOSP_A")
+    assert index.problems() == []  # no object is flagged: an instance selection is an error
+    with pytest.raises(problems.SelectionError, match="no flagged or parked object"):
+        problems.acknowledge(index, ["1.2.3"], [], False, "me", None, ["0"])
+    assert all(c.acknowledged is None for c in conflicts().values())  # nothing half-done
+
+    acked = problems.acknowledge(index, [], [], False, "dr admin", "two people", ["0"], "")
+    assert acked == [found[("0", None)]]
+    acked = problems.acknowledge(index, [], [], False, "dr admin", None, ["7"], "HOSP_B")
+    assert acked == [found[("7", "HOSP_B")]]
+    found = conflicts()
+    ack = found[("0", None)].acknowledged
+    assert ack is not None and (ack.by, ack.note) == ("dr admin", "two people")
+    assert found[("7", "HOSP_B")].acknowledged is not None
+    assert found[("7", "HOSP_A")].acknowledged is None  # the other domain is not passed
+    detail = index.last_audit("acknowledged")
+    assert detail is not None and "by dr admin: PatientID '7' (issuer 'HOSP_B'): 2 pat" in detail
+
+    # another study of a known name (its name padded as PS3.5 allows): still acknowledged
+    add(index, dataset("0", "DOE^JANE^^", generate_uid(), PatientBirthDate="19800202"))
+    (name,) = [c for c in conflicts()[("0", None)].names if c.a_study != roe]
+    assert name.studies == 2
+    assert conflicts()[("0", None)].acknowledged is not None
+    # a third name: a new problem, to be looked at and acknowledged again
+    add(index, dataset("0", "POE^EDGAR", generate_uid()))
+    again = conflicts()[("0", None)]
+    assert again.acknowledged is None and again.reason.startswith("3 patients under one")
+    assert "'POE^EDGAR' born (none), 1 study" in again.reason
+
+    acked = problems.acknowledge(index, [], [], True, "cron owner", None)  # --all
+    assert len(acked) == 4
+    assert all(c.acknowledged is not None for c in conflicts().values())
+    with index.reading() as s:  # one acknowledgement in force per PatientID (+ issuer)
+        kinds = s.execute(select(Acknowledgement.kind, func.count()).group_by(Acknowledgement.kind))
+        assert dict(kinds.all()) == {"patient": 4}
 
 
 def test_uid_lists_of_2000_and_no_wildcards_in_find_and_retrieve(index: Index) -> None:
