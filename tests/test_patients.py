@@ -9,6 +9,7 @@ same through a real node: storescu in, DCMTK findscu out, `compacs stats` and `v
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -371,6 +372,71 @@ def test_colliding_patient_ids_over_dimse(make_node: Any, tmp_path: Path) -> Non
     assert len(listed) == 2, res.stdout
     assert any("ROE^RICHARD" in line and uid["roe"] in line for line in listed), listed
     assert any("DOE^JANE" in line and uid["doe"] in line for line in listed), listed
+
+
+@pytest.mark.peers
+def test_a_patient_id_conflict_is_listed_acknowledged_and_passes_verify(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """`compacs problems` lists a PatientID whose studies disagree (text and --json);
+    `problems ack --patient` lets `verify` exit 0 (a cron health check); a third name stored
+    with storescu makes it fail again; `problems ack --all` takes conflicts too."""
+    node = make_node(KEEP_AS_RECEIVED)
+    data = ["--data", str(node.data_dir)]
+    roe = _study(tmp_path / "roe", "0123", "ROE^RICHARD", 2)
+    doe = _study(tmp_path / "doe", "0123", "DOE^JANE", PatientBirthDate="19800202")
+    for files in (roe, doe):
+        store_all(node, files)
+    uid = {k: pydicom.dcmread(f[0]).StudyInstanceUID for k, f in (("roe", roe), ("doe", doe))}
+    roe_born = pydicom.dcmread(roe[0]).get("PatientBirthDate") or "(none)"
+
+    res = node.cli("problems", *data)
+    assert res.returncode == 0, res.stderr
+    (line,) = [line for line in res.stdout.splitlines() if line.startswith("0123 ")]
+    assert f"'DOE^JANE' born 19800202, 1 study (e.g. {uid['doe']})" in line, line
+    assert f"'ROE^RICHARD' born {roe_born}, 1 study (e.g. {uid['roe']})" in line, line
+    assert "1 problem(s): 0 parked, 0 flagged, 1 patient-ID conflict(s), 0 acknowledged" in (
+        res.stdout
+    )
+    assert node.verify().returncode == 1
+
+    bad = node.cli("problems", "ack", *data, "--patient", "0124")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert bad.stderr.strip() == (
+        "compacs: problems ack: no patient-ID conflict under PatientID '0124'; "
+        "`compacs problems` lists those there are"
+    )
+    ack = node.cli(
+        "problems", "ack", *data, "--patient", "0123", "--by", "dr admin", "--note", "two people"
+    )
+    assert ack.returncode == 0, ack.stderr
+    assert "acknowledged PatientID '0123': 2 patients under one PatientID" in ack.stdout
+    listed = json.loads(node.cli("problems", *data, "--json").stdout)
+    assert listed["objects"] == []
+    (conflict,) = listed["patient_id_conflicts"]
+    assert (conflict["patient_id"], conflict["issuer_of_patient_id"]) == ("0123", None)
+    names = sorted((p["patient_name"], p["studies"], p["a_study"]) for p in conflict["patients"])
+    assert names == [("DOE^JANE", 1, uid["doe"]), ("ROE^RICHARD", 1, uid["roe"])]
+    assert conflict["acknowledged"]["by"] == "dr admin"
+    assert conflict["acknowledged"]["note"] == "two people"
+    verify = node.verify()
+    assert verify.returncode == 0, verify.stdout
+    assert "0 problem(s), 1 acknowledged" in verify.stdout
+    assert "patient_id_conflict" not in verify.stdout
+    assert node.stats()["patient_id_conflicts"] == 1  # acknowledged, still there
+
+    poe = _study(tmp_path / "poe", "0123", "POE^EDGAR")
+    store_all(node, poe)
+    verify = node.verify()
+    assert verify.returncode == 1, verify.stdout
+    listed = [line for line in verify.stdout.splitlines() if "patient_id_conflict" in line]
+    assert len(listed) == 3 and any("POE^EDGAR" in line for line in listed), verify.stdout
+    (conflict,) = json.loads(node.cli("problems", *data, "--json").stdout)["patient_id_conflicts"]
+    assert conflict["acknowledged"] is None and len(conflict["patients"]) == 3
+    ack = node.cli("problems", "ack", *data, "--all")
+    assert ack.returncode == 0, ack.stderr
+    assert "1 problem(s) acknowledged" in ack.stdout
+    assert node.verify().returncode == 0
 
 
 @pytest.mark.peers
