@@ -152,8 +152,8 @@ class PatientProblem(NamedTuple):
     def text(self) -> str:
         """The names and birth dates, as acknowledgements record it. Not the study counts: a
         new study of a name already known is no new conflict, a new name is."""
-        return "; ".join(sorted(f"{_name(c)} born {c.patient_birth_date or '(none)'}"
-                                for c in self.names))  # fmt: skip
+        names = (f"{_name(c)} born {c.patient_birth_date or '(none)'}" for c in self.names)
+        return "; ".join(sorted(names))
 
     @property
     def reason(self) -> str:
