@@ -138,7 +138,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if stats["patient_id_conflicts"]:
         print(
             f"patient_id_conflict {stats['patient_id_conflicts']} (PatientIDs whose studies "
-            "disagree on the name or birth date; `compacs verify` lists them)"
+            "disagree on the name or birth date; `compacs problems` lists them)"
         )
     if stats["parked"] or stats["flagged"]:
         print("(parked: compression failed; flagged: kept as received, non-conformant;")
@@ -204,7 +204,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for line in failures:
         print(line)
     count = len(service.index.instances())
-    acked = sum(p.acknowledged is not None for p in service.index.problems())
+    acked = sum(
+        p.acknowledged is not None
+        for p in [*service.index.problems(), *service.index.patient_problems()]
+    )
     print(
         f"verified {count} instance(s): {len(failures)} problem(s)"
         + (f", {acked} acknowledged (`compacs problems` lists them)" if acked else "")
@@ -656,9 +659,10 @@ def _add_scu_commands(sub: Any) -> None:
 
 
 def cmd_problems(args: argparse.Namespace) -> int:
-    """List parked and flagged objects with their reasons, and blobs that failed fixity; or
-    (`ack`) acknowledge objects."""
+    """List parked and flagged objects and patient-ID conflicts with their reasons, and blobs
+    that failed fixity; or (`ack`) acknowledge objects and conflicts."""
     from compacs.service import problems
+    from compacs.service.storage.index import PatientProblem, patient_label
 
     service = _open_service(args)
     try:
@@ -666,30 +670,40 @@ def cmd_problems(args: argparse.Namespace) -> int:
             args.by = args.by or problems.who()
             try:
                 acked = problems.acknowledge(
-                    service.index, args.uids, args.study, args.all, args.by, args.note
-                )
+                    service.index, args.uids, args.study, args.all, args.by, args.note,
+                    args.patient, args.issuer,
+                )  # fmt: skip
             except problems.SelectionError as exc:
                 raise UsageError(f"problems ack: {exc}") from exc
             for problem in acked:
-                print(f"acknowledged SOP {problem.sop_instance_uid}: {problem.text}")
+                if isinstance(problem, PatientProblem):
+                    print(f"acknowledged {patient_label(problem)}: {problem.reason}")
+                else:
+                    print(f"acknowledged SOP {problem.sop_instance_uid}: {problem.text}")
             print(f"{len(acked)} problem(s) acknowledged by {args.by}")
             return 0
         found = service.index.problems()
+        conflicts = service.index.patient_problems()
         fixity = service.index.fixity_failures()
     finally:
         service.close()
     if args.json:
         print(json.dumps({
             "objects": [problems.as_json(p) for p in found],
+            "patient_id_conflicts": [problems.patient_as_json(c) for c in conflicts],
             "fixity_failures": [{"tier": t, "blob": b, "error": e} for t, b, e in fixity],
         }, indent=2))  # fmt: skip
         return 0
     if found:
         print("\n".join(problems.table(found)))
+    if conflicts:
+        print("PatientIDs whose studies disagree on the name or birth date (each study answers")
+        print("with its own; acknowledge with `compacs problems ack --patient ID`):")
+        print("\n".join(problems.patient_table(conflicts)))
     if fixity:
         print("blobs whose last fixity check failed (restore them; never acknowledged):")
         print("\n".join(f"  {path} (tier {tier}): {error}" for tier, path, error in fixity))
-    print(problems.summary(found))
+    print(problems.summary(found, conflicts))
     return 0
 
 
@@ -721,7 +735,9 @@ def _add_problem_commands(sub: Any, data_options: Any) -> None:
         p.add_argument("--all", action="store_true", help=f"{what} every one")
         p.add_argument("--by", help="recorded as who did it (default: USER@HOST)")
 
-    p = sub.add_parser("problems", help="list parked and flagged objects with their reasons")
+    p = sub.add_parser(
+        "problems", help="list parked and flagged objects, patient-ID conflicts, with the reasons"
+    )
     data_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_problems, problems_command=None)
@@ -732,6 +748,20 @@ def _add_problem_commands(sub: Any, data_options: Any) -> None:
     a.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
     a.add_argument("--data", default=argparse.SUPPRESS, help="data folder (as for problems)")
     selection(a, "acknowledge")
+    a.add_argument(
+        "--patient",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="acknowledge the patient-ID conflict of this PatientID (studies under it disagree "
+        "on the name or birth date)",
+    )
+    a.add_argument(
+        "--issuer",
+        metavar="X",
+        help="the IssuerOfPatientID of --patient, where its PatientID has conflicts under "
+        "several ('' for none)",
+    )
     a.add_argument("--note", help="why (kept in the index and the audit log)")
 
     p = sub.add_parser("requeue", help="send parked objects back to compression")

@@ -20,7 +20,7 @@ from compacs.service import wire
 from compacs.service.archive_service import ArchiveService
 from compacs.service.compress import NOT_A_CODEC_FAILURE, source_frames
 from compacs.service.storage.archive import uid_hash
-from compacs.service.storage.index import Instance
+from compacs.service.storage.index import Instance, patient_label
 from compacs.service.storage.schema import STATE_PARKED
 from compacs.service.syntaxes import EXPLICIT_LE, is_private
 from compacs.service.transcode import transcode
@@ -156,7 +156,8 @@ def _reason(exc: BaseException) -> str:
 def verify(service: ArchiveService, progress: bool = True) -> list[str]:
     """Every problem found: bad checksums, undecodable blobs, missing blobs, orphans, and the
     objects the index flags (kept although non-conformant) or parked (compression failed),
-    unless an administrator acknowledged them as they read now (`compacs problems ack`): so
+    and each name under a PatientID whose studies disagree (patient_id_conflict), unless an
+    administrator acknowledged them as they read now (`compacs problems ack`): so
     verify can serve as a health check. An object kept as received that does not decode is
     flagged (here, where the index predates its job's check), not a second problem; a
     checksum failure is never acknowledged.
@@ -190,11 +191,12 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
         if problem.defects:
             failures.append(f"{where}: kept as received, flagged: {problem.defects}")
     failures.extend(
-        f"patient_id_conflict: PatientID {c.patient_id!r}"
-        f"{f' (issuer {c.issuer_of_patient_id!r})' if c.issuer_of_patient_id else ''}"
-        f" has studies that disagree; named {c.patient_name!r},"
-        f" born {c.patient_birth_date or '(none)'}: {c.studies} studies (e.g. {c.a_study})"
-        for c in service.index.patient_conflicts()
+        f"patient_id_conflict: {patient_label(conflict)} has studies that disagree; named"
+        f" {c.patient_name!r}, born {c.patient_birth_date or '(none)'}: {c.studies} studies"
+        f" (e.g. {c.a_study})"
+        for conflict in service.index.patient_problems()
+        if conflict.acknowledged is None
+        for c in conflict.names
     )
     known = service.index.blob_paths()
     young = service.config.ingest.lease_seconds

@@ -4,9 +4,11 @@ compression (`compacs requeue`).
 
 A *parked* object failed compression [ingest] max_attempts times and is kept as received; a
 *flagged* one was kept although non-conformant (validate.py's defects, or compressed pixel
-data that does not decode). Neither loses data, but `compacs verify` lists both, and a cron
-health check built on it would fail for ever: an acknowledgement says "known, leave it", and
-holds while the problem reads as it did (index.py `Problem.text`).
+data that does not decode). A *patient-ID conflict* is a PatientID (+ issuer) whose studies
+disagree on the name or birth date (each study answers with its own). None of them loses
+data, but `compacs verify` lists them all, and a cron health check built on it would fail
+for ever: an acknowledgement says "known, leave it", and holds while the problem reads as it
+did (index.py `Problem.text`, `PatientProblem.text`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import socket
 from datetime import datetime
 from typing import Any
 
-from compacs.service.storage.index import Index, Problem
+from compacs.service.storage.index import Acknowledged, Index, PatientProblem, Problem
 from compacs.service.storage.schema import STATE_PARKED
 
 
@@ -61,11 +63,56 @@ def select(
     return list(chosen.values())
 
 
+def select_patients(
+    conflicts: list[PatientProblem], patient_ids: list[str], issuer: str | None
+) -> list[PatientProblem]:
+    """The patient-ID conflicts named by PatientID, under `issuer` ("" for none) or, without
+    one, the only conflict of that PatientID: a PatientID with conflicts under several
+    issuers is several patient domains, and acknowledging one must not pass the others."""
+    chosen: list[PatientProblem] = []
+    for patient_id in patient_ids:
+        found = [c for c in conflicts if c.patient_id == patient_id]
+        if issuer is not None:
+            found = [c for c in found if (c.issuer_of_patient_id or "") == issuer]
+        if not found:
+            under = {None: "", "": " without an issuer"}.get(issuer, f" with issuer {issuer!r}")
+            raise SelectionError(
+                f"no patient-ID conflict under PatientID {patient_id!r}{under}; "
+                "`compacs problems` lists those there are"
+            )
+        if len(found) > 1:
+            issuers = ", ".join(repr(c.issuer_of_patient_id or "") for c in found)
+            raise SelectionError(
+                f"PatientID {patient_id!r} has conflicts under several issuers ({issuers}): "
+                "give --issuer (--issuer '' for the one without an issuer)"
+            )
+        if found[0] not in chosen:
+            chosen.append(found[0])
+    return chosen
+
+
 def acknowledge(
-    index: Index, uids: list[str], studies: list[str], everything: bool, by: str, note: str | None
-) -> list[Problem]:
-    """Acknowledge the selected problems as they read now; the ones acknowledged."""
-    chosen = select(index.problems(), uids, studies, everything)
+    index: Index,
+    uids: list[str],
+    studies: list[str],
+    everything: bool,
+    by: str,
+    note: str | None,
+    patient_ids: list[str] | None = None,
+    issuer: str | None = None,
+) -> list[Problem | PatientProblem]:
+    """Acknowledge the selected problems as they read now (objects by SOP or study UID,
+    patient-ID conflicts by PatientID, or everything); the ones acknowledged."""
+    patient_ids = patient_ids or []
+    if issuer is not None and not patient_ids:
+        raise SelectionError("--issuer names the issuer of a --patient ID: give --patient too")
+    if not (uids or studies or patient_ids or everything):
+        raise SelectionError("give SOP Instance UIDs, --study UID, --patient ID, or --all")
+    chosen: list[Problem | PatientProblem] = []
+    if uids or studies or everything:
+        chosen.extend(select(index.problems(), uids, studies, everything))
+    conflicts = index.patient_problems()
+    chosen.extend(conflicts if everything else select_patients(conflicts, patient_ids, issuer))
     index.acknowledge(chosen, by, note)
     return chosen
 
@@ -81,7 +128,6 @@ def requeue(index: Index, uids: list[str], studies: list[str], everything: bool,
 
 
 def as_json(problem: Problem) -> dict[str, Any]:
-    ack = problem.acknowledged
     return {
         "sop_instance_uid": problem.sop_instance_uid,
         "study_instance_uid": problem.study_instance_uid,
@@ -91,25 +137,55 @@ def as_json(problem: Problem) -> dict[str, Any]:
         "last_error": problem.last_error,
         "defects": problem.defects,
         "blob": problem.blob_path,
-        "acknowledged": None
-        if ack is None
-        else {"by": ack.by, "at": ack.at.isoformat(), "note": ack.note},
+        "acknowledged": _ack_json(problem.acknowledged),
     }
+
+
+def patient_as_json(problem: PatientProblem) -> dict[str, Any]:
+    return {
+        "patient_id": problem.patient_id,
+        "issuer_of_patient_id": problem.issuer_of_patient_id,
+        "patients": [
+            {
+                "patient_name": c.patient_name,
+                "patient_birth_date": c.patient_birth_date,
+                "studies": c.studies,
+                "a_study": c.a_study,
+            }
+            for c in problem.names
+        ],
+        "reason": problem.reason,
+        "acknowledged": _ack_json(problem.acknowledged),
+    }
+
+
+def _ack_json(ack: Acknowledged | None) -> dict[str, Any] | None:
+    return None if ack is None else {"by": ack.by, "at": ack.at.isoformat(), "note": ack.note}
 
 
 def table(problems: list[Problem]) -> list[str]:
     """One line per problem, the reason last and whole (it is what the reader needs)."""
     rows = [("SOP INSTANCE UID", "STATE", "ACKNOWLEDGED", "REASON")]
-    for p in problems:
-        ack = p.acknowledged
-        rows.append(
-            (
-                p.sop_instance_uid,
-                p.state,
-                "-" if ack is None else f"{ack.by} {_when(ack.at)}",
-                p.text,
-            )
-        )
+    rows.extend((p.sop_instance_uid, p.state, _acked(p.acknowledged), p.text) for p in problems)
+    return _aligned(rows)
+
+
+def patient_table(conflicts: list[PatientProblem]) -> list[str]:
+    """One line per PatientID (+ issuer) whose studies disagree, the names and their study
+    counts as the reason."""
+    rows = [("PATIENT ID", "ISSUER", "ACKNOWLEDGED", "REASON")]
+    rows.extend(
+        (c.patient_id, c.issuer_of_patient_id or "-", _acked(c.acknowledged), c.reason)
+        for c in conflicts
+    )
+    return _aligned(rows)
+
+
+def _acked(ack: Acknowledged | None) -> str:
+    return "-" if ack is None else f"{ack.by} {_when(ack.at)}"
+
+
+def _aligned(rows: list[tuple[str, str, str, str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return [
         "  ".join([*(v.ljust(w) for v, w in zip(row[:3], widths, strict=True)), row[3]])
@@ -117,16 +193,18 @@ def table(problems: list[Problem]) -> list[str]:
     ]
 
 
-def summary(problems: list[Problem]) -> str:
+def summary(problems: list[Problem], conflicts: list[PatientProblem]) -> str:
     parked = sum(p.state == STATE_PARKED for p in problems)
     flagged = sum(bool(p.defects) for p in problems)
-    acked = sum(p.acknowledged is not None for p in problems)
+    everything = [*problems, *conflicts]
+    acked = sum(p.acknowledged is not None for p in everything)
     return (
-        f"{len(problems)} problem(s): {parked} parked, {flagged} flagged, {acked} acknowledged"
+        f"{len(everything)} problem(s): {parked} parked, {flagged} flagged, "
+        f"{len(conflicts)} patient-ID conflict(s), {acked} acknowledged"
         + (
-            "\n(`compacs problems ack UID...` acknowledges; `compacs requeue UID...` sends parked"
-            " ones back to compression)"
-            if len(problems) > acked
+            "\n(`compacs problems ack UID...` or `--patient ID` acknowledges; "
+            "`compacs requeue UID...` sends parked ones back to compression)"
+            if len(everything) > acked
             else ""
         )
     )

@@ -9,6 +9,7 @@ same through a real node: storescu in, DCMTK findscu out, `compacs stats` and `v
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +21,14 @@ import pytest
 from nodecheck import store_all, wait_compressed
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import func, select
 from test_find import KEEP_AS_RECEIVED, findscu
 
+from compacs.service import problems
 from compacs.service.query import find
 from compacs.service.retrieve import matching_instances
-from compacs.service.storage.index import Index, NewBlob
+from compacs.service.storage.index import Index, NewBlob, PatientProblem
+from compacs.service.storage.schema import Acknowledgement
 
 # A UID with "*" is what the tests send on purpose: pydicom warns on setting it.
 # (and partial dates, a lenient extension)
@@ -193,6 +197,80 @@ def test_replace_changes_its_own_study_only(index: Index) -> None:
     assert [str(p.PatientName) for p in patients] == ["ROE^RICHARD"]
 
 
+def test_a_patient_id_conflict_is_acknowledged_until_another_name_comes(index: Index) -> None:
+    """`compacs problems ack --patient` in the index: one problem per PatientID (+ issuer),
+    acknowledged as its names read; a new study of a known name keeps the acknowledgement,
+    a new name ends it. A PatientID and issuer of 64 characters each fit (PostgreSQL checks
+    the subject column's length)."""
+    roe, doe = generate_uid(), generate_uid()
+    add(index, dataset("0", "ROE^RICHARD", roe, PatientBirthDate="19500101"))
+    add(index, dataset("0", "DOE^JANE", doe, PatientBirthDate="19800202"))
+    for issuer in ("HOSP_A", "HOSP_B"):  # one PatientID, two patient domains, a conflict in each
+        for name in ("ANN", "BOB"):
+            add(index, dataset("7", name, generate_uid(), IssuerOfPatientID=issuer))
+    long_id, long_issuer = "9" * 64, "I" * 64
+    for name in ("LONG^ONE", "LONG^TWO"):
+        add(index, dataset(long_id, name, generate_uid(), IssuerOfPatientID=long_issuer))
+
+    def conflicts() -> dict[tuple[str, str | None], PatientProblem]:
+        return {(c.patient_id, c.issuer_of_patient_id): c for c in index.patient_problems()}
+
+    found = conflicts()
+    assert sorted(found) == [("0", None), ("7", "HOSP_A"), ("7", "HOSP_B"), (long_id, long_issuer)]
+    assert all(c.acknowledged is None for c in found.values())
+    assert found[("0", None)].reason == (
+        f"2 patients under one PatientID: 'DOE^JANE' born 19800202, 1 study (e.g. {doe}); "
+        f"'ROE^RICHARD' born 19500101, 1 study (e.g. {roe})"
+    )
+
+    with pytest.raises(problems.SelectionError, match="give SOP Instance UIDs, --study UID, --pa"):
+        problems.acknowledge(index, [], [], False, "me", None)
+    with pytest.raises(problems.SelectionError, match="no patient-ID conflict under PatientID '1'"):
+        problems.acknowledge(index, [], [], False, "me", None, ["1"])
+    with pytest.raises(problems.SelectionError, match=r"several issuers \('HOSP_A', 'HOSP_B'\)"):
+        problems.acknowledge(index, [], [], False, "me", None, ["7"])
+    with pytest.raises(problems.SelectionError, match="'7' with issuer 'HOSP_C'"):
+        problems.acknowledge(index, [], [], False, "me", None, ["7"], "HOSP_C")
+    with pytest.raises(problems.SelectionError, match="'7' without an issuer"):
+        problems.acknowledge(index, [], [], False, "me", None, ["7"], "")
+    with pytest.raises(problems.SelectionError, match="give --patient too"):
+        problems.acknowledge(index, [], [], False, "me", None, [], "HOSP_A")
+    assert index.problems() == []  # no object is flagged: an instance selection is an error
+    with pytest.raises(problems.SelectionError, match="no flagged or parked object"):
+        problems.acknowledge(index, ["1.2.3"], [], False, "me", None, ["0"])
+    assert all(c.acknowledged is None for c in conflicts().values())  # nothing half-done
+
+    acked = problems.acknowledge(index, [], [], False, "dr admin", "two people", ["0"], "")
+    assert acked == [found[("0", None)]]
+    acked = problems.acknowledge(index, [], [], False, "dr admin", None, ["7"], "HOSP_B")
+    assert acked == [found[("7", "HOSP_B")]]
+    found = conflicts()
+    ack = found[("0", None)].acknowledged
+    assert ack is not None and (ack.by, ack.note) == ("dr admin", "two people")
+    assert found[("7", "HOSP_B")].acknowledged is not None
+    assert found[("7", "HOSP_A")].acknowledged is None  # the other domain is not passed
+    detail = index.last_audit("acknowledged")
+    assert detail is not None and "by dr admin: PatientID '7' (issuer 'HOSP_B'): 2 pat" in detail
+
+    # another study of a known name (its name padded as PS3.5 allows): still acknowledged
+    add(index, dataset("0", "DOE^JANE^^", generate_uid(), PatientBirthDate="19800202"))
+    (name,) = [c for c in conflicts()[("0", None)].names if c.a_study != roe]
+    assert name.studies == 2
+    assert conflicts()[("0", None)].acknowledged is not None
+    # a third name: a new problem, to be looked at and acknowledged again
+    add(index, dataset("0", "POE^EDGAR", generate_uid()))
+    again = conflicts()[("0", None)]
+    assert again.acknowledged is None and again.reason.startswith("3 patients under one")
+    assert "'POE^EDGAR' born (none), 1 study" in again.reason
+
+    acked = problems.acknowledge(index, [], [], True, "cron owner", None)  # --all
+    assert len(acked) == 4
+    assert all(c.acknowledged is not None for c in conflicts().values())
+    with index.reading() as s:  # one acknowledgement in force per PatientID (+ issuer)
+        kinds = s.execute(select(Acknowledgement.kind, func.count()).group_by(Acknowledgement.kind))
+        assert dict(kinds.all()) == {"patient": 4}
+
+
 def test_uid_lists_of_2000_and_no_wildcards_in_find_and_retrieve(index: Index) -> None:
     study = generate_uid()
     series = generate_uid()
@@ -294,6 +372,71 @@ def test_colliding_patient_ids_over_dimse(make_node: Any, tmp_path: Path) -> Non
     assert len(listed) == 2, res.stdout
     assert any("ROE^RICHARD" in line and uid["roe"] in line for line in listed), listed
     assert any("DOE^JANE" in line and uid["doe"] in line for line in listed), listed
+
+
+@pytest.mark.peers
+def test_a_patient_id_conflict_is_listed_acknowledged_and_passes_verify(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """`compacs problems` lists a PatientID whose studies disagree (text and --json);
+    `problems ack --patient` lets `verify` exit 0 (a cron health check); a third name stored
+    with storescu makes it fail again; `problems ack --all` takes conflicts too."""
+    node = make_node(KEEP_AS_RECEIVED)
+    data = ["--data", str(node.data_dir)]
+    roe = _study(tmp_path / "roe", "0123", "ROE^RICHARD", 2)
+    doe = _study(tmp_path / "doe", "0123", "DOE^JANE", PatientBirthDate="19800202")
+    for files in (roe, doe):
+        store_all(node, files)
+    uid = {k: pydicom.dcmread(f[0]).StudyInstanceUID for k, f in (("roe", roe), ("doe", doe))}
+    roe_born = pydicom.dcmread(roe[0]).get("PatientBirthDate") or "(none)"
+
+    res = node.cli("problems", *data)
+    assert res.returncode == 0, res.stderr
+    (line,) = [line for line in res.stdout.splitlines() if line.startswith("0123 ")]
+    assert f"'DOE^JANE' born 19800202, 1 study (e.g. {uid['doe']})" in line, line
+    assert f"'ROE^RICHARD' born {roe_born}, 1 study (e.g. {uid['roe']})" in line, line
+    assert "1 problem(s): 0 parked, 0 flagged, 1 patient-ID conflict(s), 0 acknowledged" in (
+        res.stdout
+    )
+    assert node.verify().returncode == 1
+
+    bad = node.cli("problems", "ack", *data, "--patient", "0124")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert bad.stderr.strip() == (
+        "compacs: problems ack: no patient-ID conflict under PatientID '0124'; "
+        "`compacs problems` lists those there are"
+    )
+    ack = node.cli(
+        "problems", "ack", *data, "--patient", "0123", "--by", "dr admin", "--note", "two people"
+    )
+    assert ack.returncode == 0, ack.stderr
+    assert "acknowledged PatientID '0123': 2 patients under one PatientID" in ack.stdout
+    listed = json.loads(node.cli("problems", *data, "--json").stdout)
+    assert listed["objects"] == []
+    (conflict,) = listed["patient_id_conflicts"]
+    assert (conflict["patient_id"], conflict["issuer_of_patient_id"]) == ("0123", None)
+    names = sorted((p["patient_name"], p["studies"], p["a_study"]) for p in conflict["patients"])
+    assert names == [("DOE^JANE", 1, uid["doe"]), ("ROE^RICHARD", 1, uid["roe"])]
+    assert conflict["acknowledged"]["by"] == "dr admin"
+    assert conflict["acknowledged"]["note"] == "two people"
+    verify = node.verify()
+    assert verify.returncode == 0, verify.stdout
+    assert "0 problem(s), 1 acknowledged" in verify.stdout
+    assert "patient_id_conflict" not in verify.stdout
+    assert node.stats()["patient_id_conflicts"] == 1  # acknowledged, still there
+
+    poe = _study(tmp_path / "poe", "0123", "POE^EDGAR")
+    store_all(node, poe)
+    verify = node.verify()
+    assert verify.returncode == 1, verify.stdout
+    listed = [line for line in verify.stdout.splitlines() if "patient_id_conflict" in line]
+    assert len(listed) == 3 and any("POE^EDGAR" in line for line in listed), verify.stdout
+    (conflict,) = json.loads(node.cli("problems", *data, "--json").stdout)["patient_id_conflicts"]
+    assert conflict["acknowledged"] is None and len(conflict["patients"]) == 3
+    ack = node.cli("problems", "ack", *data, "--all")
+    assert ack.returncode == 0, ack.stderr
+    assert "1 problem(s) acknowledged" in ack.stdout
+    assert node.verify().returncode == 0
 
 
 @pytest.mark.peers

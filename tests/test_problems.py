@@ -131,7 +131,8 @@ def test_only_the_object_that_crashes_its_worker_is_charged_and_parked(
     assert listed.returncode == 0, listed.stderr
     (line,) = [line for line in listed.stdout.splitlines() if line.startswith(culprit_uid)]
     assert "parked" in line and "the compression worker died running this object alone" in line
-    assert "1 problem(s): 1 parked, 0 flagged, 0 acknowledged" in listed.stdout
+    summary = "1 problem(s): 1 parked, 0 flagged, 0 patient-ID conflict(s), 0 acknowledged"
+    assert summary in listed.stdout, listed.stdout
     verify = node.verify()
     assert verify.returncode == 1 and f"SOP {culprit_uid}" in verify.stdout, verify.stdout
 

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 
 from compacs.service.storage.schema import (
+    ACK_PATIENT,
     KIND_INSTANCE,
     PATIENT_BACKFILLED,
     PATIENT_RECEIVED,
@@ -52,6 +53,7 @@ from compacs.service.storage.schema import (
     check_revision,
     is_empty,
     migrate,
+    patient_conflict_subject,
     patient_identity,
     utcnow,
 )
@@ -133,6 +135,41 @@ class PatientConflict(NamedTuple):
     patient_birth_date: str | None
     studies: int
     a_study: str  # one of its Study Instance UIDs, to look it up
+
+
+class PatientProblem(NamedTuple):
+    """A PatientID (+ issuer) whose studies disagree on the name or birth date, as
+    `compacs problems` lists it and `compacs problems ack --patient` acknowledges it: one
+    problem however many names it has."""
+
+    patient_id: str
+    issuer_of_patient_id: str | None
+    names: tuple[PatientConflict, ...]  # one per name and birth date, as verify lists them
+    # the acknowledgement in force: None when there is none, or a name came or went since
+    acknowledged: Acknowledged | None = None
+
+    @property
+    def text(self) -> str:
+        """The names and birth dates, as acknowledgements record it. Not the study counts: a
+        new study of a name already known is no new conflict, a new name is."""
+        names = (f"{_name(c)} born {c.patient_birth_date or '(none)'}" for c in self.names)
+        return "; ".join(sorted(names))
+
+    @property
+    def reason(self) -> str:
+        """The conflict in one line, with each name's studies (and one of them to look up)."""
+        return f"{len(self.names)} patients under one PatientID: " + "; ".join(
+            f"{_name(c)} born {c.patient_birth_date or '(none)'}, {c.studies} "
+            f"{'study' if c.studies == 1 else 'studies'} (e.g. {c.a_study})"
+            for c in sorted(self.names, key=lambda c: (_name(c), c.patient_birth_date or ""))
+        )
+
+
+def _name(conflict: PatientConflict) -> str:
+    """A patient name as a conflict reads it: trailing empty components make no other person
+    (schema.patient_identity), and a missing name is said so."""
+    name = (conflict.patient_name or "").rstrip("^ ")
+    return repr(name) if name else "(no name)"
 
 
 class DuplicateInstance(Exception):
@@ -836,18 +873,28 @@ class Index:
                 is not None
             )
 
-    def acknowledge(self, problems: list[Problem], by: str, note: str | None) -> None:
+    def acknowledge(
+        self, problems: Sequence[Problem | PatientProblem], by: str, note: str | None
+    ) -> None:
         """Record that `by` knows these problems as they read now; audited one by one."""
         ack = Acknowledgement.__table__
         now = utcnow()
         with self._write() as conn:
             for problem in problems:
-                where = (ack.c.kind == KIND_INSTANCE) & (ack.c.subject == problem.sop_instance_uid)
-                conn.execute(ack.delete().where(where))
+                if isinstance(problem, PatientProblem):
+                    kind, sop_uid = ACK_PATIENT, None
+                    subject = patient_conflict_subject(
+                        problem.patient_id, problem.issuer_of_patient_id
+                    )
+                    what = f"{patient_label(problem)}: {problem.reason}"
+                else:
+                    kind, sop_uid = KIND_INSTANCE, problem.sop_instance_uid
+                    subject, what = problem.sop_instance_uid, problem.text
+                conn.execute(ack.delete().where((ack.c.kind == kind) & (ack.c.subject == subject)))
                 conn.execute(
                     insert(ack).values(
-                        kind=KIND_INSTANCE,
-                        subject=problem.sop_instance_uid,
+                        kind=kind,
+                        subject=subject,
                         problem=problem.text,
                         acknowledged_by=by[:80],
                         acknowledged_at=now,
@@ -858,8 +905,8 @@ class Index:
                     insert(AuditEvent.__table__).values(
                         at=now,
                         kind="acknowledged",
-                        sop_instance_uid=problem.sop_instance_uid,
-                        detail=f"by {by}: {problem.text}" + (f" (note: {note})" if note else ""),
+                        sop_instance_uid=sop_uid,
+                        detail=f"by {by}: {what}" + (f" (note: {note})" if note else ""),
                     )
                 )
 
@@ -1044,6 +1091,36 @@ class Index:
             )
             return [PatientConflict(*row) for row in rows]
 
+    def patient_problems(self) -> list[PatientProblem]:
+        """patient_conflicts() grouped by PatientID (+ issuer), with the acknowledgement in
+        force on each (verify, `compacs problems`)."""
+        groups: dict[tuple[str, str | None], list[PatientConflict]] = {}
+        for conflict in self.patient_conflicts():
+            key = (conflict.patient_id, conflict.issuer_of_patient_id)
+            groups.setdefault(key, []).append(conflict)
+        ack = Acknowledgement.__table__
+        with self.engine.connect() as conn:
+            acks = {
+                subject: (text, Acknowledged(by, at, note))
+                for subject, text, by, at, note in conn.execute(
+                    select(
+                        ack.c.subject,
+                        ack.c.problem,
+                        ack.c.acknowledged_by,
+                        ack.c.acknowledged_at,
+                        ack.c.note,
+                    ).where(ack.c.kind == ACK_PATIENT)
+                )
+            }
+        problems = []
+        for (patient_id, issuer), names in groups.items():
+            problem = PatientProblem(patient_id, issuer, tuple(names))
+            acked_text, acked = acks.get(patient_conflict_subject(patient_id, issuer), (None, None))
+            if acked_text == problem.text:
+                problem = problem._replace(acknowledged=acked)
+            problems.append(problem)
+        return problems
+
     def instances(
         self, *, study_uid: str | None = None, series_uid: str | None = None
     ) -> list[Instance]:
@@ -1140,6 +1217,12 @@ class Index:
                 "by_codec": grouped(Instance.codec),
                 "by_tier": grouped(Blob.tier),
             }
+
+
+def patient_label(problem: PatientProblem) -> str:
+    """How a PatientID (+ issuer) is named to an administrator."""
+    issuer = problem.issuer_of_patient_id
+    return f"PatientID {problem.patient_id!r}" + (f" (issuer {issuer!r})" if issuer else "")
 
 
 class _Conflict(Exception):

@@ -51,6 +51,8 @@ STATE_PARKED = "parked"  # compression failed [ingest] max_attempts times: kept 
 HOT_TIER = "hot"  # where received objects land; later tiers are colder
 KIND_INSTANCE = "instance"  # one Part-10 object
 KIND_VOLUME = "volume"  # the pixel data of many instances coded together
+# What an acknowledgement is of (Acknowledgement.kind): an instance (KIND_INSTANCE), or
+ACK_PATIENT = "patient"  # a PatientID (+ issuer) whose studies disagree on the patient
 
 PATIENT_RECEIVED = "received"
 PATIENT_BACKFILLED = "backfilled"
@@ -73,6 +75,13 @@ def patient_identity(
     else:
         parts = ["study", study_uid]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def patient_conflict_subject(patient_id: str, issuer: str | None) -> str:
+    """The acknowledgement subject of a PatientID (+ issuer) conflict: the two may take 64
+    characters each and the subject column holds 64, so a hash of both, as patient_identity
+    keys a patient row (the audit log and `compacs problems` name the PatientID itself)."""
+    return hashlib.sha256("\0".join(["patient-id", patient_id, issuer or ""]).encode()).hexdigest()
 
 
 class Base(DeclarativeBase):
@@ -232,16 +241,18 @@ class AuditEvent(Base):
 
 
 class Acknowledgement(Base):
-    """An administrator's word that a flagged or parked object is known and may stay as it is
-    (`compacs problems ack`), so that `compacs verify` passes as a health check. It holds
-    while the problem reads as it did when acknowledged: a new defect, or a new failure after
-    `compacs requeue`, is a new problem. The audit log keeps every acknowledgement; this
-    table the one in force per subject."""
+    """An administrator's word that a flagged or parked object, or a PatientID whose studies
+    disagree on the patient, is known and may stay as it is (`compacs problems ack`), so that
+    `compacs verify` passes as a health check. It holds while the problem reads as it did when
+    acknowledged: a new defect, a new failure after `compacs requeue`, a new name under the
+    PatientID is a new problem. The audit log keeps every acknowledgement; this table the one
+    in force per subject."""
 
     __tablename__ = "acknowledgement"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # what the subject is: "instance"
-    subject: Mapped[str] = mapped_column(String(64))  # its key: the SOP Instance UID
+    kind: Mapped[str] = mapped_column(String(32))  # KIND_INSTANCE or ACK_PATIENT
+    # its key: the SOP Instance UID, or patient_conflict_subject()
+    subject: Mapped[str] = mapped_column(String(64))
     problem: Mapped[str] = mapped_column(Text)  # the problem as it read when acknowledged
     acknowledged_by: Mapped[str] = mapped_column(String(80))
     acknowledged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
