@@ -110,14 +110,18 @@ retag "$POSTGRES" "$recipe" 15
 if ! have "$ORTHANC:$recipe"; then
     say "building $ORTHANC:$recipe"
     mkdir -p "$work/orthanc"
-    # Debian's Orthanc reads every .json in /etc/orthanc; the compose file mounts its own
-    # orthanc.json over Debian's, and that file sets storage, plugins and access itself.
+    # Debian's Orthanc reads every .json in /etc/orthanc. The compose file mounts its
+    # orthanc.json there, which holds only what the orthancteam/orthanc image takes as
+    # well; that image loads its plugins itself, here plugins.json does (in place of
+    # Debian's orthanc.json, which would define them twice).
     cat > "$work/orthanc/Containerfile" <<DOCKERFILE
 FROM $BASE
 RUN $NO_SERVICES && apt-get update \
     && apt-get install -y --no-install-recommends orthanc orthanc-gdcm \
     && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d \
-    && mkdir -p /var/lib/orthanc/db && chown orthanc:orthanc /var/lib/orthanc/db
+    && mkdir -p /var/lib/orthanc/db && chown orthanc:orthanc /var/lib/orthanc/db \
+    && rm /etc/orthanc/orthanc.json \
+    && echo '{ "Plugins" : [ "/usr/share/orthanc/plugins" ] }' > /etc/orthanc/plugins.json
 USER orthanc
 VOLUME ["/var/lib/orthanc/db"]
 EXPOSE 4242 8042

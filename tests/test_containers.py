@@ -257,6 +257,14 @@ def test_compacs_turns_healthy(stack: Stack) -> None:
     assert "/var/lib/compacs/archive writable" in line
 
 
+def test_orthanc_runs_on_the_mounted_config(stack: Stack) -> None:
+    """deploy/orthanc.json is what Orthanc runs with, and the Debian image loads GDCM."""
+    system = stack.orthanc("GET", "/system")
+    assert system["Name"] == "orthanc (compacs compose)" and system["DicomAet"] == "ORTHANC"
+    assert "gdcm" in stack.orthanc("GET", "/plugins")
+    assert stack.orthanc("GET", "/modalities") == ["compacs"]
+
+
 def test_store_find_move_bit_exact_on_the_postgres_index(stack: Stack, tmp_path: Path) -> None:
     files = dicomdata.real_ct_series(tmp_path / "ct")
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -302,6 +310,7 @@ def test_kill_mid_ingest_loses_nothing_acknowledged(stack: Stack, tmp_path: Path
     acked = acknowledged(files, "".join(lines))
     assert killed.is_set(), "".join(lines[-40:])
     assert 8 <= len(acked) < len(files), f"{len(acked)} acknowledged: not killed mid-ingest"
+    print(f"\nkilled mid-ingest: {len(acked)} of {len(files)} acknowledged")
 
     stack.up()
     stack.wait_healthy()
