@@ -257,6 +257,14 @@ def test_compacs_turns_healthy(stack: Stack) -> None:
     assert "/var/lib/compacs/archive writable" in line
 
 
+def test_db_upgrade_in_the_container_reads_the_same_index(stack: Stack) -> None:
+    """What README's upgrade step runs (`compacs db upgrade` in the compacs container, no
+    flags): it finds the PostgreSQL index through COMPACS_INDEX_URL, already current."""
+    out = stack.exec("compacs", "compacs", "db", "upgrade")
+    assert out.startswith("index postgresql+psycopg://compacs:***@postgres/compacs is at ")
+    assert "nothing to do" in out
+
+
 def test_orthanc_runs_on_the_mounted_config(stack: Stack) -> None:
     """deploy/orthanc.json is what Orthanc runs with, and the Debian image loads GDCM."""
     system = stack.orthanc("GET", "/system")
