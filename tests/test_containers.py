@@ -198,7 +198,8 @@ def stack(debian_peers: None) -> Iterator[Stack]:
     started = time.monotonic()
     ensure_podman()
     t0 = time.monotonic()
-    build = run("deploy/build-local-images.sh", timeout=3600)
+    with peers._file_lock(peers.STATE_DIR / "images.lock"):  # one build at a time
+        build = run("deploy/build-local-images.sh", timeout=3600)
     TIMINGS["images (build or reuse)"] = time.monotonic() - t0
     print(build.stderr.strip().splitlines()[-1])
     s = Stack()
@@ -301,8 +302,9 @@ def test_kill_mid_ingest_loses_nothing_acknowledged(stack: Stack, tmp_path: Path
     `up` again: every instance compacs acknowledged is in the index and comes back
     bit-exact; nothing is left pending and `compacs verify` finds no problem."""
     files = [f for i in range(3) for f in dicomdata.real_ct_series(tmp_path / f"s{i}")]
-    cmd = ["storescu", "-v", "-R", "-nh", "-xv", "-aet", "STORESCU", "-aec", "COMPACS",
-           "127.0.0.1", str(stack.dicom_port), *map(str, files)]  # fmt: skip
+    # -td: a response that never comes (the peer gone without a reset) ends storescu too.
+    cmd = ["storescu", "-v", "-R", "-nh", "-xv", "-td", "120", "-aet", "STORESCU",
+           "-aec", "COMPACS", "127.0.0.1", str(stack.dicom_port), *map(str, files)]  # fmt: skip
     sender = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=peers.dcmtk_env()
     )
