@@ -75,6 +75,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """One line, exit 0 healthy or 1 (a container's HEALTHCHECK reserves 2: a config
+    mistake is reported as unhealthy too, with what to fix)."""
+    from compacs.service import health
+
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the line says it all
+    try:
+        config = _config(args, host=args.host, port=args.port, ae_title=args.ae_title)
+    except ConfigError as exc:
+        print(f"unhealthy: config: {exc}")
+        return 1
+    checks = health.run_checks(config, int(args.min_free_gb * 1e9), args.timeout)
+    print(health.summary(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Bring the index's schema to this compacs' revision (the only command that changes an
     existing index's schema: `serve` creates an empty one, and refuses an older one)."""
@@ -788,6 +804,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="DICOM port (default 11112, or $COMPACS_PORT)")
     p.add_argument("--ae-title", help="our AE title (default COMPACS, or $COMPACS_AE_TITLE)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "health", help="is the node healthy: C-ECHO to itself, index, archive, free disk"
+    )
+    data_options(p)
+    p.add_argument("--host", help="the node's listen address (default: its config's)")
+    p.add_argument("--port", type=int, help="the node's DICOM port (default: its config's)")
+    p.add_argument("--ae-title", help="the node's AE title (default: its config's)")
+    p.add_argument(
+        "--min-free-gb", type=float, default=1.0, help="free disk below this is unhealthy (1)"
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per check (10)")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("stats", help="instances, studies, bytes and ratios of the archive")
     data_options(p)
