@@ -19,7 +19,8 @@ are not part of a frame and do not survive compression (no DICOM codec keeps the
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,37 @@ def from_unsigned_bits(frame: np.ndarray, fmt: PixelFormat) -> np.ndarray:
     return signed
 
 
+# What to install for each codec dependency: the extra that carries it, or its PyPI name.
+INSTALL_HINTS = {
+    "onnxruntime": "'compacs[cpu]' (or 'compacs[gpu]' for CUDA)",
+    "jpeg_ls": "pyjpegls",
+    "openjpeg": "pylibjpeg-openjpeg",
+    "rle": "pylibjpeg-rle",
+    "av": "av",
+    "imagecodecs": "imagecodecs",
+    "constriction": "constriction",
+}
+
+
+def install_hint(module: str) -> str:
+    return INSTALL_HINTS.get(module, module)
+
+
+@functools.cache
+def import_problem(module: str) -> str | None:
+    """None if `module` imports; otherwise "" when it is simply not installed, or
+    " (it is installed but fails to import: ...)" when importing it fails otherwise."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module or (exc.name and module.startswith(f"{exc.name}.")):
+            return ""
+        return f" (it is installed but fails to import: {type(exc).__name__}: {exc})"
+    except Exception as exc:  # a broken install raises anything: ImportError, OSError, ...
+        return f" (it is installed but fails to import: {type(exc).__name__}: {exc})"
+    return None
+
+
 class Backend:
     """What every codec declares, whether it codes frames one by one or whole volumes.
 
@@ -109,7 +141,25 @@ class Backend:
     description: str = ""
 
     def is_available(self) -> bool:
-        return all(importlib.util.find_spec(mod) is not None for mod in self.dependencies)
+        return self.unavailable_reason() is None
+
+    def unavailable_reason(self) -> str | None:
+        """Why this codec cannot run here ("learned: needs onnxruntime: pip install
+        'compacs[cpu]'"), or None; found once per process (`check_available`) and kept, so
+        that the node's start, `codec list` and `rules explain` say the same thing."""
+        if "_unavailable" not in self.__dict__:
+            self._unavailable = self.check_available()
+        return self._unavailable
+
+    def check_available(self) -> str | None:
+        """Each dependency is really imported: a package that is installed but broken (a
+        wheel for another CPU, a missing shared library) is as unavailable as a missing one,
+        and finding that at start beats a worker dying on the first image."""
+        for module in self.dependencies:
+            problem = import_problem(module)
+            if problem is not None:
+                return f"{self.name}: needs {module}: pip install {install_hint(module)}{problem}"
+        return None
 
     def check_params(self, params: dict[str, Any]) -> None:
         unknown = sorted(set(params) - set(self.allowed_params))
