@@ -92,7 +92,7 @@ class HEVC(VolumeCodec):
             av.codec.Codec("libx265", "w")
             av.codec.Codec("hevc", "r")
         except av.codec.codec.UnknownCodecError as exc:
-            return f"{self.name}: this build of av (PyAV) has no {exc}: pip install av"
+            return f"this build of av (PyAV) has no {exc}: pip install av"
         return None
 
     def check_params(self, params: dict[str, Any]) -> None:

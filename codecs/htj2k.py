@@ -34,7 +34,7 @@ class HTJ2K(Codec):
 
         if getattr(imagecodecs, "HTJ2K", None) and imagecodecs.HTJ2K.available:
             return None
-        return f"{self.name}: this build of imagecodecs has no HTJ2K: pip install -U imagecodecs"
+        return "this build of imagecodecs has no HTJ2K: pip install -U imagecodecs"
 
     def unsupported_reason(self, fmt: PixelFormat) -> str | None:
         return common_unsupported_reason(fmt, max_bits=16)

@@ -59,7 +59,7 @@ class JpegXL(Codec):
 
         if getattr(imagecodecs, "JPEGXL", None) and imagecodecs.JPEGXL.available:
             return None
-        return f"{self.name}: this build of imagecodecs has no JPEGXL: pip install -U imagecodecs"
+        return "this build of imagecodecs has no JPEGXL: pip install -U imagecodecs"
 
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)

@@ -140,7 +140,7 @@ class ShippedModel:
 
         missing = [name for name in MODEL_FILES if not (SHIPPED / name).exists()]
         if missing:
-            return f"{self.name}: the shipped model lacks {', '.join(missing)}: reinstall compacs"
+            return f"the shipped model lacks {', '.join(missing)}: reinstall compacs"
         return None
 
 

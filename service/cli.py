@@ -277,11 +277,11 @@ def cmd_codec_list(args: argparse.Namespace) -> int:
             f"{'yes' if codec.lossless else 'no':<9} {'yes' if codec.is_available() else 'no':<10} "
             f"{codec.description}"
         )
-    missing = [codec.unavailable_reason() for codec in codecs if not codec.is_available()]
+    missing = [codec for codec in codecs if not codec.is_available()]
     if missing:
         print("\nnot available (a rule naming one of these goes on to its next codec):")
-        for reason in missing:
-            print(f"  {reason}")
+        for codec in missing:
+            print(f"{codec.name}: {codec.unavailable_reason()}")
     return 0
 
 

@@ -213,7 +213,7 @@ def _check_index_url(url: str, where: str) -> None:
     scheme, sep, _rest = url.partition("://")
     if not sep:
         raise ConfigError(
-            f"{where}: not a database URL (no \"://\"); give {INDEX_URL_FORMS}, or leave it "
+            f'{where}: not a database URL (no "://"); give {INDEX_URL_FORMS}, or leave it '
             "empty for SQLite in the data folder"
         )
     if scheme.lower() not in INDEX_SCHEMES:

@@ -212,7 +212,9 @@ def unavailable_choices(owners: list[tuple[str, tuple[CodecChoice, ...]]]) -> li
                 continue
             rest = [c.name for c in choices[i + 1 :]]
             instead = f"the next codec, {rest[0]}" if rest else "none: stored as they are"
-            lines.append(f"{owner}: codec {reason}; instead: {instead}")
+            lines.append(
+                f"{owner}: codec {choice.name} is not available ({reason}); instead: {instead}"
+            )
     return lines
 
 
@@ -249,7 +251,7 @@ def explain(
             lines.append(f"  codec {choice.name}: fallback if the one above fails verification")
             continue
         if not codec.is_available():
-            reason = f"not available: {codec.unavailable_reason()}"
+            reason = codec.unavailable_reason()
         elif fmt is None and codec.transfer_syntax_uid:
             reason = "the object has no pixel data"
         else:

@@ -40,6 +40,7 @@ from compacs.service.config import Access, NodeConfig
 from compacs.service.dimse import (
     admission,
     find_responses,
+    identity,
     internals,
     receive_limits,
     suboperations,
@@ -414,6 +415,7 @@ def server_contexts(ae: AE) -> list[PresentationContext]:
 
 def build_ae(config: NodeConfig) -> AE:
     ae = AE(ae_title=config.ae_title)
+    identity.apply(ae)  # on the associations it accepts, and on C-MOVE sub-associations
     ae.maximum_pdu_size = config.max_pdu
     # admission.py counts and limits associations; pynetdicom's own count would include
     # connections that never asked for one
