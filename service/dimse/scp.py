@@ -295,17 +295,19 @@ def _instances(event: evt.Event, service: ArchiveService, what: str) -> list:
     an index failure) when its identifier cannot be matched."""
     calling = event.assoc.requestor.ae_title
     try:
-        instances = service.instances_for(event.identifier)
+        identifier = event.identifier
+    except Exception as exc:  # the identifier's bytes are not a data set
+        log.warning("%s from %s refused: identifier cannot be decoded: %s", what, calling, exc)
+        reason = f"cannot decode identifier: {exc}"
+        raise _Refusal(retrieve.STATUS_IDENTIFIER_MISMATCH, reason) from exc
+    try:
+        instances = service.instances_for(identifier)
     except retrieve.RetrieveError as exc:
         log.warning("%s from %s refused: %s (status 0x%04X)", what, calling, exc.reason, exc.status)
         raise _Refusal(exc.status, exc.reason) from exc
     except SQLAlchemyError as exc:
         log.error("%s from %s failed: index error: %s", what, calling, exc)
         raise _Refusal(query.STATUS_UNABLE_TO_PROCESS, "index error") from exc
-    except Exception as exc:  # the identifier's bytes are not a data set
-        log.warning("%s from %s refused: identifier cannot be decoded: %s", what, calling, exc)
-        reason = f"cannot decode identifier: {exc}"
-        raise _Refusal(retrieve.STATUS_IDENTIFIER_MISMATCH, reason) from exc
     log.info("%s from %s: %d instance(s)", what, calling, len(instances))
     return instances
 
@@ -319,7 +321,8 @@ def handle_get(event: evt.Event, service: ArchiveService) -> Iterator:
     try:
         instances = _instances(event, service, "C-GET")
     except _Refusal as refusal:
-        suboperations.refuse(event, refusal.status, refusal.reason)
+        if not suboperations.refuse(event, refusal.status, refusal.reason):
+            raise  # another pynetdicom: its own status (0xC411/0xC413), the reason logged
         yield 0  # pynetdicom's "Success, no sub-operations", which refuse() amends
         return
     yield len(instances)
@@ -357,7 +360,8 @@ def handle_move(event: evt.Event, service: ArchiveService) -> Iterator:
     try:
         instances = _instances(event, service, "C-MOVE")
     except _Refusal as refusal:
-        suboperations.refuse(event, refusal.status, refusal.reason)
+        if not suboperations.refuse(event, refusal.status, refusal.reason):
+            raise  # another pynetdicom: its own status (0xC511), the reason logged
         yield address
         yield 0  # no association is opened for no sub-operations; refuse() amends "Success"
         return

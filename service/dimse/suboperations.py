@@ -134,10 +134,12 @@ def connect_failure(host: str, port: int) -> str:
         return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
 
 
-def replace_final_response(event: evt.Event, rewrite: Callable[[Any], bool]) -> Callable[[], None]:
+def replace_final_response(
+    event: evt.Event, rewrite: Callable[[Any], bool]
+) -> Callable[[], None] | None:
     """Let `rewrite` amend the final C-GET/C-MOVE response to this event's request just before
     pynetdicom sends it (it returns False to leave it as it is); returns the function that
-    stands this down, for when the handler goes on normally.
+    stands this down, for when the handler goes on normally, or None where it cannot be done.
 
     pynetdicom's handler protocol cannot give a status with an Error Comment before the
     sub-operations start: an identifier it cannot match is 0xC413/0xC513 (handler error) or
@@ -146,7 +148,7 @@ def replace_final_response(event: evt.Event, rewrite: Callable[[Any], bool]) -> 
     `dimse.send_msg` (pynetdicom 3.0.4); on another version pynetdicom's statuses stand.
     """
     if not internals.guards("statuses with an Error Comment for C-GET/C-MOVE refusals"):
-        return lambda: None
+        return None
     dimse = event.assoc.dimse
     message_id = event.request.MessageID
     own = dimse.__dict__.get("send_msg")  # an earlier wrapper, or None: the class's method
@@ -178,22 +180,26 @@ def comment(text: str) -> str:
     return text.replace("\\", "/")[:ERROR_COMMENT_LENGTH]
 
 
-def refuse(event: evt.Event, status: int, reason: str) -> Callable[[], None]:
+def refuse(event: evt.Event, status: int, reason: str) -> bool:
     """Answer this C-GET/C-MOVE `status` with `reason` as its Error Comment and no
     sub-operations; the handler then yields 0 sub-operations (and, for a C-MOVE, a
-    destination), and pynetdicom's "Success, nothing to do" becomes this refusal."""
+    destination), and pynetdicom's "Success, nothing to do" becomes this refusal. False
+    where that cannot be done (another pynetdicom version)."""
 
     def rewrite(rsp: Any) -> bool:
         rsp.Status = status
         rsp.ErrorComment = comment(reason)
         return True
 
-    return replace_final_response(event, rewrite)
+    return replace_final_response(event, rewrite) is not None
 
 
-def fail_all(event: evt.Event, instances: list[Instance], why: Callable[[], str]) -> Callable:
+def fail_all(
+    event: evt.Event, instances: list[Instance], why: Callable[[], str]
+) -> Callable[[], None]:
     """If the move destination's association fails (pynetdicom: 0xA801), answer 0xA702 with
-    every sub-operation failed, their SOP Instance UIDs listed, and `why()` as the comment."""
+    every sub-operation failed, their SOP Instance UIDs listed, and `why()` as the comment.
+    Returns what stands this down once the association is there."""
     transfer_syntax = UID(event.context.transfer_syntax)
 
     def rewrite(rsp: Any) -> bool:
@@ -217,7 +223,7 @@ def fail_all(event: evt.Event, instances: list[Instance], why: Callable[[], str]
         rsp.Identifier = BytesIO(data) if data is not None else None
         return True
 
-    return replace_final_response(event, rewrite)
+    return replace_final_response(event, rewrite) or (lambda: None)
 
 
 def move_contexts(instances: list[Instance]) -> list[PresentationContext]:
