@@ -252,6 +252,34 @@ def test_node_without_onnxruntime_serves_and_the_rule_falls_to_its_next_codec(
     assert "Traceback" not in node.log_text()
 
 
+def _learned_session_threads() -> list[int]:
+    """In a process: the ONNX Runtime intra-op threads of the learned codec's sessions."""
+    model = registry.get("learned").model
+    sessions = (model.full, model.step, model.narrow_step)
+    return [s.get_session_options().intra_op_num_threads for s in sessions]
+
+
+@pytest.mark.skipif(not registry.get("learned").is_available(), reason="no onnxruntime here")
+def test_compression_workers_run_onnx_runtime_on_one_thread(tmp_path: Path) -> None:
+    """A worker process as the node spawns it (jobs.worker_init): one thread per session,
+    where a command on its own (this process) keeps ONNX Runtime's default (0: all cores)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from compacs.service import jobs
+    from compacs.service.config import load_config
+
+    rules = load_config(None).rules
+    with ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=jobs.worker_init,
+        initargs=(str(tmp_path / "archive"), rules),
+    ) as pool:
+        assert pool.submit(_learned_session_threads).result(timeout=300) == [1, 1, 1]
+    assert _learned_session_threads()[0] == 0
+
+
 # --- what PS3.5 forbids an encoder --------------------------------------------------------
 
 
