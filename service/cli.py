@@ -105,7 +105,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     url = config.effective_index_url
     try:
-        engine = open_engine(url, f"{config.source}: index {redact(url)}")
+        engine = open_engine(url, f"{config.source}: index {redact(url)}", node_settings=False)
     except IndexUnavailable as exc:
         raise UsageError(str(exc)) from exc
     try:

@@ -41,7 +41,12 @@ def test_a_stopped_node_fails_the_echo_only(compacs_node: peers.CompacsProcess) 
 def test_an_access_table_that_keeps_the_check_out_still_counts_as_an_answer(
     make_node: MakeNode,
 ) -> None:
-    node = make_node('[access]\nstore = ["MODALITY"]\nquery = ["VIEWER"]\nretrieve = ["VIEWER"]\n')
+    # local_callers = false: callers on the node's own host (the check among them) would
+    # otherwise be let in to every service (docs/security.md)
+    node = make_node(
+        '[access]\nstore = ["MODALITY"]\nquery = ["VIEWER"]\nretrieve = ["VIEWER"]\n'
+        "local_callers = false\n"
+    )
     rc, line = health(node)
     assert rc == 0, line
     assert "answers (association rejected by its [access])" in line

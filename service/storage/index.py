@@ -240,11 +240,13 @@ class IndexUnavailable(RuntimeError):
     or it holds another application's tables. The message says which and what to do."""
 
 
-def open_engine(url: str, where: str) -> Any:
+def open_engine(url: str, where: str, node_settings: bool = True) -> Any:
     """An engine for `url` that has connected once, so that what a user can get wrong (a
     database that is down, a missing driver, a URL that is not one) is one IndexUnavailable
     naming `where` (e.g. "compacs.toml: index postgresql+psycopg://u:***@db/pacs"), not a
-    traceback from deep inside SQLAlchemy; and that is empty or holds compacs' tables."""
+    traceback from deep inside SQLAlchemy; and that is empty or holds compacs' tables.
+    `node_settings=False` leaves SQLite's connections as the driver makes them (`db upgrade`:
+    Alembic's batch migrations copy tables, which foreign_keys=ON would refuse)."""
     try:
         engine = create_engine(url, pool_pre_ping=True)
     except (ArgumentError, NoSuchModuleError) as exc:
@@ -257,6 +259,11 @@ def open_engine(url: str, where: str) -> Any:
         if exc.name == "psycopg2":
             hint += ", and write the URL as postgresql+psycopg://... (psycopg 3)"
         raise IndexUnavailable(f"{where}: needs the database driver {exc.name}: {hint}") from exc
+    if node_settings and engine.dialect.name == "sqlite":
+        # before the first connection, which the pool keeps: each one must be in WAL with
+        # the busy timeout, or a writer holding the index fails it at once
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
     try:
         tables = set(sql_inspect(engine).get_table_names())
     except DBAPIError as exc:
@@ -302,9 +309,6 @@ class Index:
         (schema.check_revision says what to run). A database that cannot be reached, or
         that holds another application's tables, raises IndexUnavailable."""
         engine = open_engine(url, check or "the index")
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_connect)
-            event.listen(engine, "begin", _sqlite_begin)
         try:
             if create and is_empty(engine):
                 migrate(engine)
@@ -1486,9 +1490,11 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     says how each transaction begins."""
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
+    # busy_timeout first: switching to WAL waits for a lock like any write, and without the
+    # timeout a writer holding the index (ingest's group commit) fails the new connection
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
