@@ -249,6 +249,25 @@ def test_a_metrics_port_in_use_stops_the_node_with_what_to_do(tmp_path: Path) ->
     assert "--metrics-port" in last
 
 
+def test_tier_backlog_is_what_the_last_run_left_due(tmp_path: Path) -> None:
+    """compacs_tier_backlog_instances{tier}: due and not moved by the last tier run (one
+    stopped before its first move leaves all of it), then 0 once a run moved everything."""
+    from prometheus_client import REGISTRY
+    from test_tiering import Inline, later, make_service, receive
+
+    from compacs.service.tiering import moves
+
+    service = make_service(tmp_path)
+    try:
+        receive(service, dicomdata.real_ct_series(tmp_path / "ct")[:3])
+        moves.run_due(service, "test-node:1", later(), executor=Inline(), stop=lambda: True)
+        assert REGISTRY.get_sample_value("compacs_tier_backlog_instances", {"tier": "cold"}) == 3
+        assert service.tier_run(later(), executor=Inline()).moved == 3
+        assert REGISTRY.get_sample_value("compacs_tier_backlog_instances", {"tier": "cold"}) == 0
+    finally:
+        service.close()
+
+
 def test_fallback_reasons_from_compression_notes() -> None:
     notes = [
         "jpegxl: not available",
