@@ -19,6 +19,8 @@ are not part of a frame and do not survive compression (no DICOM codec keeps the
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import mmap
 from collections.abc import Iterator
@@ -133,6 +135,37 @@ def normalised(frame: np.ndarray, fmt: PixelFormat) -> np.ndarray:
     return frame
 
 
+# What to install for each codec dependency: the extra that carries it, or its PyPI name.
+INSTALL_HINTS = {
+    "onnxruntime": "'compacs[cpu]'",  # or 'compacs[gpu]'; the CPU one is the usual answer
+    "jpeg_ls": "pyjpegls",
+    "openjpeg": "pylibjpeg-openjpeg",
+    "rle": "pylibjpeg-rle",
+    "av": "av",
+    "imagecodecs": "imagecodecs",
+    "constriction": "constriction",
+}
+
+
+def install_hint(module: str) -> str:
+    return INSTALL_HINTS.get(module, module)
+
+
+@functools.cache
+def import_problem(module: str) -> str | None:
+    """None if `module` imports; otherwise "" when it is simply not installed, or
+    " (installed, but its import fails: ...)" when importing it fails otherwise."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module or (exc.name and module.startswith(f"{exc.name}.")):
+            return ""
+        return f" (installed, but its import fails: {type(exc).__name__}: {exc})"
+    except Exception as exc:  # a broken install raises anything: ImportError, OSError, ...
+        return f" (installed, but its import fails: {type(exc).__name__}: {exc})"
+    return None
+
+
 class Backend:
     """What every codec declares, whether it codes frames one by one or whole volumes.
 
@@ -149,7 +182,25 @@ class Backend:
     description: str = ""
 
     def is_available(self) -> bool:
-        return all(importlib.util.find_spec(mod) is not None for mod in self.dependencies)
+        return self.unavailable_reason() is None
+
+    def unavailable_reason(self) -> str | None:
+        """Why this codec cannot run here ("needs onnxruntime: pip install 'compacs[cpu]'"),
+        or None; found once per process (`check_available`) and kept, so
+        that the node's start, `codec list` and `rules explain` say the same thing."""
+        if "_unavailable" not in self.__dict__:
+            self._unavailable = self.check_available()
+        return self._unavailable
+
+    def check_available(self) -> str | None:
+        """Each dependency is really imported: a package that is installed but broken (a
+        wheel for another CPU, a missing shared library) is as unavailable as a missing one,
+        and finding that at start beats a worker dying on the first image."""
+        for module in self.dependencies:
+            problem = import_problem(module)
+            if problem is not None:
+                return f"needs {module}: pip install {install_hint(module)}{problem}"
+        return None
 
     def check_params(self, params: dict[str, Any]) -> None:
         unknown = sorted(set(params) - set(self.allowed_params))
@@ -203,6 +254,41 @@ def int_param(codec: str, params: dict[str, Any], key: str, default: int, allowe
 
 
 MONO_AND_COLOUR = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR")
+
+
+def profile_reason(fmt: PixelFormat, transfer_syntax_uid: str) -> str | None:
+    """Why PS3.5 section 8.2 forbids `fmt` in this transfer syntax, or None: checked against
+    pydicom's table of it (ENCODING_PROFILES), so that a codec refuses, say, 16-bit YBR_FULL
+    in JPEG-LS (8 bits only) in `unsupported_reason` and a rule falls to its next codec, rather
+    than writing an object that conformant decoders may refuse. Photometric Interpretation is
+    compared as stored: compacs' codecs apply no colour transform."""
+    from pydicom.pixels.encoders.base import ENCODING_PROFILES
+
+    profiles = ENCODING_PROFILES.get(transfer_syntax_uid)  # type: ignore[call-overload]
+    if profiles is None:
+        return None
+    same_pi = [p for p in profiles if p[0] == fmt.photometric_interpretation]
+    for _pi, samples, representation, allocated, stored in same_pi:
+        if (
+            fmt.samples_per_pixel == samples
+            and fmt.pixel_representation in representation
+            and fmt.bits_allocated in allocated
+            and fmt.bits_stored in stored
+        ):
+            return None
+    if not same_pi:
+        allowed = ", ".join(dict.fromkeys(p[0] for p in profiles))
+        return f"PhotometricInterpretation {fmt.photometric_interpretation} (PS3.5: {allowed})"
+    ranges = "; ".join(
+        f"BitsAllocated {'/'.join(map(str, a))}, BitsStored {min(b)}..{max(b)}"
+        + ("" if 1 in r else ", unsigned")
+        for _pi, _spp, r, a, b in same_pi
+    )
+    return (
+        f"{fmt.photometric_interpretation} with BitsAllocated {fmt.bits_allocated}, BitsStored "
+        f"{fmt.bits_stored}, PixelRepresentation {fmt.pixel_representation} (PS3.5 allows "
+        f"{ranges})"
+    )
 
 
 def common_unsupported_reason(

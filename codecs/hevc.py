@@ -82,17 +82,18 @@ class HEVC(VolumeCodec):
     description = "HEVC lossless over a volume, frames predicted from each other (x265, private)"
     coded_bits = (8, 10, 12)
 
-    def is_available(self) -> bool:
-        if not super().is_available():
-            return False
+    def check_available(self) -> str | None:
+        reason = super().check_available()
+        if reason is not None:
+            return reason
         import av
 
         try:
             av.codec.Codec("libx265", "w")
             av.codec.Codec("hevc", "r")
-        except av.codec.codec.UnknownCodecError:
-            return False
-        return True
+        except av.codec.codec.UnknownCodecError as exc:
+            return f"this build of av (PyAV) has no {exc}: pip install av"
+        return None
 
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)

@@ -26,12 +26,15 @@ class HTJ2K(Codec):
     dependencies = ("imagecodecs",)
     description = "HTJ2K lossless (OpenJPH via imagecodecs)"
 
-    def is_available(self) -> bool:
-        if not super().is_available():
-            return False
+    def check_available(self) -> str | None:
+        reason = super().check_available()
+        if reason is not None:
+            return reason
         import imagecodecs
 
-        return bool(getattr(imagecodecs, "HTJ2K", None) and imagecodecs.HTJ2K.available)
+        if getattr(imagecodecs, "HTJ2K", None) and imagecodecs.HTJ2K.available:
+            return None
+        return "this build of imagecodecs has no HTJ2K: pip install -U imagecodecs"
 
     def unsupported_reason(self, fmt: PixelFormat) -> str | None:
         return common_unsupported_reason(fmt, max_bits=16)

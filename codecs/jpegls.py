@@ -19,6 +19,7 @@ from .base import (
     PixelFormat,
     common_unsupported_reason,
     from_unsigned_bits,
+    profile_reason,
     to_unsigned_bits,
 )
 
@@ -45,7 +46,9 @@ class JpegLS(Codec):
             # The codestream then has 8-bit samples: DCMTK 3.6.7 refuses to decode it into
             # 16-bit pixels ("Image data mismatch") and pydicom returns uint8 arrays.
             return f"BitsStored {fmt.bits_stored} in BitsAllocated 16 (DCMTK cannot decode it)"
-        return common_unsupported_reason(fmt, max_bits=16)
+        return common_unsupported_reason(fmt, max_bits=16) or profile_reason(
+            fmt, self.transfer_syntax_uid
+        )
 
     def encode_frame(self, frame: np.ndarray, fmt: PixelFormat, **params: Any) -> bytes:
         import jpeg_ls

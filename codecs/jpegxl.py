@@ -51,12 +51,15 @@ class JpegXL(Codec):
     allowed_params = ("effort",)
     description = "JPEG XL lossless (libjxl via imagecodecs)"
 
-    def is_available(self) -> bool:
-        if not super().is_available():
-            return False
+    def check_available(self) -> str | None:
+        reason = super().check_available()
+        if reason is not None:
+            return reason
         import imagecodecs
 
-        return bool(getattr(imagecodecs, "JPEGXL", None) and imagecodecs.JPEGXL.available)
+        if getattr(imagecodecs, "JPEGXL", None) and imagecodecs.JPEGXL.available:
+            return None
+        return "this build of imagecodecs has no JPEGXL: pip install -U imagecodecs"
 
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)

@@ -115,8 +115,9 @@ def unsupported_reason(fmt: PixelFormat) -> str | None:
 
 class ShippedModel:
     """The model a learned codec codes with (the shipped one unless given), loaded on first use
-    so that listing codecs does not start ONNX Runtime; available only when it is installed.
-    Shared by the frame codec here and the volume codec (learned_volume.py)."""
+    so that listing codecs opens no ONNX Runtime session; available only when ONNX Runtime
+    imports and the model files are there. Shared by the frame codec here and the volume codec
+    (learned_volume.py)."""
 
     dependencies = ("onnxruntime", "constriction")
 
@@ -131,12 +132,16 @@ class ShippedModel:
             self._model = load_model()
         return self._model
 
-    def is_available(self) -> bool:
-        if not super().is_available():
-            return False
+    def check_available(self) -> str | None:
+        reason = super().check_available()
+        if reason is not None:
+            return reason
         from compacs.models.runtime import MODEL_FILES, SHIPPED
 
-        return all((SHIPPED / name).exists() for name in MODEL_FILES)
+        missing = [name for name in MODEL_FILES if not (SHIPPED / name).exists()]
+        if missing:
+            return f"the shipped model lacks {', '.join(missing)}: reinstall compacs"
+        return None
 
 
 class Learned(ShippedModel, Codec):

@@ -21,9 +21,6 @@ class Passthrough(Codec):
     lossless = True
     description = "store as received, no re-encoding"
 
-    def is_available(self) -> bool:
-        return True
-
     def unsupported_reason(self, fmt: PixelFormat) -> str | None:
         return None
 

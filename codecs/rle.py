@@ -1,9 +1,10 @@
 """RLE Lossless (pylibjpeg-rle): the weakest ratio, but every DICOM decoder has it and it
-takes any integer sample up to 32 bits, so it is the last resort before passthrough.
+takes greyscale samples up to 32 bits, so it is the last resort before passthrough.
 
 RLE codes bytes, not values: each frame is split into one segment per byte of each sample
 (most significant first), so signed data round-trips as raw bytes and BitsStored does not
-matter. DICOM caps a frame at 15 segments, hence 8, 16 or 32 bits times 1 or 3 samples.
+matter. DICOM caps a frame at 15 segments, hence 8, 16 or 32 bits of greyscale; colour is
+what PS3.5 8.2.2 allows: RGB and PALETTE COLOR at 8 or 16 bits, YBR_FULL at 8 only.
 Decoded RLE is colour by plane whatever the Planar Configuration says; decoders know this.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Codec, PixelFormat, common_unsupported_reason
+from .base import Codec, PixelFormat, common_unsupported_reason, profile_reason
 
 
 class RLE(Codec):
@@ -24,7 +25,12 @@ class RLE(Codec):
     description = "RLE lossless (PackBits via pylibjpeg-rle)"
 
     def unsupported_reason(self, fmt: PixelFormat) -> str | None:
-        return common_unsupported_reason(fmt, max_bits=32, bits_allocated=(8, 16, 32))
+        reason = common_unsupported_reason(fmt, max_bits=32, bits_allocated=(8, 16, 32))
+        if reason is None and fmt.photometric_interpretation not in ("MONOCHROME1", "MONOCHROME2"):
+            # PS3.5 8.2.2: colour only at 8 bits (YBR_FULL) or 8/16 (RGB, PALETTE COLOR).
+            # Greyscale keeps 32 bits (Annex G: four segments), which pydicom decodes.
+            reason = profile_reason(fmt, self.transfer_syntax_uid)
+        return reason
 
     def encode_frame(self, frame: np.ndarray, fmt: PixelFormat, **params: Any) -> bytes:
         from rle.utils import encode_pixel_data

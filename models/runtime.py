@@ -124,9 +124,23 @@ class Model:
         return np.minimum(np.maximum(med + delta, lo), hi), scale_index(base, level)
 
 
-@functools.cache
-def load_model(folder: str | None = None, config: SessionConfig = SessionConfig()) -> Model:
+_DEFAULT_THREADS = {"threads": 0}
+
+
+def set_default_threads(threads: int) -> None:
+    """ONNX Runtime threads for the sessions opened from now on without a SessionConfig. A
+    compression worker sets 1: the node runs one worker per core, and each worker's sessions
+    spreading over every core would only make them compete with each other and with ingest."""
+    _DEFAULT_THREADS["threads"] = threads
+
+
+def load_model(folder: str | None = None, config: SessionConfig | None = None) -> Model:
     """The model in `folder` (default: the shipped one), one instance per configuration."""
+    return _load_model(folder, config or SessionConfig(threads=_DEFAULT_THREADS["threads"]))
+
+
+@functools.cache
+def _load_model(folder: str | None, config: SessionConfig) -> Model:
     return Model(Path(folder) if folder else SHIPPED, config)
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,18 +54,20 @@ def _config(args: argparse.Namespace, **overrides: Any) -> NodeConfig:
 def _open_service(args: argparse.Namespace):  # noqa: ANN202
     """The archive service of the --data folder, without compression jobs."""
     from compacs.service.archive_service import ArchiveService, NoArchive
+    from compacs.service.storage.index import IndexUnavailable
     from compacs.service.storage.schema import IndexOutOfDate
 
     config = _config(args)
     try:
         return ArchiveService.open(config)
-    except (NoArchive, IndexOutOfDate) as exc:
+    except (NoArchive, IndexOutOfDate, IndexUnavailable) as exc:
         raise UsageError(str(exc)) from exc
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from compacs.service import logs
-    from compacs.service.node import Node
+    from compacs.service.node import Node, NodeStartError
+    from compacs.service.storage.index import IndexUnavailable
     from compacs.service.storage.schema import IndexOutOfDate
 
     config = _config(
@@ -77,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(config.logging.format, "DEBUG" if args.verbose else config.logging.level)
     try:
         node = Node(config)
-    except IndexOutOfDate as exc:
+    except (IndexOutOfDate, IndexUnavailable, NodeStartError) as exc:
         raise UsageError(str(exc)) from exc
     node.run_until_signalled()
     return 0
@@ -102,15 +105,17 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Bring the index's schema to this compacs' revision (the only command that changes an
     existing index's schema: `serve` creates an empty one, and refuses an older one)."""
-    from sqlalchemy import create_engine
-
     from compacs.service.archive_service import redact
+    from compacs.service.storage.index import IndexUnavailable, open_engine
     from compacs.service.storage.schema import backfill_pending, current_revision, migrate
 
     config = _config(args)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     url = config.effective_index_url
-    engine = create_engine(url)
+    try:
+        engine = open_engine(url, f"{config.source}: index {redact(url)}")
+    except IndexUnavailable as exc:
+        raise UsageError(str(exc)) from exc
     try:
         before = current_revision(engine)
         migrate(engine)
@@ -336,13 +341,19 @@ def cmd_tier_status(args: argparse.Namespace) -> int:
 def cmd_codec_list(args: argparse.Namespace) -> int:
     from compacs.codecs import registry
 
+    codecs = [*registry.all_codecs(), *map(registry.get_volume, registry.volume_names())]
     print(f"{'name':<12} {'transfer syntax':<26} {'lossless':<9} {'available':<10} description")
-    for codec in [*registry.all_codecs(), *map(registry.get_volume, registry.volume_names())]:
+    for codec in codecs:
         print(
             f"{codec.name:<12} {codec.transfer_syntax_uid or '(as received)':<26} "
             f"{'yes' if codec.lossless else 'no':<9} {'yes' if codec.is_available() else 'no':<10} "
             f"{codec.description}"
         )
+    missing = [codec for codec in codecs if not codec.is_available()]
+    if missing:
+        print("\nnot available (a rule naming one of these goes on to its next codec):")
+        for codec in missing:
+            print(f"{codec.name}: {codec.unavailable_reason()}")
     return 0
 
 
@@ -486,7 +497,7 @@ def _volume_explain(ds: Any, fmt: Any) -> list[str]:
     for name in registry.volume_names():
         codec = registry.get_volume(name)
         reason = (
-            "not available"
+            f"not available: {codec.unavailable_reason()}"
             if not codec.is_available()
             else codec.unsupported_reason(fmt) or codec.data_unsupported_reason(frames, fmt)
         )
@@ -795,9 +806,29 @@ def _add_problem_commands(sub: Any, data_options: Any) -> None:
 
 
 # --- parser -----------------------------------------------------------------------------
+VERBOSE_HELP = "debug logging, and a traceback with any error"
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand (whoever added it) its own -v, so that `compacs serve -v` works
+    as `compacs -v serve` does. SUPPRESS as its default: a subcommand that is not given -v
+    must leave the top-level one's value alone (argparse copies a subparser's defaults over
+    the namespace)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+            if not any("--verbose" in a.option_strings for a in sub._actions):
+                sub.add_argument(
+                    "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                    help=VERBOSE_HELP,
+                )  # fmt: skip
+            _verbose_everywhere(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compacs", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_options(p: argparse.ArgumentParser) -> None:
@@ -926,11 +957,15 @@ def _help_as_description(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _verbose_everywhere(parser)
+    args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)
     except (ConfigError, UsageError) as exc:
+        if args.verbose:  # the one line first names the cause; -v adds where it came from
+            traceback.print_exc()
         print(f"compacs: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `compacs stats | head`

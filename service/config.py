@@ -261,6 +261,35 @@ def _check_ae_title(value: Any, where: str) -> str:
     return value.strip()
 
 
+# The index URL schemes compacs opens (SQLAlchemy dialect+driver); psycopg is psycopg 3,
+# the [postgres] extra. "postgres://" (Heroku's spelling) is not one SQLAlchemy knows.
+INDEX_SCHEMES = (
+    "sqlite",
+    "postgresql+psycopg",
+    "postgresql",
+    "postgresql+psycopg2",
+)
+INDEX_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER@HOST[:PORT]/DATABASE"
+
+
+def _check_index_url(url: str, where: str) -> None:
+    """An empty URL (SQLite in the data folder) or one of INDEX_SCHEMES. Only the scheme is
+    quoted back: the rest may hold a password."""
+    if not url:
+        return
+    scheme, sep, _rest = url.partition("://")
+    if not sep:
+        raise ConfigError(
+            f'{where}: not a database URL (no "://"); give {INDEX_URL_FORMS}, or leave it '
+            "empty for SQLite in the data folder"
+        )
+    if scheme.lower() not in INDEX_SCHEMES:
+        raise ConfigError(
+            f"{where}: scheme {scheme!r} is not one compacs opens; allowed: "
+            f"{', '.join(INDEX_SCHEMES)} (e.g. {INDEX_URL_FORMS})"
+        )
+
+
 def _bool(value: Any, where: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")  # from an environment variable
@@ -302,6 +331,7 @@ def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: 
     for key in ("host", "index_url", "data_dir"):
         if not isinstance(raw[key], str):
             raise ConfigError(f"{where} {key}: must be a string, got {raw[key]!r}")
+    _check_index_url(raw["index_url"], f"{where} index_url")
     return NodeConfig(
         ae_title=_check_ae_title(raw["ae_title"], f"{where} ae_title"),
         host=raw["host"],

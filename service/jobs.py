@@ -100,20 +100,27 @@ def worker_init(archive_root: str, rules: list[rules_mod.Rule], log_format: str 
     if multiprocessing.parent_process() is not None:
         logs.configure_worker(log_format)
         quiet_decoder_tracebacks()
+        try:  # one worker per core: its ONNX Runtime sessions take one thread each
+            from compacs.models.runtime import set_default_threads
+        except ImportError:  # the learned codec's runtime is missing: it is unavailable
+            pass
+        else:
+            set_default_threads(1)
     _worker["archive"] = Archive(Path(archive_root))
     _worker["rules"] = rules
 
 
 def _warm_up() -> None:
-    """Make the pool start a worker and load the codec libraries the first image would."""
-    import importlib
+    """Make the pool start a worker and load the libraries of the codecs the rules name (the
+    first image would), and only those: a codec a rule does not name may lack its optional
+    dependency (`pip install compacs` without onnxruntime), and an unavailable one is skipped
+    as compress() skips it."""
     import time
 
     from compacs.codecs import registry
 
-    for codec in registry.all_codecs():
-        for module in codec.dependencies:
-            importlib.import_module(module)
+    for name in rules_mod.codec_names(_worker["rules"]):
+        registry.get(name).is_available()  # imports its dependencies, once
     time.sleep(0.2)  # busy long enough that the pool starts another worker for the next one
 
 

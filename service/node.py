@@ -11,14 +11,20 @@ have returned, so a store cut off by the abort is simply not acknowledged.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
 import signal
+import socket
 import threading
 import time
+import uuid
+from pathlib import Path
 
 from pynetdicom import evt
 
+from compacs.service import rules
 from compacs.service.archive_service import ArchiveService, redact
 from compacs.service.config import ConfigError, NodeConfig
 from compacs.service.dimse import admission, scp, settings, tls
@@ -26,11 +32,85 @@ from compacs.service.dimse import admission, scp, settings, tls
 log = logging.getLogger("compacs.node")
 
 
+class NodeStartError(RuntimeError):
+    """The node cannot start (its port is taken, its data folder is not writable); the
+    message says what to do. Raised before any worker process starts."""
+
+
+def check_port(host: str, port: int, setting: str = "--port, [node] port or COMPACS_PORT") -> None:
+    """Raise NodeStartError if `host`:`port` cannot be listened on. Bound and closed again
+    with the options pynetdicom's server uses (SO_REUSEADDR): on Linux that bind fails only
+    when another socket listens there, which is the case to catch before the compression
+    workers (seconds of start-up) and the index are opened."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise NodeStartError(
+            f"cannot listen on {host}:{port}: the host does not resolve ({exc.strerror}); "
+            "give an address of this machine (--host or [node] host)"
+        ) from exc
+    family, _type, _proto, _name, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                message = (
+                    f"port {port} on {host} is in use by another process (another compacs?): "
+                    f"stop it, or give another port ({setting})"
+                )
+            elif exc.errno == errno.EACCES:
+                message = (
+                    f"port {port} needs privileges (below 1024: root or CAP_NET_BIND_SERVICE): "
+                    f"give a port from 1024 up ({setting})"
+                )
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                message = (
+                    f"cannot listen on {host}: not an address of this machine; give one of "
+                    "its addresses, or 0.0.0.0 for all (--host or [node] host)"
+                )
+            else:
+                message = f"cannot listen on {host}:{port}: {exc.strerror}"
+            raise NodeStartError(message) from exc
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Raise NodeStartError unless `folder` exists or can be made, and takes a file. Tried
+    for real, not with os.access: root passes that test on a read-only file system."""
+    probe = folder / f".compacs-write-test-{uuid.uuid4().hex}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise NodeStartError(
+            f"{what} {folder}: cannot write there ({reason}): give a folder this user "
+            f"(uid {os.getuid()}) can write (--data, [node] data_dir or COMPACS_DATA)"
+        ) from exc
+
+
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        settings.apply(config)
+        # What a user can get wrong is checked before anything starts: no worker process is
+        # spawned (and no index opened) for a node that cannot listen or write.
+        if config.tls.plain_port:
+            check_port(config.host, config.port)
+        if config.tls.enabled:
+            check_port(config.host, config.tls.port, "[tls] port")
+        check_writable(config.data_dir, "data folder")
+        if (config.data_dir / "archive").is_dir():
+            check_writable(config.data_dir / "archive", "archive folder")
+        owners = [(f"rule {r.name!r}", r.codecs) for r in config.rules]
+        owners += [(f"tier {t.name!r}", t.codecs) for t in config.tiers]
+        unavailable = rules.unavailable_choices(owners)
+        # The index opens (or says in one line why not) before the worker processes start.
         self.service = ArchiveService.open(config, jobs=True, create=True)
+        settings.apply(config)
+        for line in unavailable:
+            log.warning("%s", line)
         self.ae = scp.build_ae(config)
         self.server = None  # the plain listener ([tls] plain_port)
         self.tls_server = None  # the TLS listener ([tls] port)

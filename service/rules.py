@@ -190,6 +190,34 @@ def parse_rules(raw: Any) -> list[Rule]:
     return rules
 
 
+def codec_names(rules: list[Rule]) -> list[str]:
+    """The codecs the rules name, each once, in order of first mention."""
+    return list(dict.fromkeys(choice.name for rule in rules for choice in rule.codecs))
+
+
+def unavailable_choices(owners: list[tuple[str, tuple[CodecChoice, ...]]]) -> list[str]:
+    """One line per codec of a rule or tier (`owners`: ("rule 'x'", its codecs)) that cannot
+    run here, saying what is done instead: the node logs them once at start, and compress()
+    (or a tier move) then skips such a codec for the next one without a word."""
+    lines = []
+    for owner, choices in owners:
+        for i, choice in enumerate(choices):
+            codec = (
+                registry.get_volume(choice.name)
+                if choice.name in registry.volume_names()
+                else registry.get(choice.name)
+            )
+            reason = codec.unavailable_reason()
+            if reason is None:
+                continue
+            rest = [c.name for c in choices[i + 1 :]]
+            instead = f"the next codec, {rest[0]}" if rest else "none: stored as they are"
+            lines.append(
+                f"{owner}: codec {choice.name} is not available ({reason}); instead: {instead}"
+            )
+    return lines
+
+
 def select(rules: list[Rule], attrs: dict[str, Any]) -> Rule | None:
     """The first rule that matches, or None (the object is then stored as received)."""
     return next((r for r in rules if not r.mismatches(attrs)), None)
@@ -223,7 +251,7 @@ def explain(
             lines.append(f"  codec {choice.name}: fallback if the one above fails verification")
             continue
         if not codec.is_available():
-            reason = f"not available (needs {', '.join(codec.dependencies)})"
+            reason = codec.unavailable_reason()
         elif fmt is None and codec.transfer_syntax_uid:
             reason = "the object has no pixel data"
         else:

@@ -42,6 +42,7 @@ from compacs.service.config import Access, NodeConfig
 from compacs.service.dimse import (
     admission,
     find_responses,
+    identity,
     internals,
     receive_limits,
     suboperations,
@@ -378,20 +379,40 @@ def handle_find(
     log.info("C-FIND from %s (%s root, %s level): %d match(es)", calling, model, level, sent)
 
 
+class _Refusal(Exception):
+    """A C-GET/C-MOVE answered with a status and a reason before any sub-operation."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 def _instances(event: evt.Event, service: ArchiveService, what: str) -> list:
-    """The instances a C-GET/C-MOVE names; raises (pynetdicom then answers 0xC5xx/0xC4xx)."""
+    """The instances a C-GET/C-MOVE names; a _Refusal (0xA900 with the reason, 0xC000 for
+    an index failure) when its identifier cannot be matched."""
     calling = event.assoc.requestor.ae_title
     try:
-        instances = service.instances_for(event.identifier)
+        identifier = event.identifier
+    except Exception as exc:  # the identifier's bytes are not a data set
+        log.warning("%s from %s refused: identifier cannot be decoded: %s", what, calling, exc)
+        reason = f"cannot decode identifier: {exc}"
+        raise _Refusal(retrieve.STATUS_IDENTIFIER_MISMATCH, reason) from exc
+    try:
+        instances = service.instances_for(identifier)
     except retrieve.RetrieveError as exc:
-        log.warning("%s from %s refused: %s", what, calling, exc.reason)
-        raise
+        log.warning("%s from %s refused: %s (status 0x%04X)", what, calling, exc.reason, exc.status)
+        raise _Refusal(exc.status, exc.reason) from exc
+    except SQLAlchemyError as exc:
+        log.error("%s from %s failed: index error: %s", what, calling, exc)
+        raise _Refusal(query.STATUS_UNABLE_TO_PROCESS, "index error") from exc
     log.info("%s from %s: %d instance(s)", what, calling, len(instances))
     return instances
 
 
 def handle_get(event: evt.Event, service: ArchiveService) -> Iterator:
-    """EVT_C_GET: sub-operations on the requestor's own association, in syntaxes it accepted."""
+    """EVT_C_GET: sub-operations on the requestor's own association, in syntaxes it accepted;
+    an identifier that cannot be matched is answered 0xA900 with the reason."""
     started = time.perf_counter()
     try:
         yield from _get(event, service)
@@ -403,7 +424,13 @@ def _get(event: evt.Event, service: ArchiveService) -> Iterator:
     if _refused(event, service.config.access, "retrieve"):
         yield _failure(STATUS_NOT_AUTHORISED, NOT_AUTHORISED_COMMENT["retrieve"]), None
         return
-    instances = _instances(event, service, "C-GET")
+    try:
+        instances = _instances(event, service, "C-GET")
+    except _Refusal as refusal:
+        if not suboperations.refuse(event, refusal.status, refusal.reason):
+            raise  # another pynetdicom: its own status (0xC411/0xC413), the reason logged
+        yield 0  # pynetdicom's "Success, no sub-operations", which refuse() amends
+        return
     yield len(instances)
     contexts = event.assoc.accepted_contexts
     yield from suboperations.suboperations(
@@ -418,7 +445,9 @@ def _get(event: evt.Event, service: ArchiveService) -> Iterator:
 
 def handle_move(event: evt.Event, service: ArchiveService) -> Iterator:
     """EVT_C_MOVE: a new association to the destination from [move_destinations]. A caller
-    that may not retrieve is answered 0x0124 before this runs (refuse_retrieve)."""
+    that may not retrieve is answered 0x0124 before this runs (refuse_retrieve). An unknown
+    destination is 0xA801; a listed one that cannot be reached fails every sub-operation
+    with 0xA702 and says why; an identifier that cannot be matched is 0xA900 with the reason."""
     started = time.perf_counter()
     try:
         yield from _move(event, service)
@@ -437,19 +466,40 @@ def _move(event: evt.Event, service: ArchiveService) -> Iterator:
                 calling,
                 destination,
             )
+            suboperations.refuse(
+                event, suboperations.STATUS_MOVE_DESTINATION_UNKNOWN,
+                f"move destination {destination!r} not in [move_destinations]",
+            )  # fmt: skip
         yield None, None  # 0xA801 Move Destination Unknown
         return
-    instances = _instances(event, service, "C-MOVE")
+    try:
+        instances = _instances(event, service, "C-MOVE")
+    except _Refusal as refusal:
+        if not suboperations.refuse(event, refusal.status, refusal.reason):
+            raise  # another pynetdicom: its own status (0xC511), the reason logged
+        yield address
+        yield 0  # no association is opened for no sub-operations; refuse() amends "Success"
+        return
+    host, port = address
     sub = suboperations.SubAssociation()
+
+    def unreachable() -> str:
+        why = sub.failure(host, port, event.assoc.ae.acse_timeout)
+        log.error(
+            "C-MOVE from %s: destination %s at %s:%d cannot be reached: %s; %d sub-operation(s) "
+            "failed (status 0xA702)",
+            calling, destination, host, port, why, len(instances),
+        )  # fmt: skip
+        return f"move destination {destination}: {why} ({host}:{port})"
+
+    stand_down = suboperations.fail_all(event, instances, unreachable)
     yield (
-        address[0],
-        address[1],
-        {
-            "contexts": suboperations.move_contexts(instances),
-            "evt_handlers": [(evt.EVT_ACCEPTED, sub.on_accepted)],
-        },
+        host,
+        port,
+        {"contexts": suboperations.move_contexts(instances), "evt_handlers": sub.handlers()},
     )
     yield len(instances)
+    stand_down()  # associated: pynetdicom's own responses from here on
     yield from suboperations.suboperations(
         service.read_instance,
         instances,
@@ -534,11 +584,13 @@ def server_contexts(ae: AE) -> list[PresentationContext]:
 
 def build_ae(config: NodeConfig) -> AE:
     ae = AE(ae_title=config.ae_title)
+    identity.apply(ae)  # on the associations it accepts, and on C-MOVE sub-associations
     ae.maximum_pdu_size = config.max_pdu
     # admission.py counts and limits associations; pynetdicom's own count would include
     # connections that never asked for one
     ae.maximum_associations = PYNETDICOM_THREAD_CEILING
     ae.network_timeout = config.limits.idle_timeout
+    ae.connection_timeout = suboperations.CONNECT_TIMEOUT  # C-MOVE sub-associations
     ae.dimse_timeout = 60
     ae.acse_timeout = admission.ESTABLISHED_ACSE_TIMEOUT
     ae.add_supported_context(Verification)

@@ -56,6 +56,8 @@ from pynetdicom.status import (
 )
 from tqdm import tqdm
 
+from compacs.service.dimse import identity
+
 log = logging.getLogger("compacs.scu")
 
 MAX_CONTEXTS = 128  # presentation contexts in one association (PS3.8: odd IDs 1..255)
@@ -260,6 +262,7 @@ def _chunked(*, send: bool | None = None, recv: bool | None = None) -> Iterator[
 
 def _make_ae(calling_ae: str) -> AE:
     ae = AE(ae_title=check_ae_title(calling_ae, "calling AE title"))
+    identity.apply(ae)
     ae.maximum_pdu_size = MAX_PDU
     ae.acse_timeout = 30
     ae.dimse_timeout = 300  # between two messages of one operation (a slow C-MOVE sub-op)

@@ -30,7 +30,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import inspect as sql_inspect
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -46,6 +47,7 @@ from compacs.service.storage.schema import (
     STATE_STORED,
     Acknowledgement,
     AuditEvent,
+    Base,
     Blob,
     Instance,
     Patient,
@@ -234,6 +236,59 @@ def _blob_values(blob: NewBlob) -> dict[str, Any]:
     }
 
 
+class IndexUnavailable(RuntimeError):
+    """The index cannot be used: its database does not answer, its driver is not installed,
+    or it holds another application's tables. The message says which and what to do."""
+
+
+def open_engine(url: str, where: str) -> Any:
+    """An engine for `url` that has connected once, so that what a user can get wrong (a
+    database that is down, a missing driver, a URL that is not one) is one IndexUnavailable
+    naming `where` (e.g. "compacs.toml: index postgresql+psycopg://u:***@db/pacs"), not a
+    traceback from deep inside SQLAlchemy; and that is empty or holds compacs' tables."""
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise IndexUnavailable(
+            f"{where}: not a database URL compacs can open ({exc}); give sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST/DATABASE"
+        ) from exc
+    except ModuleNotFoundError as exc:  # the dialect's driver
+        hint = "pip install 'compacs[postgres]'"
+        if exc.name == "psycopg2":
+            hint += ", and write the URL as postgresql+psycopg://... (psycopg 3)"
+        raise IndexUnavailable(f"{where}: needs the database driver {exc.name}: {hint}") from exc
+    try:
+        tables = set(sql_inspect(engine).get_table_names())
+    except DBAPIError as exc:
+        engine.dispose()
+        raise IndexUnavailable(f"{where}: {_unreachable(engine, exc)}") from exc
+    ours = set(Base.metadata.tables)
+    if tables and not tables & ours:
+        engine.dispose()
+        shown = ", ".join(sorted(tables)[:8]) + (", ..." if len(tables) > 8 else "")
+        raise IndexUnavailable(
+            f"{where}: the database holds {len(tables)} table(s) that are not compacs' "
+            f"({shown}): it belongs to something else. Give compacs an empty database of its "
+            "own ([node] index_url or COMPACS_INDEX_URL; empty: SQLite in the data folder)"
+        )
+    return engine
+
+
+def _unreachable(engine: Any, exc: DBAPIError) -> str:
+    """The driver's first line, and what to check."""
+    first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+    if engine.dialect.name == "sqlite":
+        return (
+            f"cannot open the SQLite file {engine.url.database}: {first}; check that its "
+            "folder exists and this user can write it"
+        )
+    return (
+        f"cannot connect to the database: {first}; check that the database server runs and "
+        "that the URL's host, port, user and database are right"
+    )
+
+
 class Index:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -245,8 +300,9 @@ class Index:
     def open(cls, url: str, *, create: bool = False, check: str | None = "the index") -> Index:
         """Open the index. `create`: give an empty database the schema (`compacs serve`,
         tests); unless `check` is None, refuse an index at another schema revision
-        (schema.check_revision says what to run)."""
-        engine = create_engine(url, pool_pre_ping=True)
+        (schema.check_revision says what to run). A database that cannot be reached, or
+        that holds another application's tables, raises IndexUnavailable."""
+        engine = open_engine(url, check or "the index")
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_connect)
             event.listen(engine, "begin", _sqlite_begin)

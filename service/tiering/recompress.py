@@ -110,6 +110,10 @@ def init_worker(log_format: str = "text") -> None:
 
     logs.configure_worker(log_format)
     quiet_decoder_tracebacks()
+    with contextlib.suppress(ImportError):  # without it the learned codecs are unavailable
+        from compacs.models.runtime import set_default_threads
+
+        set_default_threads(1)  # ONNX Runtime sessions: one thread, as the worker has one core
 
 
 def read_source(src: Source, reader: volumes.VolumeReader) -> bytes:
