@@ -65,11 +65,19 @@ def _open_service(args: argparse.Namespace):  # noqa: ANN202
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from compacs.service import logs
     from compacs.service.node import Node, NodeStartError
     from compacs.service.storage.index import IndexUnavailable
     from compacs.service.storage.schema import IndexOutOfDate
 
-    config = _config(args, host=args.host, port=args.port, ae_title=args.ae_title)
+    config = _config(
+        args,
+        host=args.host,
+        port=args.port,
+        ae_title=args.ae_title,
+        metrics_port=args.metrics_port,
+    )
+    logs.configure(config.logging.format, "DEBUG" if args.verbose else config.logging.level)
     try:
         node = Node(config)
     except (IndexOutOfDate, IndexUnavailable, NodeStartError) as exc:
@@ -834,6 +842,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="DICOM port (default 11112, or $COMPACS_PORT)")
     p.add_argument("--ae-title", help="our AE title (default COMPACS, or $COMPACS_AE_TITLE)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port ([metrics] port, or $COMPACS_METRICS_PORT; 0: none)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

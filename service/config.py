@@ -29,7 +29,12 @@ ENV_OVERRIDES = {
 }
 
 ON_DUPLICATE = ("keep_first", "replace")
-TABLES = ("node", "move_destinations", "access", "ingest", "limits", "storage", "tiering", "tls")
+TABLES = (
+    "node", "move_destinations", "access", "ingest", "limits", "storage", "tiering", "tls",
+    "metrics", "logging",
+)  # fmt: skip
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SERVICES = ("store", "query", "retrieve")
 
 
@@ -184,6 +189,23 @@ class TlsConfig:
         return f"port {self.port}, {clients}, {plain}"
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus endpoint (service/metrics.py). Loopback unless configured:
+    the counters name no patient, but they tell who sends how much, and when."""
+
+    port: int = 0  # 0: no endpoint
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """[logging]: plain text lines (the default) or one JSON object per line (logs.py)."""
+
+    format: str = "text"
+    level: str = "INFO"
+
+
 @dataclass
 class NodeConfig:
     ae_title: str
@@ -207,6 +229,8 @@ class NodeConfig:
     move_destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
     access: Access = field(default_factory=lambda: Access({}))
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = DEFAULTS_NAME
 
     @property
@@ -465,6 +489,58 @@ def _parse_tls(raw: Any, defaults: dict[str, Any], node_port: int, source: str) 
     return config
 
 
+def _parse_metrics(
+    raw: Any, defaults: dict[str, Any], env_port: str | None, cli_port: int | None, source: str
+) -> MetricsConfig:
+    """[metrics], then COMPACS_METRICS_PORT, then --metrics-port."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [metrics] must be a table")
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"{source}: [metrics] has unknown key(s) {', '.join(unknown)}; "
+            f"allowed keys: {', '.join(defaults)}"
+        )
+    values = {**defaults, **raw}
+    where = f"{source}: [metrics]"
+    if env_port:
+        values["port"], where = env_port, f"{where} (COMPACS_METRICS_PORT from the environment)"
+    if cli_port is not None:
+        values["port"], where = cli_port, "--metrics-port"
+    port = _int_in(values["port"], f"{where} port", 0, 65535)
+    host = values["host"]
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(
+            f'{source}: [metrics] host: must be an address to listen on, such as "127.0.0.1" '
+            f'(this host only, the default) or "0.0.0.0" (every interface), got {host!r}'
+        )
+    return MetricsConfig(port, host.strip())
+
+
+def _parse_logging(raw: Any, defaults: dict[str, Any], source: str) -> LoggingConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [logging] must be a table")
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"{source}: [logging] has unknown key(s) {', '.join(unknown)}; "
+            f"allowed keys: {', '.join(defaults)}"
+        )
+    values = {**defaults, **raw}
+    if values["format"] not in LOG_FORMATS:
+        raise ConfigError(
+            f"{source}: [logging] format = {values['format']!r}: allowed values are "
+            + ", ".join(f'"{f}"' for f in LOG_FORMATS)
+        )
+    level = values["level"]
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        raise ConfigError(
+            f"{source}: [logging] level = {level!r}: allowed values are "
+            + ", ".join(f'"{v}"' for v in LOG_LEVELS)
+        )
+    return LoggingConfig(values["format"], level.upper())
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -511,7 +587,7 @@ def load_config(
     if used:
         source = f"{source} with {', '.join(used)} from the environment"
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if value is not None and key != "metrics_port":
             node[key] = value
     tables = {
         name: _typed_table(
@@ -530,6 +606,23 @@ def load_config(
     config = _build_node(node, tables, source)
     config.move_destinations, config.access = _parse_tables(user, source)
     config.tls = _parse_tls(user.get("tls", {}), defaults["tls"], config.port, source)
+    config.metrics = _parse_metrics(
+        user.get("metrics", {}),
+        defaults["metrics"],
+        env.get("COMPACS_METRICS_PORT"),
+        (overrides or {}).get("metrics_port"),
+        str(path) if path is not None else DEFAULTS_NAME,
+    )
+    dicom_ports = {config.port} if config.tls.plain_port else set()
+    if config.tls.enabled:
+        dicom_ports.add(config.tls.port)
+    if config.metrics.port in dicom_ports:
+        raise ConfigError(
+            f"{source}: [metrics] port = {config.metrics.port} is also a DICOM port of this "
+            "node: give the metrics endpoint a port of its own (9464 is Prometheus' usual "
+            "one for exporters)"
+        )
+    config.logging = _parse_logging(user.get("logging", {}), defaults["logging"], source)
     try:
         config.rules = parse_rules(rules_raw)
     except ValueError as exc:

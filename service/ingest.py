@@ -30,6 +30,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
+from compacs.service import metrics
 from compacs.service.config import NodeConfig
 from compacs.service.jobs import Jobs, flagged
 from compacs.service.storage.archive import Archive, checksum, file_checksums, new_token
@@ -311,6 +312,9 @@ class Ingest:
         if defects:
             flagged(self.index, sop, calling_ae, fields["defects"], keep_as_received)
         if keep_as_received:
+            metrics.count_stored(
+                "passthrough", metrics.modality_label(ds.get("Modality")), blob.size, blob.size
+            )
             return None
         return Claim(instance_id, sop, version, path, blob.checksum, calling_ae, study, series)
 

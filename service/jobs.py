@@ -43,6 +43,8 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
+from compacs.codecs import registry
+from compacs.service import logs, metrics
 from compacs.service import rules as rules_mod
 from compacs.service.compress import (
     NOT_A_CODEC_FAILURE,
@@ -80,6 +82,7 @@ class JobResult:
     fallbacks: int
     source_error: str | None  # the pixel data as received does not decode
     derived: Derived | None  # a bounded-error result: a new instance
+    modality: str = "unknown"  # metrics.modality_label: counted by the node (metrics.py)
 
 
 class JobError(Exception):
@@ -90,14 +93,12 @@ class JobError(Exception):
 _worker: dict = {}
 
 
-def worker_init(archive_root: str, rules: list[rules_mod.Rule]) -> None:
+def worker_init(archive_root: str, rules: list[rules_mod.Rule], log_format: str = "text") -> None:
     """Set up a worker process (or, with an injected executor, this one)."""
     from compacs.service.cli import quiet_decoder_tracebacks
 
     if multiprocessing.parent_process() is not None:
-        logging.basicConfig(
-            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logs.configure_worker(log_format)
         quiet_decoder_tracebacks()
         try:  # one worker per core: its ONNX Runtime sessions take one thread each
             from compacs.models.runtime import set_default_threads
@@ -162,6 +163,7 @@ def _run_job(job: Job) -> JobResult:
         outcome.fallbacks,
         outcome.source_error,
         outcome.derived,
+        metrics.modality_label(ds.get("Modality")),
     )
 
 
@@ -215,6 +217,7 @@ def _run_big_job(job: Job, archive: Archive) -> JobResult | None:
         outcome.fallbacks,
         outcome.source_error,
         None,
+        metrics.modality_label(ds.get("Modality")),
     )
 
 
@@ -233,7 +236,7 @@ def process_pool(
             max_workers=count,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker_init,
-            initargs=(str(archive.root), config.rules),
+            initargs=(str(archive.root), config.rules, config.logging.format),
         )
         for warm in [pool.submit(_warm_up) for _ in range(count)]:
             warm.result()
@@ -516,6 +519,9 @@ class Jobs:
                 claim.sop_instance_uid,
             )
             return
+        metrics.count_stored(result.codec, result.modality, result.received_size, result.size)
+        for codec, reason in metrics.fallbacks(result.notes, registry.names()):
+            metrics.CODEC_FALLBACKS.labels(codec, reason).inc()
         if result.source_error:
             flagged(
                 self.index,
@@ -534,6 +540,7 @@ class Jobs:
             result.size,
             ratio,
             f" ({'; '.join(result.notes)})" if result.notes else "",
+            extra={"peer_ae": claim.calling_ae or "", "sop_instance_uid": claim.sop_instance_uid},
         )
         if result.derived:
             derived = result.derived

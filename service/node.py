@@ -26,7 +26,7 @@ from pynetdicom import evt
 
 from compacs.service import rules
 from compacs.service.archive_service import ArchiveService, redact
-from compacs.service.config import NodeConfig
+from compacs.service.config import ConfigError, NodeConfig
 from compacs.service.dimse import admission, scp, settings, tls
 
 log = logging.getLogger("compacs.node")
@@ -114,10 +114,12 @@ class Node:
         self.ae = scp.build_ae(config)
         self.server = None  # the plain listener ([tls] plain_port)
         self.tls_server = None  # the TLS listener ([tls] port)
+        self.metrics = None  # the /metrics endpoint ([metrics] port)
         self._stop = threading.Event()
         self._hurry = threading.Event()
 
     def start(self) -> None:
+        self._start_metrics()
         # Listen first: owning the port is what makes this node's previous claims its own
         # to take over (archive_service.owner_name).
         # One handler list for both listeners: one admission gate counts all associations.
@@ -178,6 +180,29 @@ class Node:
         self.service.start_housekeeping()
         self.service.start_scheduler()
 
+    def _start_metrics(self) -> None:
+        """The Prometheus endpoint, before the DICOM port: a metrics port in use stops the
+        node before it has taken anything on."""
+        metrics_config = self.config.metrics
+        if not metrics_config.port:
+            return
+        from compacs.service.metrics import MetricsServer
+
+        try:
+            self.metrics = MetricsServer(
+                metrics_config.host, metrics_config.port, self.service.index
+            )
+        except OSError as exc:
+            self.service.close()
+            raise ConfigError(
+                f"[metrics] cannot listen on {metrics_config.host} port {metrics_config.port}: "
+                f"{exc.strerror or exc}; choose another port ([metrics] port, --metrics-port or "
+                "COMPACS_METRICS_PORT), or 0 for no metrics endpoint"
+            ) from exc
+        log.info(
+            "metrics: http://%s:%d/metrics (Prometheus)", metrics_config.host, metrics_config.port
+        )
+
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, give open associations `grace` s (`[node]
         shutdown_grace_seconds`) or until a second signal, abort those left, wait for their
@@ -186,6 +211,8 @@ class Node:
         servers = [s for s in (self.server, self.tls_server) if s is not None]
         if servers:
             _stop_servers(servers, grace, self._hurry)
+        if self.metrics is not None:
+            self.metrics.close()
         self.service.close()
         log.info("compacs stopped")
 

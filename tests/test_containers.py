@@ -8,8 +8,8 @@ its containers, volumes and network (never an image, never anything else).
 
 podman-compose 1.0.3 (Debian bookworm) knows no profiles, so the services are named on the
 command line; the `monitoring` profile's Prometheus and Grafana are not started here.
-The metrics endpoint (issue 21, item 4) gets its check, `test_metrics_endpoint_answers`,
-with the metrics code; there is none here until the endpoint exists.
+The compacs container's /metrics (COMPACS_METRICS_PORT in docker-compose.yml, published on a
+free host port) is scraped after an ingest: `test_metrics_endpoint_answers` prints an excerpt.
 
 Timings (image build, start until healthy, the whole module) are printed at the end:
 `pytest tests/test_containers.py -s`.
@@ -103,10 +103,11 @@ class Stack:
         self.project = f"compacstest{uuid.uuid4().hex[:8]}"
         self.dicom_port = peers.free_port()
         self.orthanc_http = peers.free_port()
+        self.metrics_port = peers.free_port()
         self.env = podman_env()
         self.env.update(
             COMPACS_PUBLISH_DICOM=f"127.0.0.1:{self.dicom_port}",
-            COMPACS_PUBLISH_METRICS=f"127.0.0.1:{peers.free_port()}",
+            COMPACS_PUBLISH_METRICS=f"127.0.0.1:{self.metrics_port}",
             ORTHANC_PUBLISH_DICOM=f"127.0.0.1:{peers.free_port()}",
             ORTHANC_PUBLISH_HTTP=f"127.0.0.1:{self.orthanc_http}",
         )
@@ -295,6 +296,29 @@ def test_store_find_move_bit_exact_on_the_postgres_index(stack: Stack, tmp_path:
     assert set(by_uid(files)) <= in_pg
     listing = stack.exec("compacs", "ls", "-A", "/var/lib/compacs").split()
     assert "archive" in listing and "index.sqlite" not in listing
+
+
+def test_metrics_endpoint_answers(stack: Stack, tmp_path: Path) -> None:
+    """The compacs container's /metrics, through its published port, after an ingest of its
+    own (the counters start again with the container, which the kill test restarts)."""
+    files = dicomdata.real_ct_series(tmp_path / "ct")[:4]
+    res = peers.storescu(stack.dicom_port, files, host="127.0.0.1")
+    assert acknowledged(files, res.stdout) == files, res.stdout[-3000:]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=60) as resp:
+        text = resp.read().decode()
+    values = {
+        line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("compacs_") and " " in line
+    }
+    assert values["compacs_instances_received_total"] >= len(files), text
+    assert values['compacs_associations_total{result="accepted"}'] >= 1
+    assert "# TYPE compacs_cstore_seconds histogram" in text
+    excerpt = [
+        line for line in text.splitlines() if line.startswith("compacs_") and "_bucket" not in line
+    ]
+    print("\n/metrics after the ingest (excerpt):\n" + "\n".join(excerpt))
 
 
 def test_kill_mid_ingest_loses_nothing_acknowledged(stack: Stack, tmp_path: Path) -> None:

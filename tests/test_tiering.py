@@ -19,6 +19,7 @@ import dicomdata
 import numpy as np
 import pydicom
 import pytest
+from prometheus_client import REGISTRY
 
 from compacs.service.archive_service import ArchiveService
 from compacs.service.compress import source_frames
@@ -226,8 +227,10 @@ def test_fixity_checks_every_blob_and_reports_a_damaged_one(tmp_path, services) 
         from compacs.service.storage.index import Blob
 
         s.execute(update(Blob).values(verified_at=None))
+    failures = REGISTRY.get_sample_value("compacs_fixity_failures_total")
     report = service.fixity_run()
     assert len(report.failed) == 1 and "checksum mismatch" in report.failed[0]
+    assert REGISTRY.get_sample_value("compacs_fixity_failures_total") == failures + 1
     assert service.index.fixity_failures()
 
 

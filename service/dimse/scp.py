@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from compacs.service import query, retrieve, syntaxes
+from compacs.service import logs, metrics, query, retrieve, syntaxes
 from compacs.service.archive_service import ArchiveService
 from compacs.service.config import Access, NodeConfig
 from compacs.service.dimse import (
@@ -75,18 +76,37 @@ def storage_sop_classes(config: NodeConfig) -> list[str]:
 
 
 def handle_store(event: evt.Event, service: ArchiveService) -> int:
+    """EVT_C_STORE: the object to the archive service; counted and timed (metrics.py), and
+    every line logged meanwhile names the SOP Instance (logs.py)."""
+    started = time.perf_counter()
     request = event.request
-    if _refused(event, service.config.access, "store"):
-        return STATUS_NOT_AUTHORISED
-    args = (
-        event.assoc.requestor.ae_title,
-        str(request.AffectedSOPClassUID),
-        str(request.AffectedSOPInstanceUID),
-    )
-    spooled = getattr(request, "_dataset_path", None)  # receive_limits: a big data set
-    if spooled is None:
-        return service.receive(event.encoded_dataset(), *args)
-    return service.receive(Path(spooled), *args)  # parsed and archived from its file
+    sop = str(request.AffectedSOPInstanceUID)
+    with logs.instance(sop):
+        if _refused(event, service.config.access, "store"):
+            return STATUS_NOT_AUTHORISED
+        requestor = event.assoc.requestor
+        args = (requestor.ae_title, str(request.AffectedSOPClassUID), sop)
+        spooled = getattr(request, "_dataset_path", None)  # receive_limits: a big data set
+        if spooled is None:
+            raw: bytes | Path = event.encoded_dataset()
+            size = len(raw)
+        else:
+            raw = Path(spooled)  # parsed and archived from its file
+            size = raw.stat().st_size
+        metrics.INSTANCES_RECEIVED.inc()
+        metrics.BYTES_RECEIVED.inc(size)
+        status = service.receive(raw, *args)
+        metrics.CSTORE_SECONDS.observe(time.perf_counter() - started)
+        if status == 0x0000:  # a refusal or failure has its own line (ingest.py)
+            log.info(
+                "received SOP %s from %s at %s: %d bytes",
+                sop,
+                requestor.ae_title,
+                requestor.address,
+                size,
+                extra=logs.peer_extra(requestor.ae_title, requestor.address, sop),
+            )
+        return status
 
 
 # Refused: Not Authorized, a general failure status (PS3.7 Annex C) that every DIMSE
@@ -183,12 +203,14 @@ def handle_requested(event: evt.Event, config: NodeConfig, gate: Admission) -> N
     if refusal is None:
         return
     reason, why = refusal
+    metrics.ASSOCIATIONS.labels("rejected").inc()
     log.warning(
         "association rejected: calling AE %s from %s, called AE %s: %s",
         admission.shown(calling),
         address,
         admission.shown(called),
         why,
+        extra=logs.peer_extra(admission.shown(calling), address),
     )
     # then kill() as pynetdicom's own rejections do, which lets the DUL send the A-ASSOCIATE-RJ
     assoc.acse.send_reject(*reason)
@@ -205,6 +227,8 @@ def handle_accepted(event: evt.Event, access: Access, gate: Admission) -> None:
     """EVT_ACCEPTED: log, and answer a caller that may not retrieve 0x0124 on C-GET/C-MOVE."""
     gate.accepted(event.assoc)
     requestor = event.assoc.requestor
+    metrics.ASSOCIATIONS.labels("accepted").inc()
+    logs.association(requestor.ae_title, requestor.address)  # this thread is the association's
     log.info(
         "association accepted: %s from %s:%s", requestor.ae_title, requestor.address, requestor.port
     )
@@ -389,6 +413,14 @@ def _instances(event: evt.Event, service: ArchiveService, what: str) -> list:
 def handle_get(event: evt.Event, service: ArchiveService) -> Iterator:
     """EVT_C_GET: sub-operations on the requestor's own association, in syntaxes it accepted;
     an identifier that cannot be matched is answered 0xA900 with the reason."""
+    started = time.perf_counter()
+    try:
+        yield from _get(event, service)
+    finally:
+        metrics.RETRIEVE_SECONDS.labels("get").observe(time.perf_counter() - started)
+
+
+def _get(event: evt.Event, service: ArchiveService) -> Iterator:
     if _refused(event, service.config.access, "retrieve"):
         yield _failure(STATUS_NOT_AUTHORISED, NOT_AUTHORISED_COMMENT["retrieve"]), None
         return
@@ -416,6 +448,14 @@ def handle_move(event: evt.Event, service: ArchiveService) -> Iterator:
     that may not retrieve is answered 0x0124 before this runs (refuse_retrieve). An unknown
     destination is 0xA801; a listed one that cannot be reached fails every sub-operation
     with 0xA702 and says why; an identifier that cannot be matched is 0xA900 with the reason."""
+    started = time.perf_counter()
+    try:
+        yield from _move(event, service)
+    finally:
+        metrics.RETRIEVE_SECONDS.labels("move").observe(time.perf_counter() - started)
+
+
+def _move(event: evt.Event, service: ArchiveService) -> Iterator:
     calling = event.assoc.requestor.ae_title
     destination = str(event.move_destination).strip()
     address = service.config.move_destinations.get(destination)
@@ -499,6 +539,8 @@ def _association_ended(kind: str | None, gate: Admission) -> Callable[[evt.Event
         gate.ended(event.assoc)
         if kind is None:
             return
+        if kind != "released":  # rejected here: by pynetdicom itself (ours: handle_requested)
+            metrics.ASSOCIATIONS.labels(kind).inc()
         requestor = event.assoc.requestor
         log.info(
             "association %s: %s from %s:%s",

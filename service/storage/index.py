@@ -35,6 +35,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModu
 from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 
+from compacs.service.metrics import INDEX_SECONDS
 from compacs.service.storage.schema import (
     ACK_PATIENT,
     KIND_INSTANCE,
@@ -341,8 +342,9 @@ class Index:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        """One serialised write transaction (IMMEDIATE on SQLite), committed on success."""
-        with self.write_lock, self.engine.connect() as conn:
+        """One serialised write transaction (IMMEDIATE on SQLite), committed on success;
+        its time, lock wait included, is compacs_index_seconds (metrics.py)."""
+        with INDEX_SECONDS.time(), self.write_lock, self.engine.connect() as conn:
             conn.info["immediate"] = True
             with conn.begin():
                 yield conn
@@ -1227,6 +1229,17 @@ class Index:
                 if values:
                     query = query.where(uid_in(columns[key], values))
             return list(s.scalars(query))
+
+    def state_counts(self) -> dict[str, int]:
+        """Pending and parked instances: read through the index on instance.state, so the
+        cost grows with those rows, not with the archive (the metrics' gauges)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_INSTANCE.c.state, func.count())
+                .where(_INSTANCE.c.state.in_([STATE_PENDING, STATE_PARKED]))
+                .group_by(_INSTANCE.c.state)
+            )
+            return {state: count for state, count in rows}
 
     def stats(self) -> dict[str, Any]:
         """Totals overall, per modality and per codec, computed in SQL."""

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
+from compacs.service import metrics
 from compacs.service.compress import NOT_A_CODEC_FAILURE, source_frames
 from compacs.service.storage.archive import checksum
 from compacs.service.storage.schema import KIND_VOLUME, utcnow
@@ -82,6 +83,7 @@ def run(service: Any, *, limit: int = 1000, progress: bool = False) -> FixityRep
                 error = None  # intact as received, and flagged so: `compacs problems` lists it
             else:
                 log.error("FIXITY FAILURE: blob %s on tier %s: %s", path, tier, error)
+                metrics.FIXITY_FAILURES.inc()
                 report.failed.append(f"{tier}/{path}: {error}")
         service.index.record_fixity(blob_pk, error)
         report.checked += 1

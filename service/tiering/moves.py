@@ -34,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from compacs.service import metrics
 from compacs.service.storage.index import NewBlob, lease
 from compacs.service.storage.schema import HOT_TIER, utcnow
 from compacs.service.tiering import recompress
@@ -166,12 +167,14 @@ def _task(service: Any, move: Move) -> recompress.Task:
     )
 
 
-def worker_pool() -> Executor:
-    """One worker process at the lowest priority (recompress.init_worker)."""
+def worker_pool(log_format: str = "text") -> Executor:
+    """One worker process at the lowest priority (recompress.init_worker), logging in the
+    node's [logging] format."""
     return ProcessPoolExecutor(
         max_workers=1,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=recompress.init_worker,
+        initargs=(log_format,),
     )
 
 
@@ -191,10 +194,14 @@ def run_due(
     report = RunReport()
     now = now or utcnow()
     moves = plan(service, now, limit)
+    due: dict[str, int] = {tier.name: 0 for tier in service.config.tiers}
+    for move in moves:
+        due[move.tier.name] += len(move.rows)
     if not moves:
+        _backlog(due, report)
         return report
     own = executor is None
-    executor = executor or worker_pool()
+    executor = executor or worker_pool(service.config.logging.format)
     share = service.config.tiering.cpu_share
     lease_seconds = service.config.ingest.lease_seconds  # renewed while the move runs
     try:
@@ -225,7 +232,7 @@ def run_due(
                     # Its worker died (a codec crash) running this move alone: the move is
                     # the culprit; the moves after it get a fresh worker, not a broken pool.
                     executor.shutdown(wait=False)
-                    executor = worker_pool()
+                    executor = worker_pool(service.config.logging.format)
                 continue
             _commit(service, owner, move, output, report)
             busy = time.monotonic() - begun
@@ -235,9 +242,16 @@ def run_due(
         if own:
             executor.shutdown(wait=True, cancel_futures=True)
     report.seconds = time.monotonic() - started
+    _backlog(due, report)
     service.index.audit("tier_run", detail=report.line())
     log.info("tier run: %s", report.line())
     return report
+
+
+def _backlog(due: dict[str, int], report: RunReport) -> None:
+    """compacs_tier_backlog_instances: what this run found due and did not move."""
+    for tier, count in due.items():
+        metrics.TIER_BACKLOG.labels(tier).set(max(0, count - report.by_tier.get(tier, 0)))
 
 
 def _wait(future: Future, service: Any, owner: str, claimed: set[int]) -> recompress.Output:

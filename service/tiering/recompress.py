@@ -100,13 +100,15 @@ class Output:
     bytes_before: int
 
 
-def init_worker() -> None:
+def init_worker(log_format: str = "text") -> None:
     """A tier worker runs at the lowest priority: ingest keeps the CPU (the share is also
     capped by pauses between moves, moves.py)."""
     with contextlib.suppress(OSError):
         os.nice(19)
+    from compacs.service import logs
     from compacs.service.cli import quiet_decoder_tracebacks
 
+    logs.configure_worker(log_format)
     quiet_decoder_tracebacks()
     with contextlib.suppress(ImportError):  # without it the learned codecs are unavailable
         from compacs.models.runtime import set_default_threads
