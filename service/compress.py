@@ -377,6 +377,51 @@ def kept_as_received(ds: Dataset) -> str | None:
     return None
 
 
+def _pixel_format(ds: Dataset, passthrough: Outcome | FileOutcome) -> PixelFormat | None:
+    """The image attributes every codec needs; None when they cannot be read, recorded as
+    `passthrough`'s source error, so that the object is kept as received and flagged."""
+    try:
+        return PixelFormat.from_dataset(ds)
+    except (AttributeError, TypeError, ValueError) as exc:
+        passthrough.source_error = f"image attributes cannot be read: {_describe(exc)}"
+        passthrough.notes.append(passthrough.source_error)
+        return None
+
+
+def _fell_back(
+    passthrough: Outcome | FileOutcome, codec: Codec, ds: Dataset, exc: BaseException
+) -> None:
+    """A codec attempt failed and the next one is tried: counted and noted on the outcome
+    (jobs audits it as a codec_fallback) and logged for the administrator."""
+    passthrough.fallbacks += 1
+    passthrough.notes.append(f"{codec.name} failed: {_describe(exc)}")
+    log.warning("codec %s failed on %s: %s", codec.name, ds.SOPInstanceUID, exc)
+
+
+def _usable_codecs(
+    choices: list[CodecChoice] | tuple[CodecChoice, ...],
+    fmt: PixelFormat,
+    received_ts: str,
+    notes: list[str],
+) -> Iterator[tuple[CodecChoice, Codec]]:
+    """The rule's codecs that may be tried on this object, in the rule's order, for
+    `compress` and `compress_file` alike: it stops at a passthrough choice or at the syntax
+    the object arrived in (nothing after them is tried), and notes in `notes` why each
+    skipped codec was not tried, so that the outcome explains itself."""
+    for choice in choices:
+        codec = registry.get(choice.name)
+        if not codec.transfer_syntax_uid:  # passthrough: keep as received
+            return
+        if codec.transfer_syntax_uid == received_ts:
+            notes.append(f"{codec.name}: arrived in that syntax already")
+            return
+        reason = codec.unsupported_reason(fmt) if codec.is_available() else "not available"
+        if reason:
+            notes.append(f"{codec.name}: {reason}")
+            continue
+        yield choice, codec
+
+
 def compress(
     raw: bytes, ds: Dataset, choices: list[CodecChoice] | tuple[CodecChoice, ...]
 ) -> Outcome:
@@ -395,27 +440,14 @@ def compress(
                 raise
             passthrough.source_error = f"pixel data does not decode: {_describe(exc)}"
         return passthrough
-    try:
-        fmt = PixelFormat.from_dataset(ds)
-    except (AttributeError, TypeError, ValueError) as exc:
-        passthrough.source_error = f"image attributes cannot be read: {_describe(exc)}"
-        passthrough.notes.append(passthrough.source_error)
+    fmt = _pixel_format(ds, passthrough)
+    if fmt is None:
         return passthrough
     layout = raw_layout(raw, ds)  # before the pixels are read: offsets are still known
     splice = (raw, layout) if layout is not None else None
     frames: list[np.ndarray] | None = None
     outcome = passthrough
-    for choice in choices:
-        codec = registry.get(choice.name)
-        if not codec.transfer_syntax_uid:  # passthrough: keep as received
-            break
-        if codec.transfer_syntax_uid == received_ts:
-            passthrough.notes.append(f"{codec.name}: arrived in that syntax already")
-            break
-        reason = codec.unsupported_reason(fmt) if codec.is_available() else "not available"
-        if reason:
-            passthrough.notes.append(f"{codec.name}: {reason}")
-            continue
+    for choice, codec in _usable_codecs(choices, fmt, received_ts, passthrough.notes):
         if frames is None:
             try:
                 frames = source_frames(ds)
@@ -430,9 +462,7 @@ def compress(
         except BaseException as exc:  # any codec failure must fall back, never lose the object
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
-            passthrough.fallbacks += 1
-            passthrough.notes.append(f"{codec.name} failed: {_describe(exc)}")
-            log.warning("codec %s failed on %s: %s", codec.name, ds.SOPInstanceUID, exc)
+            _fell_back(passthrough, codec, ds, exc)
             continue
         if len(data) >= len(raw):
             passthrough.notes.append(f"{codec.name}: no gain ({len(data)} >= {len(raw)} bytes)")
@@ -519,23 +549,10 @@ def compress_file(
         return None
     if int(ds.get("PlanarConfiguration", 0) or 0) != 0:
         return None
-    try:
-        fmt = PixelFormat.from_dataset(ds)
-    except (AttributeError, TypeError, ValueError) as exc:
-        passthrough.source_error = f"image attributes cannot be read: {_describe(exc)}"
-        passthrough.notes.append(passthrough.source_error)
+    fmt = _pixel_format(ds, passthrough)
+    if fmt is None:
         return passthrough
-    for choice in choices:
-        codec = registry.get(choice.name)
-        if not codec.transfer_syntax_uid:  # passthrough: keep as received
-            break
-        if codec.transfer_syntax_uid == received_ts:
-            passthrough.notes.append(f"{codec.name}: arrived in that syntax already")
-            break
-        reason = codec.unsupported_reason(fmt) if codec.is_available() else "not available"
-        if reason:
-            passthrough.notes.append(f"{codec.name}: {reason}")
-            continue
+    for choice, codec in _usable_codecs(choices, fmt, received_ts, passthrough.notes):
         if codec.error_bound(choice.params):
             return None
 
@@ -552,9 +569,7 @@ def compress_file(
         except BaseException as exc:  # any codec failure must fall back, never lose the object
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
-            passthrough.fallbacks += 1
-            passthrough.notes.append(f"{codec.name} failed: {_describe(exc)}")
-            log.warning("codec %s failed on %s: %s", codec.name, ds.SOPInstanceUID, exc)
+            _fell_back(passthrough, codec, ds, exc)
             continue
         if written[0] >= size:
             discard()

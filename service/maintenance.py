@@ -123,23 +123,13 @@ def _export_one(
 
 def _write_in(service: ArchiveService, inst: Instance, path: Path, syntax: str) -> None:
     """One instance as a Part-10 file in `syntax`; streamed from its blob when it is big."""
-    opened = service.open_instance(inst)
-    if opened is not None:
-        source, offset, length = opened
+    streaming = wire.stream_stored(service.open_instance, inst, syntax)
+    if streaming is not None:
         try:
-            streaming = wire.streamed(
-                source, offset, length, inst.sop_class_uid, inst.sop_instance_uid, syntax
-            )
-        except BaseException:
-            source.close()
-            raise
-        if streaming is not None:
-            try:
-                wire.write_part10(streaming, path)
-            finally:
-                streaming.close()
-            return
-        source.close()
+            wire.write_part10(streaming, path)
+        finally:
+            streaming.close()
+        return
     path.write_bytes(transcode(service.read_instance(inst), syntax))
 
 

@@ -127,24 +127,14 @@ def prepare(
     """Read one instance (`read`: the archive service's) and give it in the best syntax
     the peer accepted: with `fast`, as a wire.WireInstance (stored bytes, maybe with decoded
     pixels spliced in) where that is safe, else as a transcoded Dataset. A big instance
-    that `open_blob` opens is streamed from its file where wire.streamed can."""
+    that `open_blob` opens is streamed from its file where wire.stream_stored can."""
     target = choose_syntax(inst, accepted)
     if target is None:
         raise TranscodeError(f"the peer accepted none of {candidate_syntaxes(inst)}")
     if fast and open_blob is not None:
-        opened = open_blob(inst)
-        if opened is not None:
-            source, offset, length = opened
-            try:
-                streaming = wire.streamed(
-                    source, offset, length, inst.sop_class_uid, inst.sop_instance_uid, target
-                )
-            except BaseException:
-                source.close()
-                raise
-            if streaming is not None:
-                return streaming
-            source.close()
+        streaming = wire.stream_stored(open_blob, inst, target)
+        if streaming is not None:
+            return streaming
     blob = read(inst)
     if not fast:
         return transcode_dataset(dcmread(BytesIO(blob)), target)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -44,6 +44,9 @@ from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
 from compacs.service.compress import source_frames
 from compacs.service.syntaxes import EXPLICIT_LE
+
+if TYPE_CHECKING:
+    from compacs.service.storage.index import Instance
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _ITEM, _SEQUENCE_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000) and (FFFE,E0DD), read as LE uint32
@@ -323,6 +326,31 @@ def streamed(
         head=head.getvalue(),
         source=source,
     )
+
+
+def stream_stored(
+    open_blob: Callable[[Instance], tuple[BinaryIO, int, int] | None],
+    inst: Instance,
+    target: str,
+) -> WireInstance | None:
+    """A stored instance in `target`, streamed from its blob (`streamed`) when `open_blob`
+    (ArchiveService.open_instance) opens it as big; None: the caller reads it whole. The
+    blob is closed here unless the instance returned owns it, which retrieve and export
+    would otherwise each have to get right on every path."""
+    opened = open_blob(inst)
+    if opened is None:
+        return None
+    source, offset, length = opened
+    try:
+        streaming = streamed(
+            source, offset, length, inst.sop_class_uid, inst.sop_instance_uid, target
+        )
+    except BaseException:
+        source.close()
+        raise
+    if streaming is None:
+        source.close()
+    return streaming
 
 
 def write_part10(inst: WireInstance, path: Path, opener: Callable = open) -> None:

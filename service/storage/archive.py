@@ -25,10 +25,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 HASH_CHARS = 32
 CHUNK = 1 << 20  # streamed reads and copies: what one big blob costs in memory at a time
+
+_T = TypeVar("_T")
 
 
 class ChecksumError(IOError):
@@ -103,12 +105,8 @@ class Archive:
         Temp file, fsync, rename, fsync of the directory: after this returns, a crash or
         power loss leaves either the whole new blob or none; a reader never sees half.
         """
-        final = self.abspath(relpath)
-        directory = final.parent
-        if directory not in self._known_dirs:
-            self._make_dirs(directory)
-        tmp = self.tmp / f"{final.name}.{os.getpid()}.{id(data)}.tmp"
-        try:
+
+        def fill(tmp: Path) -> None:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 view = memoryview(data)
@@ -117,11 +115,8 @@ class Archive:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(directory)
+
+        self._commit(relpath, fill)
         return checksum(data)
 
     def write_stream(self, relpath: str, produce: Callable[[BinaryIO], None]) -> tuple[int, str]:
@@ -129,12 +124,8 @@ class Archive:
         file (which it may also read back); its size and checksum are returned, the
         checksum computed by reading the file back in chunks. Nothing is left at `relpath`
         or in tmp/ if `produce` raises."""
-        final = self.abspath(relpath)
-        directory = final.parent
-        if directory not in self._known_dirs:
-            self._make_dirs(directory)
-        tmp = self.tmp / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
+
+        def fill(tmp: Path) -> tuple[int, str]:
             with open(tmp, "w+b") as file:
                 produce(file)
                 file.flush()
@@ -145,24 +136,17 @@ class Archive:
                     digest.update(memoryview(buffer)[:n])
                     size += n
                 os.fsync(file.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(directory)
-        return size, "sha256:" + digest.hexdigest()
+            return size, "sha256:" + digest.hexdigest()
+
+        return self._commit(relpath, fill)
 
     def adopt(self, relpath: str, src: Path) -> None:
         """Make the complete file `src` (a spooled data set) the blob at `relpath`, durably,
         without reading it into memory: a hard link where the two share a file system (the
         spool folder sits beside the archive), else a streamed copy. Then as `write`: fsync,
         rename, fsync of the directory. The caller hashed `src` already (file_checksums)."""
-        final = self.abspath(relpath)
-        directory = final.parent
-        if directory not in self._known_dirs:
-            self._make_dirs(directory)
-        tmp = self.tmp / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
+
+        def fill(tmp: Path) -> None:
             try:
                 os.link(src, tmp)
             except OSError:  # another file system, or links not allowed: copy
@@ -174,11 +158,27 @@ class Archive:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+        self._commit(relpath, fill)
+
+    def _commit(self, relpath: str, fill: Callable[[Path], _T]) -> _T:
+        """The durable step `write`, `write_stream` and `adopt` share, so that each is only
+        what it puts in the file: `fill` writes the temp file and fsyncs it; it is then
+        renamed to `relpath` and its directory fsynced (a crash leaves the whole blob or
+        none), and removed if anything fails. Returns what `fill` returns."""
+        final = self.abspath(relpath)
+        directory = final.parent
+        if directory not in self._known_dirs:
+            self._make_dirs(directory)
+        tmp = self.tmp / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            result = fill(tmp)
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(directory)
+        return result
 
     def _make_dirs(self, directory: Path) -> None:
         """Create missing parents and fsync each new one's parent so the entry itself survives."""
