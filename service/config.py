@@ -355,19 +355,25 @@ def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: 
     )
 
 
+def _known_keys(table: str, raw: Any, allowed: Any, source: str) -> None:
+    """`raw` is a [table] whose keys are all among `allowed`; else the error names the file,
+    the table, the keys and what is allowed."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{table}] must be a table")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{source}: [{table}] has unknown key(s) {', '.join(unknown)}; "
+            f"allowed keys: {', '.join(allowed)}"
+        )
+
+
 def _typed_table(
     table: str, raw: Any, keys: dict[str, tuple[type, float, float]], source: str
 ) -> dict[str, Any]:
     """A [table] of scalars, each checked against its kind and range; errors name the file,
     the table, the key and what is allowed."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: [{table}] must be a table")
-    unknown = sorted(set(raw) - set(keys))
-    if unknown:
-        raise ConfigError(
-            f"{source}: [{table}] has unknown key(s) {', '.join(unknown)}; "
-            f"allowed keys: {', '.join(keys)}"
-        )
+    _known_keys(table, raw, keys, source)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         kind, lo, hi = keys[key]
@@ -434,14 +440,7 @@ _TLS_KEYS = ("port", *_TLS_FILES, "require_client_certificate", "plain_port")
 def _parse_tls(raw: Any, defaults: dict[str, Any], node_port: int, source: str) -> TlsConfig:
     """[tls], validated: the port, and the certificate, key and CA bundle loaded as the node
     will load them, so that a file it cannot use stops it before it listens."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: [tls] must be a table")
-    unknown = sorted(set(raw) - set(_TLS_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{source}: [tls] has unknown key(s) {', '.join(unknown)}; "
-            f"allowed keys: {', '.join(_TLS_KEYS)}"
-        )
+    _known_keys("tls", raw, _TLS_KEYS, source)
     values = {**defaults, **raw}
     where = f"{source}: [tls]"
     port = _int_in(values["port"], f"{where} port", 0, 65535)
@@ -493,14 +492,7 @@ def _parse_metrics(
     raw: Any, defaults: dict[str, Any], env_port: str | None, cli_port: int | None, source: str
 ) -> MetricsConfig:
     """[metrics], then COMPACS_METRICS_PORT, then --metrics-port."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: [metrics] must be a table")
-    unknown = sorted(set(raw) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"{source}: [metrics] has unknown key(s) {', '.join(unknown)}; "
-            f"allowed keys: {', '.join(defaults)}"
-        )
+    _known_keys("metrics", raw, defaults, source)
     values = {**defaults, **raw}
     where = f"{source}: [metrics]"
     if env_port:
@@ -518,14 +510,7 @@ def _parse_metrics(
 
 
 def _parse_logging(raw: Any, defaults: dict[str, Any], source: str) -> LoggingConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: [logging] must be a table")
-    unknown = sorted(set(raw) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"{source}: [logging] has unknown key(s) {', '.join(unknown)}; "
-            f"allowed keys: {', '.join(defaults)}"
-        )
+    _known_keys("logging", raw, defaults, source)
     values = {**defaults, **raw}
     if values["format"] not in LOG_FORMATS:
         raise ConfigError(
@@ -569,14 +554,7 @@ def load_config(
                 "[[tiers]], " + ", ".join(f"[{t}]" for t in TABLES if t != "node")
             )
         user_node = user.get("node", {})
-        if not isinstance(user_node, dict):
-            raise ConfigError(f"{source}: [node] must be a table")
-        bad = sorted(set(user_node) - set(node))
-        if bad:
-            raise ConfigError(
-                f"{source}: [node] has unknown key(s) {', '.join(bad)}; "
-                f"allowed keys: {', '.join(sorted(node))}"
-            )
+        _known_keys("node", user_node, sorted(node), source)
         node.update(user_node)
         if "rules" in user:
             rules_raw, rules_source = user["rules"], source
