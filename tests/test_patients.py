@@ -486,3 +486,44 @@ def test_findscu_with_2000_uids(
     everything = findscu(node, "study", "STUDY", {"StudyInstanceUID": ""}, out)
     assert [a.StudyInstanceUID for a in everything] == [stored[0].StudyInstanceUID]
     assert "Traceback" not in node.log_text()
+
+
+def test_two_processes_adding_names_under_one_patient_id_at_once_flag_the_conflict(
+    pg_url: str,
+) -> None:
+    """Two serve processes on one PostgreSQL index: each adds a new name under PatientID 0042
+    in its own transaction. Without a lock each counts only its own uncommitted row and the
+    conflict goes unflagged; the per-PatientID advisory lock makes the second count wait for
+    the first commit. B starts while A holds its transaction open (A waits before commit)."""
+    import threading
+    import time
+
+    from compacs.service.storage import index as index_mod
+
+    a, b = Index.open(pg_url, create=True), Index.open(pg_url, create=True)
+    a_inserted = threading.Event()
+
+    def add_name(idx: Index, name: str, study: str, hold: bool) -> None:
+        ds = dataset("0042", name, study)
+        with idx.engine.begin() as conn:
+            index_mod._patient_for(conn, index_mod._patient_values(ds), study)
+            if hold:
+                a_inserted.set()
+                time.sleep(1.5)  # B's insert and count happen now, before A commits
+
+    try:
+        first = threading.Thread(target=add_name, args=(a, "ROE^RICHARD", generate_uid(), True))
+        first.start()
+        assert a_inserted.wait(30)
+        add_name(b, "DOE^JANE", generate_uid(), False)
+        first.join()
+        with a.engine.connect() as conn:
+            flags = conn.execute(
+                select(index_mod._PATIENT.c.patient_id_conflict).where(
+                    index_mod._PATIENT.c.patient_id == "0042"
+                )
+            ).scalars().all()
+        assert flags == [True, True]
+    finally:
+        a.close()
+        b.close()

@@ -1414,12 +1414,27 @@ def _same_patient_id(patient_id: str, issuer: str | None) -> Any:
     return (_PATIENT.c.patient_id == patient_id) & same_issuer
 
 
+# pg_advisory_xact_lock's first key for patient-ID locks (schema's migration lock is a
+# one-key lock: another space)
+_PATIENT_LOCK_CLASS = 0x636F6D70  # "comp"
+
+
 def _mark_conflicts(conn: Connection, patient_id: str, issuer: str | None) -> None:
     """Flag every row of a PatientID (+ issuer) when it has more than one (a name or birth
     date differs: schema.patient_identity), unflag a row left alone. Objects without a
     PatientID each have a row of their own: never a conflict."""
     if not patient_id:
         return
+    if conn.dialect.name == "postgresql":
+        # Several processes may add names under one PatientID at once, and each would count
+        # only its own uncommitted row: one at a time per PatientID (+ issuer) until commit,
+        # so the later count sees the earlier row (READ COMMITTED reads anew per statement).
+        # SQLite serialises every writer already.
+        conn.execute(
+            func.pg_advisory_xact_lock(
+                _PATIENT_LOCK_CLASS, func.hashtext(f"{patient_id}\\{issuer or ''}")
+            )
+        )
     group = _same_patient_id(patient_id, issuer)
     rows = conn.scalar(select(func.count(_PATIENT.c.id)).where(group))
     conn.execute(_PATIENT.update().where(group).values(patient_id_conflict=rows > 1))
