@@ -169,6 +169,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"patient_id_conflict {stats['patient_id_conflicts']} (PatientIDs whose studies "
             "disagree on the name or birth date; `compacs problems` lists them)"
         )
+    if stats["patient_unverified_studies"]:
+        print(
+            f"patient_unverified {stats['patient_unverified_studies']} (studies whose patient "
+            "attributes no stored object could confirm at the 0007 upgrade; `compacs problems` "
+            "lists them)"
+        )
     if stats["parked"] or stats["flagged"]:
         print("(parked: compression failed; flagged: kept as received, non-conformant;")
         print(" `compacs problems` lists them with the reasons)")
@@ -720,6 +726,7 @@ def cmd_problems(args: argparse.Namespace) -> int:
         found = service.index.problems()
         conflicts = service.index.patient_problems()
         fixity = service.index.fixity_failures()
+        unverified = service.index.patient_unverified_studies()
     finally:
         service.close()
     if args.json:
@@ -727,6 +734,10 @@ def cmd_problems(args: argparse.Namespace) -> int:
             "objects": [problems.as_json(p) for p in found],
             "patient_id_conflicts": [problems.patient_as_json(c) for c in conflicts],
             "fixity_failures": [{"tier": t, "blob": b, "error": e} for t, b, e in fixity],
+            "patient_unverified_studies": [
+                {"study_instance_uid": u, "patient_id": i, "patient_name": n}
+                for u, i, n in unverified
+            ],
         }, indent=2))  # fmt: skip
         return 0
     if found:
@@ -738,6 +749,12 @@ def cmd_problems(args: argparse.Namespace) -> int:
     if fixity:
         print("blobs whose last fixity check failed (restore them; never acknowledged):")
         print("\n".join(f"  {path} (tier {tier}): {error}" for tier, path, error in fixity))
+    if unverified:
+        print("studies whose patient attributes no stored object could confirm at the 0007")
+        print("upgrade (they answer with what the older index kept, which may be another")
+        print("study's patient: check each; a re-send with on_duplicate = replace corrects it):")
+        for uid, patient_id, name in unverified:
+            print(f"  {uid}  PatientID {patient_id or '(none)'}  {name or '(no name)'}")
     print(problems.summary(found, conflicts))
     return 0
 

@@ -349,8 +349,17 @@ def test_0007_backfills_each_study_from_its_objects(url: str, tmp_path: Path) ->
         anon_b: "ANON^B",
         lost: "ROE^RICHARD",  # unreadable: what the old index said
     }
+    res = subprocess.run(
+        [sys.executable, "-m", "compacs.service.cli", "problems", "--data", str(tmp_path / "data")],
+        capture_output=True, text=True, env=_env(url), timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "no stored object could confirm" in res.stdout, res.stdout
+    assert f"  {lost}  PatientID 0  ROE^RICHARD" in res.stdout, res.stdout
     index = Index.open(url)
     try:
+        assert index.stats()["patient_unverified_studies"] == 1
+        assert index.patient_unverified_studies() == [(lost, "0", "ROE^RICHARD")]
         assert index.stats()["patient_id_conflicts"] == 1
         names = sorted((c.patient_name, c.studies) for c in index.patient_conflicts())
         assert names == [("DOE^JANE", 1), ("ROE^RICHARD", 2)]

@@ -1183,6 +1183,20 @@ class Index:
             problems.append(problem)
         return problems
 
+    def patient_unverified_studies(self) -> list[tuple[str, str | None, str | None]]:
+        """(Study Instance UID, PatientID, PatientName) of each study whose patient attributes
+        `compacs db upgrade` could not read from any of its objects (revision 0007's
+        backfill): before 0007 studies under one PatientID shared one name, so these may
+        answer with another study's patient. `compacs problems` lists them."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_STUDY.c.study_instance_uid, _PATIENT.c.patient_id, _STUDY.c.patient_name)
+                .join(_PATIENT, _PATIENT.c.id == _STUDY.c.patient_pk)
+                .where(_STUDY.c.patient_source == PATIENT_UNREADABLE)
+                .order_by(_STUDY.c.study_instance_uid)
+            )
+            return [(uid, pid or None, name) for uid, pid, name in rows]
+
     def instances(
         self, *, study_uid: str | None = None, series_uid: str | None = None
     ) -> list[Instance]:
@@ -1284,6 +1298,13 @@ class Index:
                         .where(Patient.patient_id_conflict.is_(True))
                         .distinct()
                         .subquery()
+                    )
+                ),
+                # studies the 0007 upgrade could not re-read: they keep the patient values
+                # of the shared row they had, which may be another study's
+                "patient_unverified_studies": s.scalar(
+                    select(func.count(Study.id)).where(
+                        Study.patient_source == PATIENT_UNREADABLE
                     )
                 ),
                 "by_modality": grouped(Series.modality),
