@@ -410,14 +410,20 @@ def _instances(event: evt.Event, service: ArchiveService, what: str) -> list:
     return instances
 
 
+def _timed(operation: str, answers: Iterator) -> Iterator:
+    """`answers` passed through, its whole run (sub-operations included) observed in
+    compacs_retrieve_seconds{operation}."""
+    started = time.perf_counter()
+    try:
+        yield from answers
+    finally:
+        metrics.RETRIEVE_SECONDS.labels(operation).observe(time.perf_counter() - started)
+
+
 def handle_get(event: evt.Event, service: ArchiveService) -> Iterator:
     """EVT_C_GET: sub-operations on the requestor's own association, in syntaxes it accepted;
     an identifier that cannot be matched is answered 0xA900 with the reason."""
-    started = time.perf_counter()
-    try:
-        yield from _get(event, service)
-    finally:
-        metrics.RETRIEVE_SECONDS.labels("get").observe(time.perf_counter() - started)
+    yield from _timed("get", _get(event, service))
 
 
 def _get(event: evt.Event, service: ArchiveService) -> Iterator:
@@ -448,11 +454,7 @@ def handle_move(event: evt.Event, service: ArchiveService) -> Iterator:
     that may not retrieve is answered 0x0124 before this runs (refuse_retrieve). An unknown
     destination is 0xA801; a listed one that cannot be reached fails every sub-operation
     with 0xA702 and says why; an identifier that cannot be matched is 0xA900 with the reason."""
-    started = time.perf_counter()
-    try:
-        yield from _move(event, service)
-    finally:
-        metrics.RETRIEVE_SECONDS.labels("move").observe(time.perf_counter() - started)
+    yield from _timed("move", _move(event, service))
 
 
 def _move(event: evt.Event, service: ArchiveService) -> Iterator:
