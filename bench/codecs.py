@@ -1,11 +1,12 @@
 """Codec benchmark: ratio and one-thread encode/decode speed of every codec, per instance and
 as volumes, on the real images the registries carry (docs/design.md, "Real data").
 
-Data: the 20-slice TotalSegmentator CT series (512², 12 of 16 bits; `models/data.py`), its MR
-volume (20 × 91 × 117, signed, resampled NIfTI), the enhanced CT (2 frames) and enhanced MR
-(10 frames of 64²) of pydicom, single images (signed CT 512², MR 1024², CR 15 and 10 bits, RGB
-US) and two ultrasound cines (120 frames of 480 × 640 and 30 of 240 × 320, decoded from JPEG
-baseline: YBR_FULL samples, so the cines are smoother than a cine that never was JPEG).
+Data: the 20-slice TotalSegmentator CT series (512², 12 of 16 bits;
+`models/training/data.py`), its MR volume (20 × 91 × 117, signed, resampled NIfTI), the
+enhanced CT (2 frames) and enhanced MR (10 frames of 64²) of pydicom, single images (signed CT
+512², MR 1024², CR 15 and 10 bits, RGB US) and two ultrasound cines (120 frames of 480 × 640
+and 30 of 240 × 320, decoded from JPEG baseline: YBR_FULL samples, so the cines are smoother
+than a cine that never was JPEG).
 
 Per-frame codecs (jpegls, j2k, htj2k, rle, jpegxl at effort 3 and 7) code every frame of a data
 set on its own; hevc codes each data set as one volume (random access every `gop_size` = 16

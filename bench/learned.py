@@ -3,7 +3,7 @@
     .venv/bin/python bench/learned.py                 # everything (5-10 minutes on 2 shared cores)
     .venv/bin/python bench/learned.py --write-heldout # also rewrite models/heldout.json
 
-Held out means never trained on (models/data.py `split`: the 20-slice TotalSegmentator CT
+Held out means never trained on (models/training/data.py `split`: the 20-slice TotalSegmentator CT
 series, the Philips 1024² MR, the 10-frame and the 64² MR, the 15-bit Philips CR). Bits per
 pixel = coded bytes · 8 / pixels, summed over each modality's images; every coded image is
 decoded and checked (bit-exact, or max |error| ≤ δ). Lossless: learned δ = 0, JPEG-LS (CharLS
@@ -37,8 +37,8 @@ from compacs.codecs.jpegls import JpegLS  # noqa: E402
 from compacs.codecs.learned import Learned  # noqa: E402
 from compacs.codecs.learned_volume import LearnedVolume  # noqa: E402
 from compacs.codecs.volume import DEFAULT_GOP_SIZE  # noqa: E402
-from compacs.models import data  # noqa: E402
 from compacs.models.runtime import SessionConfig, load_model  # noqa: E402
+from compacs.models.training import data  # noqa: E402
 
 DELTAS = (1, 2, 4)
 MODALITIES = ("CT", "MR", "CR")

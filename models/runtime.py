@@ -46,7 +46,7 @@ class Model:
         if missing:
             raise FileNotFoundError(
                 f"learned codec model incomplete in {folder} (missing {', '.join(missing)}): "
-                "reinstall compacs, or run python -m compacs.models.export"
+                "reinstall compacs, or run python -m compacs.models.training.export"
             )
         digest = hashlib.sha256()
         for name in MODEL_FILES:

@@ -1,5 +1,5 @@
 """Test inputs made from REAL images (pydicom's test files and pydicom-data, and the real
-series that `compacs.models.data` fetches).
+series that `compacs.models.training.data` fetches).
 
 Every file written here gets fresh Study/Series/SOP Instance UIDs: Orthanc answers a
 duplicate SOP Instance UID with Success without storing it, and many of pydicom's files
@@ -23,7 +23,11 @@ from pydicom.pixels import iter_pixels
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from compacs.codecs.base import PixelFormat
-from compacs.models.data import ct_series_files, read_nifti, totalsegmentator_reference_files
+from compacs.models.training.data import (
+    ct_series_files,
+    read_nifti,
+    totalsegmentator_reference_files,
+)
 
 # Real 512x512 signed 16-bit CT slice, J2K reversible (693_UNCR was decoded from lossy J2K).
 CT_SERIES_SOURCE = "693_J2KR.dcm"

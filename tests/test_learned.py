@@ -374,7 +374,7 @@ def test_one_heldout_figure_remeasured() -> None:
 
 def _tiny_run(steps: int, inner: int = 1):
     """A real CT crop to train on and a config small enough for CI (float and QAT steps each)."""
-    from compacs.models import data, train
+    from compacs.models.training import data, train
 
     _, frame = CASES["ct128_signed"]()
     crop = data.RealImage("CT_small crop", "CT", "1CT1", frame[:64, :96].astype(np.int32), 16, True)
@@ -387,7 +387,7 @@ def _tiny_run(steps: int, inner: int = 1):
 def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> None:
     import torch
 
-    from compacs.models import train
+    from compacs.models.training import train
 
     crop, cfg = _tiny_run(3)
     whole = train.train([crop], [crop], cfg, tmp_path / "a", checkpoint_every=1, progress=False)
@@ -411,7 +411,7 @@ def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> Non
     b = torch.load(tmp_path / "b" / "final.pt", weights_only=False)["net"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    from compacs.models import export
+    from compacs.models.training import export
 
     export.export(tmp_path / "a" / "final.pt", tmp_path / "model")
     small = Learned(Model(tmp_path / "model"))
@@ -420,11 +420,12 @@ def test_training_smoke_resumes_without_loss(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_training_reads_packed_images_and_refuses_a_device_it_lacks(tmp_path: Path) -> None:
-    """The GPU route (models/device_train.sh): images packed here come back exactly, the train
-    command runs from the pack alone, and a device or pack that is not there gets a message."""
+    """The GPU route (models/training/device_train.sh): images packed here come back exactly,
+    the train command runs from the pack alone, and a device or pack that is not there gets a
+    message."""
     import torch
 
-    from compacs.models import data, train
+    from compacs.models.training import data, train
 
     crop, _ = _tiny_run(1)
     mr = data.RealImage("MR crop", "MR", "021234567", crop.pixels[:40, :50] + 70000, 17, False)
@@ -445,7 +446,7 @@ def test_training_reads_packed_images_and_refuses_a_device_it_lacks(tmp_path: Pa
     env |= {"CHANNELS": "8", "BLOCKS": "2", "THREADS": "1"}
     script = [
         shutil.which("bash") or "bash",
-        str(Path(__file__).resolve().parents[1] / "models" / "device_train.sh"),
+        str(Path(__file__).resolve().parents[1] / "models" / "training" / "device_train.sh"),
         "run",
     ]
     done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
@@ -472,8 +473,8 @@ def test_training_continues_from_an_exported_model(tmp_path: Path) -> None:
     the same integers again (for a tiny trained model and for the shipped one), so a longer
     run picks up exactly where the shipped model stands; a folder of another shape is refused.
     """
-    from compacs.models import export, train
-    from compacs.models.network import CausalNet
+    from compacs.models.training import export, train
+    from compacs.models.training.network import CausalNet
 
     crop, cfg = _tiny_run(2)
     train.train([crop], [crop], cfg, tmp_path / "a", checkpoint_every=2, progress=False)
@@ -512,8 +513,8 @@ def test_exported_network_computes_what_qat_trained(tmp_path: Path, inner: int) 
     """
     import torch
 
-    from compacs.models import export, train
-    from compacs.models.network import CausalNet
+    from compacs.models.training import export, train
+    from compacs.models.training.network import CausalNet
 
     fmt, frame = CASES["ct128_signed"]()
     crop, cfg = _tiny_run(4, inner)

@@ -44,7 +44,7 @@ def big_multiframe(path: Path, frames_wanted: int = FRAMES) -> tuple[Path, str]:
     """A 256 MB multi-frame CT (uncompressed, explicit VR LE) of real pixels, written frame by
     frame so that the test itself stays small; the SHA-256 of its pixel data. Smaller with
     fewer `frames_wanted` (512 KiB each)."""
-    from compacs.models.data import ct_series_files
+    from compacs.models.training.data import ct_series_files
 
     slices = [pydicom.dcmread(p) for p in ct_series_files()]
     frames = [np.ascontiguousarray(s.pixel_array, dtype="<u2") for s in slices]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .features import FEATURE_SHIFT, N_FEATURES, SCALE_STEPS
+from ..features import FEATURE_SHIFT, N_FEATURES, SCALE_STEPS
 
 ACT_SHIFT = 4  # hidden activations are integers 0..127 meaning a/16
 ACT_MAX = 127

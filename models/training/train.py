@@ -1,14 +1,15 @@
-"""Train the learned codec's network on the real images: `python -m compacs.models.train`.
+"""Train the learned codec's network on the real images:
+`python -m compacs.models.training.train`.
 
 Float training first, then a QAT fine-tune in which every layer computes exactly the integer
-network that is shipped (models/network.py): with real steps it costs almost nothing, rushed it
-costs up to 16 % (docs/design.md). The loss is the code length in bits per pixel of the stored
-integer values under the discretized logistic the codec codes with.
+network that is shipped (models/training/network.py): with real steps it costs almost nothing,
+rushed it costs up to 16 % (docs/design.md). The loss is the code length in bits per pixel of
+the stored integer values under the discretized logistic the codec codes with.
 
 Reproducible and resumable: batch `k` is drawn from a generator seeded with (seed, k), so a run
 interrupted with Ctrl-C (which writes a checkpoint) and started again with the same arguments
 continues where it stopped and draws the same batches as an uninterrupted run.
-Data: models/data.py (`all_images`, `split`); the held-out images are never loaded here.
+Data: models/training/data.py (`all_images`, `split`); the held-out images are never loaded here.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
-from . import data
-from .entropy import ESCAPE_BITS, HALF_BUCKETS
-from .features import (
+from ..entropy import ESCAPE_BITS, HALF_BUCKETS
+from ..features import (
     N_SCALES,
     SCALE_STEPS,
     SIGMA_MIN_LOG2,
@@ -38,6 +38,7 @@ from .features import (
     med_prediction,
     tile_slices,
 )
+from . import data
 from .network import ACT_SHIFT, CausalNet, floor_ste
 
 # How often each kind of image is drawn, decided before any result was seen: CT and MR are
@@ -53,7 +54,7 @@ class Config:
     crop: int = 64
     channels: int = 40
     blocks: int = 5
-    inner: int = 1  # 1×1 inner layer per block (models/network.py); 0: the 2026-12-01 model
+    inner: int = 1  # 1×1 inner layer per block (training/network.py); 0: the 2026-12-01 model
     lr: float = 2e-3
     qat_lr: float = 3e-4
     seed: int = 0
@@ -206,7 +207,7 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; "
-            "use --device cpu, or run on a machine with one (models/device_train.sh)"
+            "use --device cpu, or run on a machine with one (models/training/device_train.sh)"
         )
     if device.type == "cuda":
         # QAT should compute the integer network's values: TF32 would round its sums. (cuDNN
@@ -230,7 +231,7 @@ def load_exported(net: CausalNet, folder: Path) -> None:
     if missing:
         raise SystemExit(
             f"--init {folder}: no {' or '.join(missing)} there; name a folder written by "
-            "python -m compacs.models.export, such as models/shipped"
+            "python -m compacs.models.training.export, such as models/shipped"
         )
     meta = json.loads((folder / "meta.json").read_text())
     wanted = {"channels": net.channels, "blocks": len(net.blocks), "inner": net.inner}
@@ -369,7 +370,9 @@ def default_work_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = Config()
-    parser = argparse.ArgumentParser(prog="python -m compacs.models.train", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m compacs.models.training.train", description=__doc__
+    )
     for field, value in asdict(defaults).items():
         parser.add_argument(
             f"--{field.replace('_', '-')}", type=type(value), default=value, help=HELP.get(field)
@@ -379,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images",
         type=Path,
-        help="train from a file written by `python -m compacs.models.data FILE` instead of "
-        "fetching the images from the registries (a machine with no registry, such as a lent GPU)",
+        help="train from a file written by `python -m compacs.models.training.data FILE` instead "
+        "of fetching the images from the registries (a machine with no registry, such as a lent "
+        "GPU)",
     )
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     args = parser.parse_args(argv)
@@ -391,12 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.images and not args.images.is_file():
         raise SystemExit(
             f"--images {args.images}: no such file; "
-            "write it with python -m compacs.models.data FILE"
+            "write it with python -m compacs.models.training.data FILE"
         )
     parts = data.split(data.unpack(args.images) if args.images else data.all_images())
     summary = train(parts["train"], parts["validation"], cfg, args.work, device=args.device)
     print(json.dumps({k: v for k, v in summary.items() if k != "log"}, indent=1))
-    print(f"final weights: {args.work / 'final.pt'}; next: python -m compacs.models.export")
+    print(
+        f"final weights: {args.work / 'final.pt'}; next: python -m compacs.models.training.export"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Export the trained network as the shipped integer model: `python -m compacs.models.export`.
+"""Export the trained network as the shipped integer model:
+`python -m compacs.models.training.export`.
 
 Writes into models/shipped/ (or --out):
 - `full.onnx`: the whole-image network (Conv layers), used by the δ = 0 encoder;
@@ -24,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .entropy import build_tables
-from .features import FEATURE_SHIFT, N_FEATURES
+from ..entropy import build_tables
+from ..features import FEATURE_SHIFT, N_FEATURES
+from ..runtime import SHIPPED
 from .network import ACT_SHIFT, CausalNet
 
-SHIPPED = Path(__file__).with_name("shipped")
 OPSET = 17
 ACCUMULATOR_LIMIT = 1 << 24
 # Tap order of the gathered neighbourhoods in step.onnx; models/wavefront.py gathers in it.
@@ -205,7 +206,7 @@ def _graphs(layers: list[IntLayer], inner: int) -> tuple[bytes, bytes]:
         model = helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", OPSET)],
-            producer_name="compacs.models.export",
+            producer_name="compacs.models.training.export",
         )
         model.ir_version = 8
         checker.check_model(model)
@@ -273,12 +274,16 @@ def export(weights: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from .train import default_work_dir
 
-    parser = argparse.ArgumentParser(prog="python -m compacs.models.export", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m compacs.models.training.export", description=__doc__
+    )
     parser.add_argument("--weights", type=Path, default=default_work_dir() / "final.pt")
     parser.add_argument("--out", type=Path, default=SHIPPED)
     args = parser.parse_args(argv)
     if not args.weights.exists():
-        raise SystemExit(f"{args.weights} not found: run python -m compacs.models.train first")
+        raise SystemExit(
+            f"{args.weights} not found: run python -m compacs.models.training.train first"
+        )
     meta = export(args.weights, args.out)
     print(json.dumps({k: v for k, v in meta.items() if k != "training"}, indent=1))
     sizes = {p.name: p.stat().st_size for p in sorted(args.out.iterdir())}

@@ -299,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m compacs.models.data",
+        prog="python -m compacs.models.training.data",
         description="Pack the training and validation images (never the held-out ones) into one "
-        "file, for `python -m compacs.models.train --images FILE` on a machine with no registry.",
+        "file, for `python -m compacs.models.training.train --images FILE` on a machine with no "
+        "registry.",
     )
     parser.add_argument("out", type=Path, help="the .npz file to write")
     args = parser.parse_args(argv)
