@@ -154,7 +154,7 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
     A file younger than a claim's lease may be a live node's write in progress: not an
     orphan yet."""
     failures: list[str] = []
-    for inst in tqdm(service.index.instances(), desc="verify", unit="obj", disable=not progress):
+    for inst in tqdm(service.instances(), desc="verify", unit="obj", disable=not progress):
         try:
             ds = dcmread(BytesIO(service.read_instance(inst)))
             if "PixelData" in ds:
@@ -165,14 +165,14 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
             if not isinstance(exc, OSError) and inst.codec == "passthrough":
                 if not inst.defects:  # indexed before arrivals were decoded: flag it now
                     reason = f"pixel data does not decode: {_reason(exc)}".splitlines()[0]
-                    service.index.add_flag(inst.id, reason)
-                    service.index.audit("nonconformant", sop_uid=inst.sop_instance_uid,
+                    service.add_flag(inst.id, reason)
+                    service.audit("nonconformant", sop_uid=inst.sop_instance_uid,
                                         detail=f"{reason} (found by verify)")  # fmt: skip
                 continue  # flagged as received: listed with its flag below
             failures.append(
                 str(Failure(inst.sop_instance_uid, inst.blob.path, _verify_reason(exc)))
             )
-    for problem in service.index.problems():
+    for problem in service.problems():
         if problem.acknowledged is not None:
             continue
         where = f"SOP {problem.sop_instance_uid} ({problem.blob_path})"
@@ -184,21 +184,17 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
         f"patient_id_conflict: {patient_label(conflict)} has studies that disagree; named"
         f" {c.patient_name!r}, born {c.patient_birth_date or '(none)'}: {c.studies} studies"
         f" (e.g. {c.a_study})"
-        for conflict in service.index.patient_problems()
+        for conflict in service.patient_problems()
         if conflict.acknowledged is None
         for c in conflict.names
     )
-    known = service.index.blob_paths()
-    young = service.config.ingest.lease_seconds
-    for tier, archive in service.archives.items():
-        failures.extend(
-            f"orphan blob {path} (tier {tier}): on disk but in no index row"
-            for path in archive.blobs(older_than=young)
-            if path not in known
-        )
+    failures.extend(
+        f"orphan blob {path} (tier {tier}): on disk but in no index row"
+        for tier, path in service.orphan_blobs()
+    )
     failures.extend(
         f"fixity: blob {path} (tier {tier}) failed its last check: {error}"
-        for tier, path, error in service.index.fixity_failures()
+        for tier, path, error in service.fixity_failures()
     )
     return failures
 
