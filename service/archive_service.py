@@ -26,14 +26,7 @@ from compacs.service.config import NodeConfig, TieringConfig
 from compacs.service.ingest import Ingest
 from compacs.service.jobs import Jobs
 from compacs.service.storage.archive import Archive, age
-from compacs.service.storage.index import (
-    Index,
-    Instance,
-    NewBlob,
-    PatientProblem,
-    Problem,
-    lease,
-)
+from compacs.service.storage.index import Index, Instance, NewBlob, lease
 from compacs.service.storage.schema import HOT_TIER, utcnow
 from compacs.service.tiering.policy import Tier
 from compacs.service.tiering.volumes import VolumeReader
@@ -346,25 +339,9 @@ class ArchiveService:
         """The engine the scheduler keeps its jobs with, in the index's database."""
         return self.index.engine_for_other_writers()
 
-    def instances(self) -> list[Instance]:
-        """Every instance the index holds (export and verify walk them)."""
-        return self.index.instances()
-
     def add_flag(self, instance_pk: int, defect: str) -> None:
         """Flag an instance as kept although non-conformant (`compacs problems` lists it)."""
         self.index.add_flag(instance_pk, defect)
-
-    def problems(self) -> list[Problem]:
-        """Objects parked or flagged, with their acknowledgement if any."""
-        return self.index.problems()
-
-    def patient_problems(self) -> list[PatientProblem]:
-        """PatientIDs whose studies disagree on the patient, with their acknowledgement."""
-        return self.index.patient_problems()
-
-    def fixity_failures(self) -> list[tuple[str, str, str]]:
-        """Blobs whose last fixity check failed: (tier, path, error)."""
-        return self.index.fixity_failures()
 
     def orphan_blobs(self) -> list[tuple[str, str]]:
         """Blobs on disk that no index row knows, (tier, path), left out those younger than a

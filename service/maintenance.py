@@ -154,7 +154,7 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
     A file younger than a claim's lease may be a live node's write in progress: not an
     orphan yet."""
     failures: list[str] = []
-    for inst in tqdm(service.instances(), desc="verify", unit="obj", disable=not progress):
+    for inst in tqdm(service.index.instances(), desc="verify", unit="obj", disable=not progress):
         try:
             ds = dcmread(BytesIO(service.read_instance(inst)))
             if "PixelData" in ds:
@@ -172,7 +172,7 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
             failures.append(
                 str(Failure(inst.sop_instance_uid, inst.blob.path, _verify_reason(exc)))
             )
-    for problem in service.problems():
+    for problem in service.index.problems():
         if problem.acknowledged is not None:
             continue
         where = f"SOP {problem.sop_instance_uid} ({problem.blob_path})"
@@ -184,7 +184,7 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
         f"patient_id_conflict: {patient_label(conflict)} has studies that disagree; named"
         f" {c.patient_name!r}, born {c.patient_birth_date or '(none)'}: {c.studies} studies"
         f" (e.g. {c.a_study})"
-        for conflict in service.patient_problems()
+        for conflict in service.index.patient_problems()
         if conflict.acknowledged is None
         for c in conflict.names
     )
@@ -194,7 +194,7 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
     )
     failures.extend(
         f"fixity: blob {path} (tier {tier}) failed its last check: {error}"
-        for tier, path, error in service.fixity_failures()
+        for tier, path, error in service.index.fixity_failures()
     )
     return failures
 
