@@ -15,19 +15,20 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom import Dataset
 
 from compacs.service import retrieve
-from compacs.service.config import NodeConfig
+from compacs.service.config import NodeConfig, TieringConfig
 from compacs.service.ingest import Ingest
 from compacs.service.jobs import Jobs
 from compacs.service.storage.archive import Archive, age
-from compacs.service.storage.index import Index, Instance
+from compacs.service.storage.index import Index, Instance, NewBlob, lease
 from compacs.service.storage.schema import HOT_TIER, utcnow
+from compacs.service.tiering.policy import Tier
 from compacs.service.tiering.volumes import VolumeReader
 from compacs.service.wire import STREAM_ABOVE
 
@@ -268,6 +269,90 @@ class ArchiveService:
         if self.jobs is not None:
             self.jobs.shutdown()
         self.index.close()
+
+    # -- verbs used by tiering/moves.py, tiering/fixity.py, tiering/scheduler.py, maintenance.py --
+    @property
+    def tiers(self) -> list[Tier]:
+        """The configured tiers, warm to cold ([[tiers]])."""
+        return self.config.tiers
+
+    @property
+    def tiering(self) -> TieringConfig:
+        """[tiering]: when the tier and fixity jobs run, and their share of one core."""
+        return self.config.tiering
+
+    @property
+    def worker_log_format(self) -> str:
+        """[logging] format: worker processes log as the node does."""
+        return self.config.logging.format
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claim holds without renewal ([ingest] lease_seconds): a job renews its
+        claims well within it."""
+        return self.config.ingest.lease_seconds
+
+    def audit(self, kind: str, **fields: str | None) -> None:
+        """One event of the audit trail; `fields`: Index.audit's sop_uid, calling_ae, detail."""
+        self.index.audit(kind, **fields)
+
+    def tier_candidates(self, after_id: int, limit: int) -> list[Any]:
+        """Stored instances a tier may take, by id after `after_id` (a page of `limit`)."""
+        return self.index.tier_candidates(after_id, limit)
+
+    def series_instances(self, series_pks: list[int]) -> dict[int, tuple[int, int, datetime]]:
+        """Per series: its instances, how many are stored, and when the last one arrived."""
+        return self.index.series_instances(series_pks)
+
+    def claim_for_move(self, wanted: list[tuple[int, int]], owner: str) -> set[int]:
+        """Claim stored instances (id, version) for a tier move, for one lease; the ids
+        claimed (fewer than wanted: another node or a re-send took some)."""
+        return self.index.claim_stored(wanted, owner, lease(self.lease_seconds))
+
+    def renew_move_claims(self, ids: list[int], owner: str) -> None:
+        """Hold a running move's claims for another lease."""
+        self.index.renew_move_claims(ids, owner, lease(self.lease_seconds))
+
+    def unclaim(self, ids: list[int], owner: str) -> None:
+        """Give up a move's claims: the instances stay where they are, due for the next run."""
+        self.index.unclaim(ids, owner)
+
+    def commit_move(self, owner: str, tier: str, blobs: list[NewBlob], placed: list[Any]) -> bool:
+        """Point the moved instances at their new blobs on `tier`, in one transaction; False
+        (nothing changed) when one of them changed since it was claimed."""
+        return self.index.commit_move(owner, tier, blobs, placed)
+
+    def fixity_due(self, limit: int) -> list[tuple[int, str, str, str, str]]:
+        """Blobs never checked or checked longer ago than [tiering] fixity_max_age_days,
+        longest ago first: (blob id, tier, path, checksum, kind)."""
+        max_age = timedelta(days=self.config.tiering.fixity_max_age_days)
+        return self.index.fixity_due(utcnow() - max_age, limit)
+
+    def record_fixity(self, blob_pk: int, error: str | None) -> None:
+        self.index.record_fixity(blob_pk, error)
+
+    def kept_undecodable(self, blob_pk: int) -> bool:
+        """Whether the blob is an object kept as received and flagged as not decoding."""
+        return self.index.kept_undecodable(blob_pk)
+
+    def job_store_engine(self) -> Any:
+        """The engine the scheduler keeps its jobs with, in the index's database."""
+        return self.index.engine_for_other_writers()
+
+    def add_flag(self, instance_pk: int, defect: str) -> None:
+        """Flag an instance as kept although non-conformant (`compacs problems` lists it)."""
+        self.index.add_flag(instance_pk, defect)
+
+    def orphan_blobs(self) -> list[tuple[str, str]]:
+        """Blobs on disk that no index row knows, (tier, path), left out those younger than a
+        lease: a live node may still be writing them."""
+        known = self.index.blob_paths()
+        return [
+            (tier, path)
+            for tier, archive in self.archives.items()
+            for path in archive.blobs(older_than=self.lease_seconds)
+            if path not in known
+        ]
 
 
 def redact(url: str) -> str:

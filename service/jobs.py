@@ -1,7 +1,7 @@
 """Compression jobs: each claimed in the index, run in a worker process, retried, parked.
 
-A received object is acknowledged as received (ingest.py); its compression runs here
-afterwards, in worker processes (pyjpegls holds the GIL, so threads would cap at one core).
+A received object is acknowledged as received (ingest.py); its compression is queued here
+afterwards and runs in worker processes (compress_worker.py: the job itself and the pool).
 The process that runs a job holds a *claim* on the instance row (owner and lease, renewed
 while it lives), so that several `compacs serve` processes on one index and archive root
 never compress, or undo, the same row:
@@ -20,7 +20,8 @@ never compress, or undo, the same row:
   arrival whose pixels do not decode is no failure at all: it is kept as received and
   flagged ("undecodable pixel data", with the decoder's reason) when its job first meets it;
 - the blob a job replaces is released in the index, and deleted by the sweep a grace period
-  later (storage/sweep.py), never while a C-GET may still be sending it.
+  later (ArchiveService.sweep, archive_service.py), never while a C-GET may still be
+  sending it.
 
 The executor is injectable (tests run jobs in-process, deterministically); by default it is
 a pool of spawned processes.
@@ -30,219 +31,46 @@ from __future__ import annotations
 
 import errno
 import logging
-import multiprocessing
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from io import BytesIO
-from pathlib import Path
-
-from pydicom import Dataset, dcmread
-from pydicom.uid import UID
 
 from compacs.codecs import registry
-from compacs.service import logs, metrics
-from compacs.service import rules as rules_mod
-from compacs.service.compress import (
-    NOT_A_CODEC_FAILURE,
-    Derived,
-    compress,
-    compress_file,
-    source_frames,
+from compacs.service import metrics
+from compacs.service.compress import Derived
+from compacs.service.compress_worker import (
+    Job,
+    JobError,
+    JobResult,
+    process_pool,
+    run_job,
+    undecodable_arrival,
+    worker_init,
 )
 from compacs.service.config import NodeConfig
 from compacs.service.storage.archive import Archive, new_token
 from compacs.service.storage.index import Claim, Index, NewBlob, lease
 from compacs.service.storage.schema import STATE_PARKED
-from compacs.service.wire import STREAM_ABOVE, read_head
+
+# The worker side's names, importable from here as before the split (tests use
+# jobs.process_pool and jobs.worker_init).
+__all__ = [
+    "Job",
+    "JobError",
+    "JobResult",
+    "Jobs",
+    "flagged",
+    "process_pool",
+    "run_job",
+    "undecodable_arrival",
+    "worker_init",
+]
 
 log = logging.getLogger("compacs.jobs")
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-@dataclass(frozen=True)
-class Job:
-    claim: Claim
-    stored: str  # where this attempt writes the compressed object: a fresh path each time
-
-
-@dataclass(frozen=True)
-class JobResult:
-    job: Job
-    codec: str
-    transfer_syntax: str
-    received_size: int
-    size: int
-    checksum: str
-    notes: tuple[str, ...]
-    fallbacks: int
-    source_error: str | None  # the pixel data as received does not decode
-    derived: Derived | None  # a bounded-error result: a new instance
-    modality: str = "unknown"  # metrics.modality_label: counted by the node (metrics.py)
-
-
-class JobError(Exception):
-    """A job's failure as text: what a worker raises may not survive pickling (pyo3 panics)."""
-
-
-# --- worker process side -------------------------------------------------------------
-_worker: dict = {}
-
-
-def worker_init(archive_root: str, rules: list[rules_mod.Rule], log_format: str = "text") -> None:
-    """Set up a worker process (or, with an injected executor, this one)."""
-    from compacs.service.cli import quiet_decoder_tracebacks
-
-    if multiprocessing.parent_process() is not None:
-        logs.configure_worker(log_format)
-        quiet_decoder_tracebacks()
-        try:  # one worker per core: its ONNX Runtime sessions take one thread each
-            from compacs.models.runtime import set_default_threads
-        except ImportError:  # the learned codec's runtime is missing: it is unavailable
-            pass
-        else:
-            set_default_threads(1)
-    _worker["archive"] = Archive(Path(archive_root))
-    _worker["rules"] = rules
-
-
-def _warm_up() -> None:
-    """Make the pool start a worker and load the libraries of the codecs the rules name (the
-    first image would), and only those: a codec a rule does not name may lack its optional
-    dependency (`pip install compacs` without onnxruntime), and an unavailable one is skipped
-    as compress() skips it."""
-    import time
-
-    from compacs.codecs import registry
-
-    for name in rules_mod.codec_names(_worker["rules"]):
-        registry.get(name).is_available()  # imports its dependencies, once
-    time.sleep(0.2)  # busy long enough that the pool starts another worker for the next one
-
-
-def run_job(job: Job) -> JobResult:
-    """Compress one received object and write the result durably (in a worker process)."""
-    try:
-        return _run_job(job)
-    except OSError:
-        raise  # picklable, and the node tells a full disk from other I/O errors
-    except BaseException as exc:
-        if isinstance(exc, NOT_A_CODEC_FAILURE):
-            raise
-        raise JobError(f"{type(exc).__name__}: {exc}") from None
-
-
-def _run_job(job: Job) -> JobResult:
-    archive: Archive = _worker["archive"]
-    claim = job.claim
-    if archive.abspath(claim.blob_path).stat().st_size > STREAM_ABOVE:
-        result = _run_big_job(job, archive)
-        if result is not None:
-            return result
-    raw = archive.read(claim.blob_path, claim.checksum)
-    ds = dcmread(BytesIO(raw))
-    rule = rules_mod.select(
-        _worker["rules"], rules_mod.object_attributes(ds, claim.calling_ae or "")
-    )
-    outcome = compress(raw, ds, rule.codecs if rule else ())
-    if outcome.codec == "passthrough" and outcome.source_error is None:
-        outcome.source_error = undecodable_arrival(ds)
-    digest = archive.write(job.stored, outcome.data)
-    return JobResult(
-        job,
-        outcome.codec,
-        outcome.transfer_syntax,
-        len(raw),
-        len(outcome.data),
-        digest,
-        tuple(outcome.notes),
-        outcome.fallbacks,
-        outcome.source_error,
-        outcome.derived,
-        metrics.modality_label(ds.get("Modality")),
-    )
-
-
-def undecodable_arrival(ds: Dataset) -> str | None:
-    """Why a compressed arrival kept as received does not decode (None when it does, or when
-    it is not compressed). The runner decodes an arrival only to re-encode it, so one that
-    arrived in the rule's syntax already, or under a rule that keeps it, would otherwise be
-    found damaged only by `compacs verify`, long after the sender could send it again."""
-    if "PixelData" not in ds or not UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed:
-        return None
-    try:
-        source_frames(ds)
-    except BaseException as exc:
-        if isinstance(exc, NOT_A_CODEC_FAILURE):
-            raise
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return f"pixel data does not decode: {reason}".splitlines()[0]
-    return None
-
-
-def _run_big_job(job: Job, archive: Archive) -> JobResult | None:
-    """A big object compressed from its file, frame by frame (compress_file), so that a
-    worker never holds it whole; None: one that compress_file leaves to the in-memory path."""
-    claim = job.claim
-    size = archive.abspath(claim.blob_path).stat().st_size
-    with archive.open_checked(claim.blob_path, 0, size, claim.checksum) as source:
-        ds, _element, _error = read_head(source, size)
-        rule = rules_mod.select(
-            _worker["rules"], rules_mod.object_attributes(ds, claim.calling_ae or "")
-        )
-        outcome = compress_file(
-            source,
-            size,
-            rule.codecs if rule else (),
-            lambda produce: archive.write_stream(job.stored, produce),
-            lambda: archive.delete(job.stored),
-        )
-    if outcome is None:
-        return None
-    if outcome.written is None:  # kept as received: the same bytes under the stored path
-        archive.adopt(job.stored, archive.abspath(claim.blob_path))
-    stored_size, digest = outcome.written or (size, claim.checksum)
-    return JobResult(
-        job,
-        outcome.codec,
-        outcome.transfer_syntax,
-        size,
-        stored_size,
-        digest,
-        tuple(outcome.notes),
-        outcome.fallbacks,
-        outcome.source_error,
-        None,
-        metrics.modality_label(ds.get("Modality")),
-    )
-
-
-# --- node side --------------------------------------------------------------------------
-def process_pool(
-    config: NodeConfig, archive: Archive, workers: int | None = None
-) -> Callable[[], Executor]:
-    """The default executor: spawned worker processes (never fork a threaded server), all
-    started at once: each spends about a second importing its libraries, which would
-    otherwise land on the first images received (and in ingest benchmarks). `workers`: the
-    config's count by default; 1 for the pool that runs suspects alone."""
-    count = workers or config.effective_workers
-
-    def make() -> Executor:
-        pool = ProcessPoolExecutor(
-            max_workers=count,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=worker_init,
-            initargs=(str(archive.root), config.rules, config.logging.format),
-        )
-        for warm in [pool.submit(_warm_up) for _ in range(count)]:
-            warm.result()
-        return pool
-
-    return make
 
 
 class Jobs:

@@ -165,8 +165,8 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
             if not isinstance(exc, OSError) and inst.codec == "passthrough":
                 if not inst.defects:  # indexed before arrivals were decoded: flag it now
                     reason = f"pixel data does not decode: {_reason(exc)}".splitlines()[0]
-                    service.index.add_flag(inst.id, reason)
-                    service.index.audit("nonconformant", sop_uid=inst.sop_instance_uid,
+                    service.add_flag(inst.id, reason)
+                    service.audit("nonconformant", sop_uid=inst.sop_instance_uid,
                                         detail=f"{reason} (found by verify)")  # fmt: skip
                 continue  # flagged as received: listed with its flag below
             failures.append(
@@ -188,14 +188,10 @@ def verify(service: ArchiveService, progress: bool = True) -> list[str]:
         if conflict.acknowledged is None
         for c in conflict.names
     )
-    known = service.index.blob_paths()
-    young = service.config.ingest.lease_seconds
-    for tier, archive in service.archives.items():
-        failures.extend(
-            f"orphan blob {path} (tier {tier}): on disk but in no index row"
-            for path in archive.blobs(older_than=young)
-            if path not in known
-        )
+    failures.extend(
+        f"orphan blob {path} (tier {tier}): on disk but in no index row"
+        for tier, path in service.orphan_blobs()
+    )
     failures.extend(
         f"fixity: blob {path} (tier {tier}) failed its last check: {error}"
         for tier, path, error in service.index.fixity_failures()

@@ -29,7 +29,8 @@ from nodecheck import node_stats, wait_compressed
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
 from compacs.codecs.base import PixelFormat, native_frames
-from compacs.service.compress import compress, compress_file
+from compacs.service.compress import compress
+from compacs.service.compress_file import compress_file
 from compacs.service.ingest import parse, parse_file
 from compacs.service.rules import CodecChoice
 from compacs.service.storage.archive import Archive, checksum

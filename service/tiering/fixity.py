@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from io import BytesIO
 from typing import Any
 
@@ -24,7 +23,7 @@ from compacs.codecs.base import PixelFormat
 from compacs.service import metrics
 from compacs.service.compress import NOT_A_CODEC_FAILURE, source_frames
 from compacs.service.storage.archive import checksum
-from compacs.service.storage.schema import KIND_VOLUME, utcnow
+from compacs.service.storage.schema import KIND_VOLUME
 from compacs.service.tiering import volumes
 
 log = logging.getLogger("compacs.fixity")
@@ -65,9 +64,8 @@ def _volume_codec(stream: memoryview) -> str:
 
 def run(service: Any, *, limit: int = 1000, progress: bool = False) -> FixityReport:
     report = FixityReport()
-    max_age = timedelta(days=service.config.tiering.fixity_max_age_days)
-    share = service.config.tiering.cpu_share
-    due = service.index.fixity_due(utcnow() - max_age, limit)
+    share = service.tiering.cpu_share
+    due = service.fixity_due(limit)
     for blob_pk, tier, path, digest, kind in tqdm(due, desc="fixity", disable=not progress):
         begun = time.monotonic()
         error = None
@@ -77,7 +75,7 @@ def run(service: Any, *, limit: int = 1000, progress: bool = False) -> FixityRep
             if isinstance(exc, NOT_A_CODEC_FAILURE):
                 raise
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if not isinstance(exc, ChecksumMismatch | OSError) and service.index.kept_undecodable(
+            if not isinstance(exc, ChecksumMismatch | OSError) and service.kept_undecodable(
                 blob_pk
             ):
                 error = None  # intact as received, and flagged so: `compacs problems` lists it
@@ -85,12 +83,12 @@ def run(service: Any, *, limit: int = 1000, progress: bool = False) -> FixityRep
                 log.error("FIXITY FAILURE: blob %s on tier %s: %s", path, tier, error)
                 metrics.FIXITY_FAILURES.inc()
                 report.failed.append(f"{tier}/{path}: {error}")
-        service.index.record_fixity(blob_pk, error)
+        service.record_fixity(blob_pk, error)
         report.checked += 1
         if share < 1:
             time.sleep((time.monotonic() - begun) * (1 - share) / share)
     if report.checked:
-        service.index.audit(
+        service.audit(
             "fixity_run", detail=f"{report.checked} blob(s) checked, {len(report.failed)} failed"
         )
     return report

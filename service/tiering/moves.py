@@ -35,7 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from compacs.service import metrics
-from compacs.service.storage.index import NewBlob, lease
+from compacs.service.storage.index import NewBlob
 from compacs.service.storage.schema import HOT_TIER, utcnow
 from compacs.service.tiering import recompress
 from compacs.service.tiering.policy import Tier
@@ -106,13 +106,13 @@ def _aware(moment: datetime) -> datetime:
 
 def plan(service: Any, now: datetime, limit: int) -> list[Move]:
     """The moves due at `now`, at most `limit` instances' worth."""
-    tiers = service.config.tiers
-    stable = timedelta(minutes=service.config.tiering.stable_minutes)
+    tiers = service.tiers
+    stable = timedelta(minutes=service.tiering.stable_minutes)
     due: dict[tuple[str, int], list[Any]] = defaultdict(list)  # (tier, series) -> rows
     tier_of: dict[str, Tier] = {t.name: t for t in tiers}
     after, count = 0, 0
     while count < limit:
-        rows = service.index.tier_candidates(after, PAGE)
+        rows = service.tier_candidates(after, PAGE)
         if not rows:
             break
         after = rows[-1].id
@@ -122,7 +122,7 @@ def plan(service: Any, now: datetime, limit: int) -> list[Move]:
                 due[(tier.name, row.series_pk)].append(row)
                 count += 1
     moves: list[Move] = []
-    series = service.index.series_instances(list({pk for _t, pk in due}))
+    series = service.series_instances(list({pk for _t, pk in due}))
     for (name, series_pk), rows in due.items():
         tier = tier_of[name]
         total, stored, last = series.get(series_pk, (0, 0, now))
@@ -194,25 +194,24 @@ def run_due(
     report = RunReport()
     now = now or utcnow()
     moves = plan(service, now, limit)
-    due: dict[str, int] = {tier.name: 0 for tier in service.config.tiers}
+    due: dict[str, int] = {tier.name: 0 for tier in service.tiers}
     for move in moves:
         due[move.tier.name] += len(move.rows)
     if not moves:
         _backlog(due, report)
         return report
     own = executor is None
-    executor = executor or worker_pool(service.config.logging.format)
-    share = service.config.tiering.cpu_share
-    lease_seconds = service.config.ingest.lease_seconds  # renewed while the move runs
+    executor = executor or worker_pool(service.worker_log_format)
+    share = service.tiering.cpu_share
     try:
         bar = tqdm(moves, desc="tier run", unit="move", disable=not progress)
         for move in bar:
             if stop():
                 break
             ids = [(r.id, r.version) for r in move.rows]
-            claimed = service.index.claim_stored(ids, owner, lease(lease_seconds))
+            claimed = service.claim_for_move(ids, owner)  # renewed while the move runs
             if len(claimed) != len(ids):  # another node or a re-send took some
-                service.index.unclaim(list(claimed), owner)
+                service.unclaim(list(claimed), owner)
                 continue
             begun = time.monotonic()
             try:
@@ -220,11 +219,11 @@ def run_due(
                     executor.submit(recompress.run, _task(service, move)), service, owner, claimed
                 )
             except KeyboardInterrupt:  # Ctrl-C: this move is given up, the rest waits
-                service.index.unclaim(list(claimed), owner)
+                service.unclaim(list(claimed), owner)
                 report.interrupted = True
                 break
             except Exception as exc:
-                service.index.unclaim(list(claimed), owner)
+                service.unclaim(list(claimed), owner)
                 sops = ", ".join(r.sop_instance_uid for r in move.rows[:3])
                 report.failed.append(f"{move.kind} {sops}: {type(exc).__name__}: {exc}")
                 log.error("tier move to %s failed (%s): %s", move.tier.name, sops, exc)
@@ -232,7 +231,7 @@ def run_due(
                     # Its worker died (a codec crash) running this move alone: the move is
                     # the culprit; the moves after it get a fresh worker, not a broken pool.
                     executor.shutdown(wait=False)
-                    executor = worker_pool(service.config.logging.format)
+                    executor = worker_pool(service.worker_log_format)
                 continue
             _commit(service, owner, move, output, report)
             busy = time.monotonic() - begun
@@ -243,7 +242,7 @@ def run_due(
             executor.shutdown(wait=True, cancel_futures=True)
     report.seconds = time.monotonic() - started
     _backlog(due, report)
-    service.index.audit("tier_run", detail=report.line())
+    service.audit("tier_run", detail=report.line())
     log.info("tier run: %s", report.line())
     return report
 
@@ -257,12 +256,11 @@ def _backlog(due: dict[str, int], report: RunReport) -> None:
 def _wait(future: Future, service: Any, owner: str, claimed: set[int]) -> recompress.Output:
     """The move's result; its claims renewed meanwhile, so that they hold while this run
     lives and run out soon after it is killed (another run then takes the objects)."""
-    lease_seconds = service.config.ingest.lease_seconds
     while True:
         try:
-            return future.result(timeout=max(0.2, lease_seconds / 3))
+            return future.result(timeout=max(0.2, service.lease_seconds / 3))
         except TimeoutError:
-            service.index.renew_move_claims(list(claimed), owner, lease(lease_seconds))
+            service.renew_move_claims(list(claimed), owner)
 
 
 def _commit(
@@ -273,10 +271,10 @@ def _commit(
         NewBlob(path, size, digest, move.tier.name, kind)
         for path, size, digest, kind in output.blobs
     ]
-    if not service.index.commit_move(owner, move.tier.name, blobs, list(output.placed)):
+    if not service.commit_move(owner, move.tier.name, blobs, list(output.placed)):
         for path, *_ in output.blobs:  # the objects changed meanwhile: ours belongs to none
             archive.delete(path)
-        service.index.unclaim([r.id for r in move.rows], owner)
+        service.unclaim([r.id for r in move.rows], owner)
         log.info("tier move to %s discarded: the objects changed meanwhile", move.tier.name)
         return
     log.info(

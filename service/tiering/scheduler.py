@@ -39,9 +39,9 @@ def start(service: Any, owner: str) -> Any:
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    tiering = service.config.tiering
+    tiering = service.tiering
     jobs = []
-    if service.config.tiers and tiering.every_minutes > 0:
+    if service.tiers and tiering.every_minutes > 0:
         jobs.append(("tier-run", tier_job, tiering.every_minutes * 60))
     if tiering.fixity_every_hours > 0:
         jobs.append(("fixity", fixity_job, tiering.fixity_every_hours * 3600))
@@ -49,7 +49,7 @@ def start(service: Any, owner: str) -> Any:
         return None
     _running["service"] = service
     table = "apscheduler_" + re.sub(r"[^a-z0-9]+", "_", owner.lower())[:40]
-    store = SQLAlchemyJobStore(engine=service.index.engine_for_other_writers(), tablename=table)
+    store = SQLAlchemyJobStore(engine=service.job_store_engine(), tablename=table)
     scheduler = BackgroundScheduler(
         jobstores={"default": store},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
