@@ -93,6 +93,16 @@ class VolumeHeader:
         return (self.rows, self.columns, self.samples_per_pixel)
 
 
+HEADER_SIZE = _HEADER.size
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """The bytes the header and its group table take, from the first HEADER_SIZE bytes of a
+    volume: what a reader that fetches ranges (an object store) fetches before a group."""
+    frames, gop = _HEADER.unpack_from(prefix)[3:5]
+    return _HEADER.size + (math.ceil(frames / gop) if gop else 0) * _END.size
+
+
 def read_header(data: bytes | memoryview) -> VolumeHeader:
     if len(data) < _HEADER.size or bytes(data[:4]) != MAGIC:
         raise ValueError("not a compacs volume (no CVOL header)")
@@ -102,7 +112,7 @@ def read_header(data: bytes | memoryview) -> VolumeHeader:
     if version != VERSION:
         raise ValueError(f"volume format version {version} (this compacs reads {VERSION})")
     groups = math.ceil(frames / gop) if gop else 0
-    table_end = _HEADER.size + groups * _END.size
+    table_end = header_length(data)
     if not frames or not gop or len(data) < table_end:
         raise ValueError("volume header is truncated or empty")
     ends = tuple(

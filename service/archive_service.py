@@ -26,6 +26,7 @@ from compacs.service.config import NodeConfig, TieringConfig
 from compacs.service.ingest import Ingest
 from compacs.service.jobs import Jobs
 from compacs.service.storage.archive import Archive, age
+from compacs.service.storage.blobstore import BlobStore, open_store
 from compacs.service.storage.index import Index, Instance, NewBlob, lease
 from compacs.service.storage.schema import HOT_TIER, utcnow
 from compacs.service.tiering.policy import Tier
@@ -51,7 +52,10 @@ class ArchiveService:
     ) -> None:
         self.config = config
         self.archive = archive  # the hot tier's, where objects arrive
-        self.archives = {HOT_TIER: archive, **{t.name: Archive(t.root) for t in config.tiers}}
+        self.archives: dict[str, BlobStore] = {
+            HOT_TIER: archive,
+            **{t.name: open_store(t.store) for t in config.tiers},
+        }
         self.volumes = VolumeReader()
         self.index = index
         self.jobs = jobs
@@ -139,7 +143,8 @@ class ArchiveService:
         archive = self.archive_for(inst.blob.tier)
         if inst.frame_first is not None:  # a slice of a series volume
             return self.volumes.slice_part10(
-                archive.abspath(inst.blob.path),
+                archive,
+                inst.blob.path,
                 inst.blob_offset,
                 inst.blob_length,
                 inst.checksum,
@@ -148,8 +153,9 @@ class ArchiveService:
             )
         return archive.read_range(inst.blob.path, inst.blob_offset, inst.blob_length, inst.checksum)
 
-    def archive_for(self, tier: str) -> Archive:
-        """The archive root of a tier (a blob on a tier no longer in the config: say so)."""
+    def archive_for(self, tier: str) -> BlobStore:
+        """The store of a tier, a folder or a bucket (a blob on a tier no longer in the
+        config: say so)."""
         try:
             return self.archives[tier]
         except KeyError:

@@ -149,7 +149,7 @@ def _task(service: Any, move: Move) -> recompress.Task:
             r.sop_instance_uid,
             r.study_instance_uid,
             r.series_instance_uid,
-            str(service.archive_for(r.tier).root),
+            service.archive_for(r.tier).spec,
             r.path,
             r.blob_offset,
             r.blob_length,
@@ -161,9 +161,9 @@ def _task(service: Any, move: Move) -> recompress.Task:
         )
         for r in move.rows
     )
-    root = str(service.archive_for(move.tier.name).root)
+    store = service.archive_for(move.tier.name).spec
     return recompress.Task(
-        move.kind, move.tier.name, root, move.tier.codecs, move.tier.choose, sources
+        move.kind, move.tier.name, store, move.tier.codecs, move.tier.choose, sources
     )
 
 

@@ -2,7 +2,12 @@
 
     [[tiers]]
     name = "cold"                      # letters, digits, - and _; not "hot"
-    root = "/srv/compacs-cold"          # its storage root (default: <data_dir>/tiers/<name>)
+    root = "/srv/compacs-cold"          # its storage root (default: <data_dir>/tiers/<name>),
+                                       # or a bucket: "s3://bucket/prefix" (storage/objectstore.py)
+    s3 = { endpoint_url = "https://minio.example:9000", region = "us-east-1" }
+                                       # a bucket's store, when not AWS S3; credentials:
+                                       # access_key_id and secret_access_key here, or (better)
+                                       # boto3's chain: AWS_ACCESS_KEY_ID, a profile, a role
     after_days = 90                     # due this long after receipt, or after last access
     since = "received"                  # received | accessed
     match = { Modality = ["CT", "MR"] } # which objects ([[rules]]' match keys); {}: all
@@ -25,6 +30,7 @@ from typing import Any
 
 from compacs.codecs import registry
 from compacs.service.rules import CodecChoice, Condition, parse_codec, parse_condition
+from compacs.service.storage.blobstore import S3_SCHEME, StoreSpec
 from compacs.service.storage.schema import HOT_TIER
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,15}$")
@@ -32,13 +38,16 @@ FORMS = ("instance", "volume")
 CHOICES = ("first", "smallest")
 SINCE = ("received", "accessed")
 INDEXED_KEYS = ("Modality", "SOPClassUID", "CallingAETitle", "BitsStored", "NumberOfFrames")
-_KEYS = ("name", "root", "after_days", "since", "match", "codecs", "form", "choose")
+_KEYS = ("name", "root", "s3", "after_days", "since", "match", "codecs", "form", "choose")
+_S3_KEYS = ("endpoint_url", "region", "access_key_id", "secret_access_key")
+# S3's bucket naming rules (what AWS, MinIO and Ceph RGW all accept)
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 @dataclass(frozen=True)
 class Tier:
     name: str
-    root: Path
+    store: StoreSpec  # its root: a folder or a bucket
     after_days: float
     since: str
     conditions: tuple[Condition, ...]
@@ -105,13 +114,10 @@ def parse_tiers(raw: Any, data_dir: Path) -> list[Tier]:
                     f"{where} match key {key!r}: a tier matches on what the index holds: "
                     f"{', '.join(INDEXED_KEYS)}"
                 )
-        root = item.get("root") or str(data_dir / "tiers" / name)
-        if not isinstance(root, str):
-            raise ValueError(f"{where} root: a folder path, got {root!r}")
         tiers.append(
             Tier(
                 name=name,
-                root=Path(root),
+                store=_parse_store(item, data_dir / "tiers" / name, where),
                 after_days=float(after),
                 since=since,
                 conditions=tuple(parse_condition(k, v, where) for k, v in match.items()),
@@ -121,6 +127,65 @@ def parse_tiers(raw: Any, data_dir: Path) -> list[Tier]:
             )
         )
     return tiers
+
+
+def _parse_store(item: dict[str, Any], default: Path, where: str) -> StoreSpec:
+    """The tier's root, and for a bucket how to reach it."""
+    root = item.get("root") or str(default)
+    if not isinstance(root, str):
+        raise ValueError(f'{where} root: a folder path or "s3://bucket/prefix", got {root!r}')
+    s3 = item.get("s3")
+    if not root.startswith(S3_SCHEME):
+        if s3 is not None:
+            raise ValueError(
+                f'{where} s3: only for a bucket root (root = "s3://bucket/prefix"); root is '
+                f"the folder {root!r}"
+            )
+        return StoreSpec(root)
+    bucket, _, prefix = root[len(S3_SCHEME) :].partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(
+            f"{where} root = {root!r}: the bucket name must be 3-63 lower-case letters, digits, "
+            '. or -, e.g. root = "s3://compacs-cold/node1"'
+        )
+    parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(
+            f"{where} root = {root!r}: the prefix after the bucket must be folder names "
+            'separated by single "/", without "." or ".."'
+        )
+    s3 = {} if s3 is None else s3
+    if not isinstance(s3, dict):
+        raise ValueError(
+            f'{where} s3: a table, e.g. s3 = {{ endpoint_url = "http://127.0.0.1:9000" }}'
+        )
+    unknown = sorted(set(s3) - set(_S3_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{where} s3: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_S3_KEYS)}"
+        )
+    for key, value in s3.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where} s3.{key}: a non-empty string, got {value!r}")
+    endpoint = s3.get("endpoint_url")
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ValueError(
+            f"{where} s3.endpoint_url = {endpoint!r}: an http:// or https:// URL of the "
+            "S3-compatible store (leave it out for AWS S3)"
+        )
+    if ("access_key_id" in s3) != ("secret_access_key" in s3):
+        raise ValueError(
+            f"{where} s3: access_key_id and secret_access_key go together; give both, or "
+            "neither and let boto3 find them (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "in the environment, a profile, a role)"
+        )
+    return StoreSpec(
+        f"{S3_SCHEME}{bucket}/{'/'.join(parts)}",
+        endpoint_url=endpoint,
+        region=s3.get("region"),
+        access_key_id=s3.get("access_key_id"),
+        secret_access_key=s3.get("secret_access_key"),
+    )
 
 
 def _parse_tier_codecs(

@@ -20,10 +20,10 @@ are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -39,7 +39,8 @@ from compacs.service.compress import (
     with_frames,
 )
 from compacs.service.rules import CodecChoice
-from compacs.service.storage.archive import Archive, checksum, new_token
+from compacs.service.storage.archive import checksum, new_token
+from compacs.service.storage.blobstore import BlobStore, StoreSpec, open_store
 from compacs.service.storage.schema import KIND_INSTANCE, KIND_VOLUME
 from compacs.service.tiering import volumes
 
@@ -55,7 +56,7 @@ class Source:
     sop_instance_uid: str
     study_instance_uid: str
     series_instance_uid: str
-    root: str
+    store: StoreSpec
     path: str
     offset: int
     length: int
@@ -70,7 +71,7 @@ class Source:
 class Task:
     kind: str  # "instance" or "series"
     tier: str
-    root: str
+    store: StoreSpec
     codecs: tuple[CodecChoice, ...]
     choose: str
     sources: tuple[Source, ...]
@@ -116,11 +117,18 @@ def init_worker(log_format: str = "text") -> None:
         set_default_threads(1)  # ONNX Runtime sessions: one thread, as the worker has one core
 
 
+@functools.cache
+def _store(spec: StoreSpec) -> BlobStore:
+    """One store per root in a worker: a bucket's client is made once, not per object."""
+    return open_store(spec)
+
+
 def read_source(src: Source, reader: volumes.VolumeReader) -> bytes:
-    root = Archive(Path(src.root))
+    root = _store(src.store)
     if src.frame_first is not None:
         return reader.slice_part10(
-            root.abspath(src.path),
+            root,
+            src.path,
             src.offset,
             src.length,
             src.checksum,
@@ -183,7 +191,7 @@ def _candidates_for_instance(
 
 def _instance(task: Task, src: Source, ds: Dataset, before: int) -> Output:
     notes: list[str] = []
-    archive = Archive(Path(task.root))
+    archive = _store(task.store)
     if "PixelData" in ds:
         frames = [np.asarray(f) for f in source_frames(ds)]
         found = _candidates_for_instance(task, ds, frames, notes)
@@ -229,7 +237,7 @@ def _series(task: Task, datasets: list[Dataset], before: int) -> Output:
     frames_by = [[np.asarray(f) for f in source_frames(ds)] for ds in datasets]
     fmt = PixelFormat.from_dataset(datasets[0])
     volume_frames = [frames_by[i][0] for i in order]
-    archive = Archive(Path(task.root))
+    archive = _store(task.store)
     results: list[tuple[str, Output]] = []
     for choice in task.codecs:
         try:
@@ -266,7 +274,7 @@ def _series(task: Task, datasets: list[Dataset], before: int) -> Output:
     return Output(best.blobs, best.placed, tuple(notes), before)
 
 
-def _pack(task: Task, archive: Archive, datasets, order, stream: bytes, volume) -> Output:  # noqa: ANN001
+def _pack(task: Task, archive: BlobStore, datasets, order, stream: bytes, volume) -> Output:  # noqa: ANN001
     headers = [volumes.header_of(datasets[i]) for i in order]
     blob, spans = volumes.pack(stream, headers)
     first = task.sources[order[0]]
@@ -290,7 +298,9 @@ def _pack(task: Task, archive: Archive, datasets, order, stream: bytes, volume) 
     return Output(((path, len(blob), digest, KIND_VOLUME),), placed, (), 0)
 
 
-def _per_instance(task: Task, archive: Archive, datasets, frames_by, choice: CodecChoice) -> Output:  # noqa: ANN001
+def _per_instance(  # noqa: ANN001
+    task: Task, archive: BlobStore, datasets, frames_by, choice: CodecChoice
+) -> Output:
     codec = registry.get(choice.name)
     fmt = PixelFormat.from_dataset(datasets[0])
     reason = codec.unsupported_reason(fmt) if codec.is_available() else "not available"
@@ -319,7 +329,7 @@ def _per_instance(task: Task, archive: Archive, datasets, frames_by, choice: Cod
 
 
 def _write_new(
-    archive: Archive, task: Task, src: Source, name: str, data: bytes
+    archive: BlobStore, task: Task, src: Source, name: str, data: bytes
 ) -> tuple[str, str]:
     """A new blob on the tier, under a fresh token so that it never overwrites a file some
     row still points at (a kill before the switch leaves it unreferenced); (path, digest)."""

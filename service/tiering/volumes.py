@@ -17,13 +17,11 @@ empty Pixel Data element, which reading fills with the decoded frame.
 
 from __future__ import annotations
 
-import mmap
 import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -31,9 +29,9 @@ from pydicom.dataelem import DataElement
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
-from compacs.codecs.volume import read_header
+from compacs.codecs.volume import HEADER_SIZE, header_length, read_header
 from compacs.service.compress import part10, shallow_copy
-from compacs.service.storage.archive import ChecksumError, checksum
+from compacs.service.storage.blobstore import BlobStore
 from compacs.service.syntaxes import EXPLICIT_LE
 
 MAGIC = b"CSER"
@@ -78,30 +76,39 @@ class VolumeReader:
         self._lock = threading.Lock()
 
     def slice_part10(
-        self, path: Path, offset: int, length: int, expected: str, frame: int, codec_name: str
+        self,
+        store: BlobStore,
+        relpath: str,
+        offset: int,
+        length: int,
+        expected: str,
+        frame: int,
+        codec_name: str,
     ) -> bytes:
         """The Part-10 bytes (explicit VR LE, native pixel data) of the instance whose header
-        lies at `offset` in the series volume at `path`, frame `frame` of its volume."""
-        with open(path, "rb") as file:
-            file.seek(offset)
-            header = file.read(length)
-            if checksum(header) != expected:
-                raise ChecksumError(f"{path.name}: header checksum mismatch at {offset}")
-            ds = dcmread(BytesIO(header))
-            fmt = PixelFormat.from_dataset(ds)
-            pixels = self._frame(file, str(path), frame, fmt, codec_name)
+        lies at `offset` in the series volume `relpath` of `store`, frame `frame` of its
+        volume."""
+        ds = dcmread(BytesIO(store.read_range(relpath, offset, length, expected)))
+        fmt = PixelFormat.from_dataset(ds)
+        pixels = self._frame(store, relpath, frame, fmt, codec_name)
         data = np.ascontiguousarray(pixels, dtype=fmt.dtype).tobytes()
         ds.PixelData = data + b"\0" * (len(data) % 2)
         ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
         return part10(ds)
 
-    def _frame(self, file, key: str, frame: int, fmt: PixelFormat, codec_name: str) -> np.ndarray:  # noqa: ANN001
+    def _frame(
+        self, store: BlobStore, relpath: str, frame: int, fmt: PixelFormat, codec_name: str
+    ) -> np.ndarray:
         codec = registry.get_volume(codec_name)
-        file.seek(0)
-        start, length = codestream_span(file.read(_PREFIX.size))
-        # mapped, not read: only the volume's header and the one group needed are touched
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            stream = memoryview(mapped)[start : start + length]
+        key = f"{store.spec.root}/{relpath}"
+        # mapped, not read: only the prefix, the volume's header and table and the one group
+        # needed are touched (a bucket serves each with a ranged GET)
+        with store.mapped(relpath) as blob:
+            blob.fetch(0, _PREFIX.size)
+            start, length = codestream_span(bytes(blob.buffer[: _PREFIX.size]))
+            blob.fetch(start, start + HEADER_SIZE)
+            blob.fetch(start, start + header_length(blob.buffer[start : start + HEADER_SIZE]))
+            stream = blob.buffer[start : start + length]
             try:
                 header = read_header(stream)
                 group = frame // header.gop_size
@@ -110,6 +117,8 @@ class VolumeReader:
                     if frames is not None:
                         self._cache.move_to_end((key, group))
                 if frames is None:
+                    first, end = header.group_span(group)
+                    blob.fetch(start + first, start + end)
                     frames = codec.decode_frames(stream, fmt, header.group_frames(group))
                     with self._lock:
                         self._cache[(key, group)] = frames
