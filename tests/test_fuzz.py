@@ -153,7 +153,7 @@ def test_mutated_files_over_a_raw_scu_always_get_a_status(
     chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # the mutated bytes, as they are
 
-    @settings(FUZZ_SETTINGS, max_examples=scaled(60))
+    @settings(FUZZ_SETTINGS, max_examples=scaled(40))
     @given(key=st.sampled_from(SEEDS), ops=mutations)
     def send_one(key: str, ops: list[tuple[str, int, int]]) -> None:
         path, sop = seeds.write(key, ops)
@@ -197,7 +197,7 @@ def test_mutated_files_through_storescu_always_get_a_status(
     ledger = Ledger()
     sent_any = []
 
-    @settings(FUZZ_SETTINGS, max_examples=scaled(25))
+    @settings(FUZZ_SETTINGS, max_examples=scaled(15))
     @given(key=st.sampled_from(UNCOMPRESSED_SEEDS), ops=mutations)
     def send_one(key: str, ops: list[tuple[str, int, int]]) -> None:
         path, sop = seeds.write(key, ops)
@@ -224,7 +224,7 @@ def test_mutated_files_through_compacs_send_never_crash_it(
     data = st.tuples(st.sampled_from(SEEDS), mutations)
 
     @settings(FUZZ_SETTINGS, max_examples=1)
-    @given(batch=st.lists(data, min_size=scaled(30), max_size=scaled(30)))
+    @given(batch=st.lists(data, min_size=scaled(20), max_size=scaled(20)))
     def write_batch(batch: list[tuple[str, list[tuple[str, int, int]]]]) -> None:
         for key, ops in batch:
             seeds.write(key, ops)
