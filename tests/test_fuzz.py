@@ -247,3 +247,33 @@ def test_mutated_files_through_compacs_send_never_crash_it(
     verify = compacs_node.verify()
     assert "checksum mismatch" not in verify.stdout and "orphan" not in verify.stdout
     assert "Traceback" not in compacs_node.log_text()
+
+
+def test_a_value_whose_length_does_not_fit_its_vr_gets_a_status_not_a_traceback(
+    compacs_node: peers.CompacsProcess, tmp_path: Path
+) -> None:
+    """What the long fuzz run found: Columns (US) one byte long. pydicom reads values only
+    when asked, so the index's read of Columns raised after the checks had passed: 0x0110 and
+    a traceback in the log. The shrunk case, kept so that CI sees it every time."""
+    seeds = Seeds(tmp_path, ("ct",))
+    path, sop = seeds.write("ct", [])
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x28\x00\x11\x00US\x02\x00")  # (0028,0011) US, length 2
+    data[at + 6 : at + 11] = b"\x01\x00" + data[at + 8 : at + 9]  # length 1, one byte
+    path.write_bytes(bytes(data))
+    chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="FUZZSCU")
+        ds = seeds.datasets["ct"]
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate(compacs_node.host, compacs_node.port, ae_title=compacs_node.ae_title)
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
+    assert status and status.Status != 0x0110, status
+    ledger = Ledger()
+    ledger.answered(sop, status.Status)
+    check_archive(compacs_node, ledger)
