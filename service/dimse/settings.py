@@ -20,6 +20,11 @@ def apply(config: NodeConfig) -> None:
     # pydicom checks every value it reads against its VR and only warns (WARN mode): 3 ms per
     # getscu association in UID regexes alone. validate.py checks what the node relies on.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    # A value whose length does not fit its VR (a US one byte long) raises when it is first
+    # read, which may be long after ingest checked the data set (the index reading Columns:
+    # 0x0110 and a traceback). As UN it reads as the bytes received, and what the node
+    # relies on is checked by validate.py as for any other bad value.
+    pydicom_config.convert_wrong_length_to_UN = True
     # [ingest] accept_any_sop_class: pynetdicom then accepts a proposed abstract syntax it
     # was not configured with as a storage SOP class (private classes).
     pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE = config.ingest.accept_any_sop_class
