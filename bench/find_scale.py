@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -60,31 +59,23 @@ import dicomdata  # noqa: E402
 import peers  # noqa: E402
 from common import progress  # noqa: E402
 from find import (  # noqa: E402
-    GIVEN,
-    KINDS,
-    PHYSICIANS,
     SOP_CLASS,
-    SURNAMES,
-    TAIL,
     UID_ROOT,
     Query,
+    hierarchy,
+    measure,
     p95,
     table,
-    time_dicom,
-    time_findscu,
     time_sql,
 )
-from rawfind import RawFindSCU  # noqa: E402
 from sqlalchemy import create_engine, event, text  # noqa: E402
 from sqlalchemy.engine import Engine, make_url  # noqa: E402
 
 from compacs.service.storage.index import Index, Instance  # noqa: E402
 from compacs.service.storage.schema import (  # noqa: E402
-    PATIENT_RECEIVED,
     current_revision,
     head_revision,
     migrate,
-    patient_identity,
 )
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -112,67 +103,12 @@ class Plan:
 
 
 def plan(n_studies: int, n_instances: int, seed: int) -> Plan:
-    rng = random.Random(seed)
-    out = Plan()
-    names, weights = zip(*SURNAMES, *TAIL, strict=True)
-    kinds = list(KINDS)
-    kind_weights = [KINDS[k][0] for k in kinds]
     days = (LAST_DAY - FIRST_DAY).days + 1
-    now = datetime.now(UTC)
-    raw: list[int] = []  # relative series sizes, scaled to n_instances below
-    while len(out.studies) < n_studies:
-        pid = len(out.patients) + 1
-        birth = date(1930, 1, 1) + timedelta(days=rng.randrange(90 * 365))
-        patient = {
-            "patient_id": f"PID{pid:07d}",
-            "patient_name": f"{rng.choices(names, weights)[0]}^{rng.choice(GIVEN)}",
-            "patient_birth_date": birth.strftime("%Y%m%d"),
-            "patient_sex": rng.choice("MF"),
-        }
-        identity = patient_identity(
-            patient["patient_id"], None, patient["patient_name"], patient["patient_birth_date"], ""
-        )
-        out.patients.append({"id": pid, "identity": identity, **patient})
-        for _ in range(min(1 + int(rng.expovariate(0.8)), 6, n_studies - len(out.studies))):
-            sk = len(out.studies) + 1
-            kind = rng.choices(kinds, kind_weights)[0]
-            _, descriptions, series_plan = KINDS[kind]
-            when = FIRST_DAY + timedelta(days=rng.randrange(days))
-            out.studies.append(
-                {
-                    "id": sk,
-                    "study_instance_uid": f"{UID_ROOT}.1.{sk}",
-                    "patient_pk": pid,
-                    "study_date": when.strftime("%Y%m%d"),
-                    "study_time": f"{rng.randrange(7, 20):02d}{rng.randrange(60):02d}"
-                    f"{rng.randrange(60):02d}",
-                    "accession_number": f"A{sk * 7919 % 10**8:08d}",
-                    "study_id": str(sk % 100000),
-                    "study_description": rng.choice(descriptions),
-                    "referring_physician_name": rng.choice(PHYSICIANS) or None,
-                    "patient_name": patient["patient_name"],
-                    "patient_birth_date": patient["patient_birth_date"],
-                    "patient_sex": patient["patient_sex"],
-                    "patient_source": PATIENT_RECEIVED,
-                    "created_at": now,
-                }
-            )
-            for number, (modality, (lo, hi)) in enumerate(
-                series_plan[: rng.randint(2, 4)], start=1
-            ):
-                sp = len(out.series) + 1
-                raw.append(rng.randint(lo, hi))
-                out.series.append(
-                    {
-                        "id": sp,
-                        "series_instance_uid": f"{UID_ROOT}.2.{sp}",
-                        "study_pk": sk,
-                        "modality": modality,
-                        "series_number": number,
-                        "series_description": f"{modality} SERIES {number}",
-                        "created_at": now,
-                    }
-                )
+    patients, studies, series, per_series = hierarchy(
+        n_studies, seed, FIRST_DAY, days, datetime.now(UTC)
+    )
+    out = Plan(patients, studies, series)
+    raw = [count for _, _, count in per_series]  # relative sizes, scaled below
     # One instance per series, and the rest shared in proportion to the modality-shaped
     # sizes (largest remainders first), so the total is exactly the one asked.
     extra, weight = n_instances - len(raw), sum(r - 1 for r in raw) or 1
@@ -314,6 +250,10 @@ def build(engine: Engine, args: argparse.Namespace) -> Built:
     out.revision = current_revision(engine) or ""
     with engine.connect() as conn:
         out.bytes = conn.scalar(text("SELECT pg_database_size(current_database())"))
+        # what the queries see: earlier runs' ingest added its images to the built rows
+        out.studies = conn.scalar(text("SELECT count(*) FROM study"))
+        out.series = conn.scalar(text("SELECT count(*) FROM series"))
+        out.instances = conn.scalar(text("SELECT count(*) FROM instance"))
     return out
 
 
@@ -542,32 +482,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         plans = {q.label: explain(index, q) for q in queries}
 
-        findscu = common.dcmtk_tool("findscu")
         node = peers.CompacsProcess(
             data, log_path=tmp / "compacs.log", env={"COMPACS_INDEX_URL": url}
         )
         node.start()
-        scu = RawFindSCU(node.host, node.port, node.ae_title, calling="BENCHSCU")
-        msg_id = 0
-        try:
-            for q in queries:  # one warm-up of each, not timed
-                msg_id += 1
-                time_dicom(scu, q, msg_id)
-                time_sql(index, q)
-                time_findscu(findscu, node, q)
-                q.dicom_ms.clear()
-                q.sql_ms.clear()
-                q.findscu_ms.clear()
-            for q in queries:
-                runs = q.runs or args.runs
-                progress(f"{q.label}: {runs} runs")
-                for _ in range(runs):
-                    msg_id = msg_id % 65000 + 1
-                    time_dicom(scu, q, msg_id)
-                    time_findscu(findscu, node, q)
-                    time_sql(index, q)
-        finally:
-            scu.release()
+        measure(index, node, queries, args.runs)
 
         result: Ingest | None = None
         if args.ingest:
