@@ -128,16 +128,19 @@ def _chunks(rows: Iterator[Any], size: int = CHUNK) -> Iterator[list[Any]]:
         yield batch
 
 
-def build(index: Index, n_studies: int, seed: int) -> Built:
-    """Bulk-insert patients, studies, series and instances with explicit primary keys."""
+Hierarchy = tuple[
+    list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[tuple[int, str, int]]
+]
+
+
+def hierarchy(n_studies: int, seed: int, start: date, days: int, now: datetime) -> Hierarchy:
+    """Patient, study and series rows (explicit primary keys) and (series pk, modality,
+    instance count) per series, from the seed alone: StudyDate over `days` days from
+    `start`. bench/find_scale.py builds its PostgreSQL index from the same rows."""
     rng = random.Random(seed)
-    t0 = time.perf_counter()
-    out = Built()
     names, weights = zip(*SURNAMES, *TAIL, strict=True)
     kinds = list(KINDS)
     kind_weights = [KINDS[k][0] for k in kinds]
-    start, days = date(2015, 1, 1), (date(2024, 12, 31) - date(2015, 1, 1)).days
-    now = datetime.now(UTC)
     patients: list[dict[str, Any]] = []
     studies: list[dict[str, Any]] = []
     series: list[dict[str, Any]] = []
@@ -198,6 +201,16 @@ def build(index: Index, n_studies: int, seed: int) -> Built:
                     }
                 )
                 per_series.append((sp, modality, count))
+    return patients, studies, series, per_series
+
+
+def build(index: Index, n_studies: int, seed: int) -> Built:
+    """Bulk-insert patients, studies, series and instances with explicit primary keys."""
+    t0 = time.perf_counter()
+    out = Built()
+    start, days = date(2015, 1, 1), (date(2024, 12, 31) - date(2015, 1, 1)).days
+    now = datetime.now(UTC)
+    patients, studies, series, per_series = hierarchy(n_studies, seed, start, days, now)
     out.accession = studies[len(studies) // 2]["accession_number"]
 
     # Instances (millions of rows) go in as plain tuples through the engine's DB-API
@@ -350,6 +363,34 @@ def time_sql(index: Index, q: Query) -> None:
     q.sql_matches.add(n)
 
 
+def measure(index: Index, node: peers.CompacsProcess, queries: list[Query], runs: int) -> None:
+    """Each query on one open association, from findscu and in-process: one warm-up of
+    each, not timed, then `runs` (or the query's own) timed runs, interleaved so that a
+    busy moment of the machine hits all three columns alike."""
+    findscu = common.dcmtk_tool("findscu")
+    scu = RawFindSCU(node.host, node.port, node.ae_title, calling="BENCHSCU")
+    msg_id = 0
+    try:
+        for q in queries:
+            msg_id += 1
+            time_dicom(scu, q, msg_id)
+            time_sql(index, q)
+            time_findscu(findscu, node, q)
+            q.dicom_ms.clear()
+            q.sql_ms.clear()
+            q.findscu_ms.clear()
+        for q in queries:
+            n = q.runs or runs
+            progress(f"{q.label}: {n} runs")
+            for _ in range(n):
+                msg_id = msg_id % 65000 + 1
+                time_dicom(scu, q, msg_id)
+                time_findscu(findscu, node, q)
+                time_sql(index, q)
+    finally:
+        scu.release()
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
@@ -439,30 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             Query("universal, all answers", {}, runs=args.universal_runs),
         ]
 
-        findscu = common.dcmtk_tool("findscu")
         node = peers.CompacsProcess(data, log_path=tmp / "compacs.log")
         node.start()
-        scu = RawFindSCU(node.host, node.port, node.ae_title, calling="BENCHSCU")
-        msg_id = 0
-        try:
-            for q in queries:  # one warm-up of each, not timed
-                msg_id += 1
-                time_dicom(scu, q, msg_id)
-                time_sql(index, q)
-                time_findscu(findscu, node, q)
-                q.dicom_ms.clear()
-                q.sql_ms.clear()
-                q.findscu_ms.clear()
-            for q in queries:
-                runs = q.runs or args.runs
-                progress(f"{q.label}: {runs} runs")
-                for _ in range(runs):
-                    msg_id = msg_id % 65000 + 1
-                    time_dicom(scu, q, msg_id)
-                    time_findscu(findscu, node, q)
-                    time_sql(index, q)
-        finally:
-            scu.release()
+        measure(index, node, queries, args.runs)
 
         text = table(queries)
         print(text)

@@ -531,7 +531,10 @@ def _text_match(column: Any, value: str, *, fold: bool, dialect: str) -> ColumnE
             return func.lower(column) == func.lower(literal(value))
         return column == value
     if fold:
-        return column.ilike(_like_pattern(value), escape=_LIKE_ESCAPE)
+        # lower() LIKE lower() (what ilike() is on SQLite), not PostgreSQL's ILIKE: the
+        # index on lower(name) with text_pattern_ops (revision 0009) serves a prefix of it.
+        pattern = func.lower(literal(_like_pattern(value)))
+        return func.lower(column).like(pattern, escape=_LIKE_ESCAPE)
     if dialect == "sqlite":
         # SQLite's LIKE ignores ASCII case; GLOB is its case-sensitive pattern operator.
         return column.op("GLOB")(_glob_pattern(value))

@@ -11,15 +11,22 @@ from pathlib import Path
 from time import monotonic, sleep
 
 import pytest
+from alembic import command
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.engine import Engine
 
 from compacs.service.query import find
 from compacs.service.storage.archive import Archive
 from compacs.service.storage.index import Blob, Index, Instance, NewBlob, Series
-from compacs.service.storage.schema import IndexOutOfDate, check_revision, migrate
+from compacs.service.storage.schema import (
+    IndexOutOfDate,
+    _alembic_config,
+    check_revision,
+    migrate,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -432,3 +439,122 @@ def test_0007_backfill_killed_half_way_continues(url: str, tmp_path: Path) -> No
         assert all(c.studies == 1 for c in conflicts)
     finally:
         index.close()
+
+
+# --------------------------------------------------------------------------- 0009
+
+FIND_INDEXES = {
+    "study": "ix_study_patient_name_lower",
+    "patient": "ix_patient_patient_name_lower",
+    "series": "ix_series_study_modality_count",
+}
+
+
+def _index_names(engine: Engine) -> dict[str, set[str]]:
+    """The indexes of each table, from the catalogue: SQLAlchemy's reflection skips
+    expression indexes on SQLite."""
+    if engine.dialect.name == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = :t"
+    else:
+        sql = "SELECT indexname FROM pg_indexes WHERE tablename = :t"
+    with engine.connect() as conn:
+        return {t: set(conn.scalars(text(sql), {"t": t})) for t in FIND_INDEXES}
+
+
+def _study_query(**keys: str) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    q.ModalitiesInStudy = ""
+    q.NumberOfStudyRelatedInstances = None
+    for keyword, value in keys.items():
+        setattr(q, keyword, value)
+    return q
+
+
+def test_0009_adds_the_find_indexes_and_queries_use_them(url: str, tmp_path: Path) -> None:
+    """An 0008 index with studies: `compacs db upgrade` adds the C-FIND indexes, the answers
+    stay the same, and on PostgreSQL the case-folded PatientName prefix and the per-study
+    series reads can use them (seq scans off: the tables are too small for the planner to
+    choose an index otherwise). A downgrade removes them again."""
+    engine = create_engine(url)
+    migrate(engine, "0008")
+    with engine.begin() as conn:
+        for n, (name, modality) in enumerate(
+            [("SMITH^JOHN", "CT"), ("Smithers^Ann", "MR"), ("JONES^AMY", "CT")], start=1
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO patient (identity, patient_id, patient_name)"
+                    " VALUES (:i, :pid, :name)"
+                ),
+                {"i": f"id{n}", "pid": f"P{n}", "name": name},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO study (study_instance_uid, patient_pk, patient_name,"
+                    " patient_source, created_at)"
+                    " SELECT :uid, id, patient_name, 'received', CURRENT_TIMESTAMP FROM patient"
+                    " WHERE patient_id = :pid"
+                ),
+                {"uid": f"1.2.9.{n}", "pid": f"P{n}"},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO series (series_instance_uid, study_pk, modality, created_at,"
+                    " instance_count) SELECT :uid, id, :modality, CURRENT_TIMESTAMP, 4 FROM study"
+                    " WHERE study_instance_uid = :study"
+                ),
+                {"uid": f"1.2.9.{n}.1", "modality": modality, "study": f"1.2.9.{n}"},
+            )
+    before = _index_names(engine)
+    assert not any(FIND_INDEXES[t] in before[t] for t in FIND_INDEXES)
+    engine.dispose()
+
+    upgrade(url, tmp_path)
+    index = Index.open(url)
+    try:
+        after = _index_names(index.engine)
+        assert all(FIND_INDEXES[t] in after[t] for t in FIND_INDEXES), after
+        answers = list(find(index, _study_query(PatientName="smith*"), "study"))
+        assert sorted(a.StudyInstanceUID for a in answers) == ["1.2.9.1", "1.2.9.2"]
+        assert {a.NumberOfStudyRelatedInstances for a in answers} == {4}
+        (exact,) = find(index, _study_query(PatientName="smith^john"), "study")
+        assert exact.StudyInstanceUID == "1.2.9.1"
+        if index.engine.dialect.name == "postgresql":
+            plan = _plan_of(index, _study_query(PatientName="SMI*"))
+            assert "ix_study_patient_name_lower" in plan, plan
+            assert "Index Only Scan using ix_series_study_modality_count" in plan, plan
+    finally:
+        index.close()
+
+    engine = create_engine(url)
+    try:
+        cfg = _alembic_config()
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, "0008")
+        assert _index_names(engine) == before
+    finally:
+        engine.dispose()
+
+
+def _plan_of(index: Index, identifier: Dataset) -> str:
+    """EXPLAIN of the first SELECT that find() sends for `identifier`, caught on its way to
+    the driver (so the plan is the real code's), with sequential scans off."""
+    caught: list[tuple[str, object]] = []
+
+    def catch(_conn: object, _cursor: object, statement: str, params: object, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and not caught:
+            caught.append((statement, params))
+
+    event.listen(index.engine, "before_cursor_execute", catch)
+    try:
+        list(find(index, identifier, "study"))
+    finally:
+        event.remove(index.engine, "before_cursor_execute", catch)
+    statement, params = caught[0]
+    with index.engine.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        rows = conn.exec_driver_sql(f"EXPLAIN {statement}", params).all()
+    return "\n".join(r[0] for r in rows)

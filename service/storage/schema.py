@@ -33,11 +33,13 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     false,
+    func,
     inspect,
     text,
 )
@@ -258,6 +260,19 @@ class Acknowledgement(Base):
     acknowledged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     note: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (UniqueConstraint("kind", "subject", name="uq_acknowledgement_subject"),)
+
+
+# C-FIND at scale (revision 0009): PN keys match case-folded (query._text_match), served by
+# an index on lower(patient_name), text_pattern_ops on PostgreSQL for LIKE prefixes; a
+# study's series are read by (study_pk, modality, instance_count) alone, index-only.
+for _table in (Study, Patient):
+    _lowered = func.lower(_table.patient_name).label(f"{_table.__tablename__}_name_lower")
+    Index(
+        f"ix_{_table.__tablename__}_patient_name_lower",
+        _lowered,
+        postgresql_ops={_lowered.name: "text_pattern_ops"},
+    )
+Index("ix_series_study_modality_count", Series.study_pk, Series.modality, Series.instance_count)
 
 
 # --------------------------------------------------------------------------- migrations
