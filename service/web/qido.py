@@ -41,7 +41,12 @@ INSTANCE_KEYS = (
     "Columns", "BitsStored", "NumberOfFrames",
 )  # fmt: skip
 ALL_EXTRA = ("IssuerOfPatientID", "OtherPatientIDs", "SOPClassesInStudy")
-_PAGING = {"limit", "offset", "fuzzymatching", "includefield"}
+# includefield=all: every key the index holds at the level and the levels above it
+_ALL = {
+    "STUDY": [*STUDY_KEYS, *ALL_EXTRA],
+    "SERIES": [*STUDY_KEYS, *ALL_EXTRA, *SERIES_KEYS],
+    "IMAGE": [*STUDY_KEYS, *ALL_EXTRA, *SERIES_KEYS, *INSTANCE_KEYS],
+}
 MAX_LIMIT = 10000
 
 
@@ -78,7 +83,7 @@ def identifier(
             for field in value.split(","):
                 field = field.strip()
                 if field == "all":
-                    keys += [*STUDY_KEYS, *SERIES_KEYS, *INSTANCE_KEYS, *ALL_EXTRA]
+                    keys += _ALL[level]
                 elif field:
                     keys.append(_keyword(field, "includefield"))
         else:
