@@ -128,6 +128,11 @@ def test_qido_matches_as_cfind(served: dict) -> None:
     )
     assert len(everywhere) == 3 and everywhere[0]["00100010"]["Value"][0]["Alphabetic"]
     assert client.search_for_series(search_filters={"Modality": "MR"})
+    (every,) = client.search_for_studies(
+        search_filters={"PatientID": "WEB-1"}, get_remaining=False, fields=["all"]
+    )
+    assert "1.2.840.10008.5.1.4.1.1.2" in every["00080062"]["Value"]  # SOPClassesInStudy
+    assert "00080018" not in every  # no instance-level keys in a study answer
 
 
 def test_qido_paging_empty_and_bad_requests(served: dict) -> None:
