@@ -304,3 +304,31 @@ def _multipart(boundary: str, *parts: bytes) -> bytes:
 
 def _sha(secret: str) -> str:
     return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def test_private_stored_syntaxes_never_leave_with_transfer_syntax_any() -> None:
+    """A series volume or HEVC object asked `transfer-syntax=*`: the first public syntax it
+    can be given in, never its private one; uncompressed when that is what is asked."""
+    from compacs.service.web import media
+
+    hevc = "2.25.38871254023385371384039355074665861377"
+    candidates = [JPEG_LS, EXPLICIT_LE]
+    ohif = media.parse_accept(
+        "multipart/related; type=application/octet-stream; transfer-syntax=*", media.OCTET
+    )
+    assert media.choose(ohif, hevc, candidates, lambda ts: True, container=media.OCTET) == (
+        "image/jls",
+        JPEG_LS,
+    )
+    plain = media.parse_accept(None, media.OCTET)
+    assert media.choose(plain, hevc, candidates, lambda ts: True, container=media.OCTET) == (
+        media.OCTET,
+        EXPLICIT_LE,
+    )
+    stored = media.parse_accept(
+        'multipart/related; type="application/dicom"; transfer-syntax=*', media.DICOM
+    )
+    assert media.choose(stored, JPEG_LS, candidates, lambda ts: True, container=media.DICOM) == (
+        media.DICOM,
+        JPEG_LS,
+    )
