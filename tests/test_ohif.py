@@ -15,6 +15,7 @@ from pathlib import Path
 import browser
 import dicomdata
 import peers
+import pydicom
 import pytest
 from dicomweb_servers import (
     JPEG_LS_LOSSLESS,
@@ -27,7 +28,7 @@ from dicomweb_servers import (
     root_path,
     transfer_syntax_of,
 )
-from pydicom.uid import generate_uid
+from pydicom.uid import JPEGLSLossless, generate_uid
 
 from compacs.models.data import ct_series_files
 
@@ -68,28 +69,36 @@ def dicomweb_server(request: pytest.FixtureRequest, make_orthanc) -> DicomWebSer
 
 
 def real_ct_series(out: Path) -> tuple[str, str, list[Path]]:
-    """The real 20-slice CT series with fresh UIDs (one study, one series) and a PatientID of
-    its own, so the study list row is this run's."""
+    """The real 20-slice CT series as JPEG-LS lossless, with fresh UIDs (one study, one
+    series) and a label of its own (PatientID, and the family name, which OHIF's study
+    list shows), so the study list row is this run's.
+
+    Re-coded here from its JPEG 2000 rather than by the server: Orthanc 1.10's GDCM
+    decoder crashes (SIGSEGV) transcoding these files at ingest.
+    """
     study, series = generate_uid(), generate_uid()
-    patient = "OHIF-" + study[-8:]
-    files = [
-        dicomdata.fresh_copy(
+    label = "OHIF-" + study[-8:]
+    files = []
+    for src in ct_series_files():
+        path = dicomdata.fresh_copy(
             src,
             out,
             StudyInstanceUID=study,
             SeriesInstanceUID=series,
-            PatientID=patient,
-            PatientName="OHIF^HARNESS",
+            PatientID=label,
+            PatientName=f"{label}^HARNESS",
         )
-        for src in ct_series_files()
-    ]
-    return study, patient, files
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEGLSLossless, ds.pixel_array, encoding_plugin="pyjpegls")
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return study, label, files
 
 
 def test_ohif_lists_and_renders_a_ct_series(
     dicomweb_server: DicomWebServer, ohif_dist: Path, tmp_path: Path
 ) -> None:
-    study, patient, files = real_ct_series(tmp_path / "in")
+    study, label, files = real_ct_series(tmp_path / "in")
     dicomweb_server.store(files)
 
     # the series really is JPEG-LS on the server: the browser must decode it, not get raw
@@ -122,8 +131,10 @@ def test_ohif_lists_and_renders_a_ct_series(
     ):
         tools.navigate(viewer.origin + "/")
         tools.wait_for(
-            f"study list row of PatientID {patient}",
-            lambda: tools.evaluate(f"document.body.innerText.includes({json.dumps(patient)})"),
+            f"study list row of {label}",
+            lambda: tools.evaluate(
+                f"(document.body?.innerText ?? '').includes({json.dumps(label)})"
+            ),
             timeout=60,
         )
         (tmp_path / "study-list.png").write_bytes(tools.screenshot())
