@@ -418,8 +418,8 @@ class PageLog:
     requests: dict[str, Request] = field(default_factory=dict)
     console_errors: list[str] = field(default_factory=list)
 
-    def pending(self) -> list[Request]:
-        return [r for r in self.requests.values() if not r.done]
+    def pending(self, prefix: str = "") -> list[Request]:
+        return [r for r in self.requests.values() if not r.done and r.url.startswith(prefix)]
 
     def under(self, prefix: str) -> list[Request]:
         return [r for r in self.requests.values() if r.url.startswith(prefix)]
@@ -540,17 +540,20 @@ class DevTools:
                 raise TimeoutError(f"{what}: not seen within {timeout:.0f} s")
             self.pump(interval)
 
-    def wait_network_idle(self, quiet: float = 1.0, timeout: float = 60.0) -> None:
-        """Until no request has been open for ``quiet`` seconds (the viewer's frame loads are
-        done), so the request list a test judges is complete."""
+    def wait_network_idle(self, prefix: str, quiet: float = 1.0, timeout: float = 60.0) -> None:
+        """Until no request under ``prefix`` has been open for ``quiet`` seconds (the
+        viewer's frame loads are done), so the request list a test judges is complete.
+
+        Only a prefix's requests: the scripts a web worker loads are announced to the page
+        but answered in the worker's own DevTools target, so they never finish here."""
         deadline = time.monotonic() + timeout
         while True:
             count = len(self.log.requests)
             self.pump(quiet)
-            if not self.log.pending() and len(self.log.requests) == count:
+            if not self.log.pending(prefix) and len(self.log.requests) == count:
                 return
             if time.monotonic() >= deadline:
-                open_ = ", ".join(r.url for r in self.log.pending()[:5])
+                open_ = ", ".join(r.url for r in self.log.pending(prefix)[:5])
                 raise TimeoutError(f"requests still open after {timeout:.0f} s: {open_}")
 
 
