@@ -32,6 +32,7 @@ from pydicom.dataelem import DataElement
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
 from compacs.codecs.volume import read_header
+from compacs.service import metrics
 from compacs.service.compress import part10, shallow_copy
 from compacs.service.storage.archive import ChecksumError, checksum
 from compacs.service.syntaxes import EXPLICIT_LE
@@ -83,17 +84,27 @@ class VolumeReader:
         """The Part-10 bytes (explicit VR LE, native pixel data) of the instance whose header
         lies at `offset` in the series volume at `path`, frame `frame` of its volume."""
         with open(path, "rb") as file:
-            file.seek(offset)
-            header = file.read(length)
-            if checksum(header) != expected:
-                raise ChecksumError(f"{path.name}: header checksum mismatch at {offset}")
-            ds = dcmread(BytesIO(header))
+            ds = self._header(file, path, offset, length, expected)
             fmt = PixelFormat.from_dataset(ds)
             pixels = self._frame(file, str(path), frame, fmt, codec_name)
         data = np.ascontiguousarray(pixels, dtype=fmt.dtype).tobytes()
         ds.PixelData = data + b"\0" * (len(data) % 2)
         ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
         return part10(ds)
+
+    def header(self, path: Path, offset: int, length: int, expected: str) -> Dataset:
+        """The data set of the instance whose header lies at `offset`, without its pixel
+        data and without decoding any frame (DICOMweb series metadata reads only this)."""
+        with open(path, "rb") as file:
+            return self._header(file, path, offset, length, expected)
+
+    @staticmethod
+    def _header(file, path: Path, offset: int, length: int, expected: str) -> Dataset:  # noqa: ANN001
+        file.seek(offset)
+        header = file.read(length)
+        if checksum(header) != expected:
+            raise ChecksumError(f"{path.name}: header checksum mismatch at {offset}")
+        return dcmread(BytesIO(header))
 
     def _frame(self, file, key: str, frame: int, fmt: PixelFormat, codec_name: str) -> np.ndarray:  # noqa: ANN001
         codec = registry.get_volume(codec_name)
@@ -111,6 +122,7 @@ class VolumeReader:
                         self._cache.move_to_end((key, group))
                 if frames is None:
                     frames = codec.decode_frames(stream, fmt, header.group_frames(group))
+                    metrics.VOLUME_FRAMES_DECODED.inc(len(frames))
                     with self._lock:
                         self._cache[(key, group)] = frames
                         while len(self._cache) > self._kept:

@@ -97,7 +97,19 @@ class Domain:
         return StoredObject(inst, ds, str(ds.file_meta.TransferSyntaxUID), raw)
 
     def header(self, inst: Instance) -> Dataset:
-        """The instance's data set without its pixel data (series metadata)."""
+        """The instance's data set without its pixel data (series metadata). A slice of a
+        series volume: its header alone, decoding no frame (reading it whole would decode
+        the whole volume for a series' metadata)."""
+        if inst.frame_first is not None:
+            try:
+                return self.service.volumes.header(
+                    self.service.archive_for(inst.blob.tier).abspath(inst.blob.path),
+                    inst.blob_offset,
+                    inst.blob_length,
+                    inst.checksum,
+                )
+            except FileNotFoundError:
+                pass  # moved meanwhile: read_instance finds the instance again
         raw = self.service.read_instance(inst)
         return dcmread(BytesIO(raw), stop_before_pixels=True)
 
