@@ -66,6 +66,8 @@ def page(domain: Domain) -> str:
     ]
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        # no icon: else the browser asks /favicon.ico, which is a 404 (or the viewer's)
+        '<link rel="icon" href="data:,">'
         "<title>compacs status</title></head>"
         '<body style="font-family:sans-serif;max-width:60em;margin:1em auto">'
         + "".join(body)
