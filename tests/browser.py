@@ -113,11 +113,7 @@ def ohif_dist() -> Path:
             return dist
         tarball = OHIF_CACHE / f"ohif-app-{version}.tgz"
         if not tarball.exists():
-            npm = shutil.which("npm")
-            if npm is None:
-                raise peers.PeerError(
-                    "npm not found: it fetches OHIF's built viewer (apt-get install npm)"
-                )
+            npm = shutil.which("npm") or _apt_install_npm()
             res = subprocess.run(
                 [npm, "pack", OHIF_PACKAGE, "--pack-destination", str(OHIF_CACHE)],
                 capture_output=True,
@@ -141,9 +137,29 @@ def ohif_dist() -> Path:
     return dist
 
 
-def app_config(dicomweb_path: str) -> str:
+def _apt_install_npm() -> str:
+    """npm, installed with apt-get (the peers' lock) when missing: it fetches OHIF."""
+    with peers._file_lock(peers.STATE_DIR / "apt.lock"):
+        if shutil.which("npm") is None:
+            try:
+                peers._apt_install(["npm"])
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise peers.PeerError(
+                    f"npm not found and apt-get install npm failed: {exc}; npm fetches OHIF's "
+                    "built viewer (or put its dist/ in COMPACS_OHIF_CACHE by hand)"
+                ) from exc
+    npm = shutil.which("npm")
+    if npm is None:
+        raise peers.PeerError("npm installed but not on PATH")
+    return npm
+
+
+def app_config(dicomweb_path: str, router_basename: str | None = None) -> str:
     """OHIF's ``app-config.js`` with one DICOMweb data source at ``dicomweb_path`` of the
-    page's own origin (the settings OHIF.md found to work offline, tours switched off)."""
+    page's own origin (the settings OHIF.md found to work offline, tours switched off).
+
+    ``router_basename``: the path the viewer's routes live under (its study list there, not
+    at ``/``): a server whose ``/`` is its own page, as compacs' status page is."""
     root = dicomweb_path.rstrip("/")
     source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
@@ -173,7 +189,7 @@ def app_config(dicomweb_path: str) -> str:
     return f"""/** Written by tests/browser.py: one same-origin DICOMweb source at {root}. */
 window.config = {{
   name: 'compacs-tests',
-  routerBasename: null,
+  routerBasename: {json.dumps(router_basename)},
   extensions: [],
   modes: [],
   customizationService: {{ 'ohif.tours': {{ $set: [] }} }},
@@ -190,6 +206,30 @@ window.config = {{
   dataSources: [{source_js}],
 }};
 """
+
+
+def viewer_folder(
+    dist: Path, folder: Path, dicomweb_path: str, router_basename: str | None = None
+) -> Path:
+    """A copy of OHIF's ``dist/`` for a server that serves the viewer itself (compacs'
+    ``[web] viewer``), its ``app-config.js`` ours (:func:`app_config`).
+
+    The files are hard links into the cache (204 MB, never copied); app-config.js is
+    unlinked before it is written, so the cache's own stays the bundled one."""
+    for src in dist.rglob("*"):
+        dest = folder / src.relative_to(dist)
+        if src.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dest)
+        except OSError:  # another file system: a copy, slower but the same
+            shutil.copy2(src, dest)
+    config = folder / "app-config.js"
+    config.unlink(missing_ok=True)
+    config.write_text(app_config(dicomweb_path, router_basename))
+    return folder
 
 
 # --------------------------------------------------------------------------- viewer server
