@@ -11,9 +11,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Part:
+    """One part; `body` is bytes, or chunks of `length` bytes in all (a big object sent
+    from its blob file, never held whole)."""
+
     content_type: str
-    body: bytes
+    body: bytes | Iterable[bytes]
     location: str | None = None
+    length: int | None = None
 
 
 def new_boundary() -> str:
@@ -32,9 +36,14 @@ def encode(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
         head = f"--{boundary}\r\nContent-Type: {part.content_type}\r\n"
         if part.location:
             head += f"Content-Location: {part.location}\r\n"
-        head += f"Content-Length: {len(part.body)}\r\n\r\n"
+        whole = isinstance(part.body, bytes | bytearray)
+        size = len(part.body) if whole else part.length  # type: ignore[arg-type]
+        head += f"Content-Length: {size}\r\n\r\n"
         yield head.encode("ascii")
-        yield part.body
+        if whole:
+            yield part.body  # type: ignore[misc]
+        else:
+            yield from part.body
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode("ascii")
 

@@ -27,9 +27,10 @@ class WebServer:
             tls = {"ssl_certfile": str(config.tls.certificate), "ssl_keyfile": str(config.tls.key)}
         self.scheme = "https" if web.tls else "http"
         self.url = f"{self.scheme}://{web.host}:{web.port}"
+        self.domain = Domain(service)
         self.server = uvicorn.Server(
             uvicorn.Config(
-                build_app(config, Domain(service)),
+                build_app(config, self.domain),
                 host=web.host,
                 port=web.port,
                 log_config=None,  # the node's logging (logs.py) formats uvicorn's lines too
@@ -55,3 +56,4 @@ class WebServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+        self.domain.flush_accessed()

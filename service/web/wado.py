@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from compacs.service.web import dicomjson, media, multipart, render
-from compacs.service.web.domain import Domain, StoredObject
+from compacs.service.web.domain import Domain, Instance
 
 JSON_TYPE = "application/dicom+json"
 
@@ -71,16 +71,22 @@ class Wado:
                 'instances are answered as multipart/related; type="application/dicom"'
             )
         # the first instance decides up front, so that a 406 comes before the body starts
-        first = self.domain.read(instances[0])
-        self._pick(first, accepted, media.DICOM)
+        self._pick(instances[0], instances[0].stored_transfer_syntax, accepted, media.DICOM)
         boundary = multipart.new_boundary()
 
         def parts() -> Iterator[multipart.Part]:
-            for i, inst in enumerate(instances):
-                obj = first if i == 0 else self.domain.read(inst)
-                _type, syntax = self._pick(obj, accepted, media.DICOM)
-                body = self.domain.part10(obj, syntax)
-                yield multipart.Part(f"{media.DICOM}; transfer-syntax={syntax}", body)
+            for inst in instances:
+                part_type = f"{media.DICOM}; transfer-syntax="
+                stored = inst.stored_transfer_syntax
+                if self._pick(inst, stored, accepted, media.DICOM)[1] == stored:
+                    streamed = self.domain.stream(inst)  # a big one, from its file
+                    if streamed is not None:
+                        chunks, length = streamed
+                        yield multipart.Part(part_type + stored, chunks, length=length)
+                        continue
+                obj = self.domain.read(inst)
+                _type, syntax = self._pick(obj.instance, obj.syntax, accepted, media.DICOM)
+                yield multipart.Part(part_type + syntax, self.domain.part10(obj, syntax))
 
         return StreamingResponse(
             # a plain iterator: Starlette runs it in its thread pool, so each part's read
@@ -89,13 +95,13 @@ class Wado:
             media_type=multipart.content_type(boundary, media.DICOM),
         )
 
-    def _pick(self, obj: StoredObject, accepted: list, container: str) -> tuple[str, str]:
-        candidates = self.domain.candidates(obj.instance, obj.syntax)
+    def _pick(self, inst: Instance, stored: str, accepted: list, container: str) -> tuple[str, str]:
+        """(part media type, syntax) of `inst`, whose bytes are in `stored`."""
         return media.choose(
             accepted,
-            obj.syntax,
-            candidates,
-            lambda ts: self.domain.producible(ts, obj.syntax),
+            stored,
+            self.domain.candidates(inst, stored),
+            lambda ts: self.domain.producible(ts, stored),
             container=container,
         )
 
@@ -154,7 +160,7 @@ class Wado:
         inst = self._instances(study, series, sop)[0]
         obj = self.domain.read(inst)
         accepted = media.parse_accept(request.headers.get("accept"), media.OCTET)
-        part_type, syntax = self._pick(obj, accepted, media.OCTET)
+        part_type, syntax = self._pick(obj.instance, obj.syntax, accepted, media.OCTET)
         frames = self.domain.frames(obj, numbers, syntax)
         url = instance_url(root(request), study, series, sop)
         parts = [
@@ -179,7 +185,7 @@ class Wado:
         boundary = multipart.new_boundary()
         if number == dicomjson.PIXEL_DATA:
             accepted = media.parse_accept(request.headers.get("accept"), media.OCTET)
-            part_type, syntax = self._pick(obj, accepted, media.OCTET)
+            part_type, syntax = self._pick(obj.instance, obj.syntax, accepted, media.OCTET)
             count = int(obj.dataset.get("NumberOfFrames", 1) or 1)
             frames = self.domain.frames(obj, list(range(1, count + 1)), syntax)
             parts = [multipart.Part(f"{part_type}; transfer-syntax={syntax}", f) for f in frames]
