@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
@@ -69,6 +70,32 @@ def orthanc_server(orthanc: peers.OrthancProcess) -> DicomWebServer:
                 raise peers.PeerError(f"Orthanc did not store {path}: {answer}")
 
     return DicomWebServer("orthanc", f"{orthanc.url}/dicom-web", store)
+
+
+def wait_compressed(origin: str, count: int, timeout: float = 120.0) -> str:
+    """Until compacs' status page at ``origin`` counts ``count`` instances and none pending
+    compression; its HTML. Read over HTTP: a ``compacs stats`` process per poll costs
+    seconds on a busy machine. A deadline only, so a broken node fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = connection(origin)
+        try:
+            status, _, body = get(conn, "/", "text/html")
+        finally:
+            conn.close()
+        page = body.decode()
+        found = {
+            key: re.search(rf"<td>{key}</td><td>(\d+)</td>", page)
+            for key in ("instances", "pending compression")
+        }
+        if status != 200 or None in found.values():
+            raise peers.PeerError(f"compacs status page answered {status}: {page[:500]}")
+        counts = {key: int(m.group(1)) for key, m in found.items() if m}
+        if counts["instances"] >= count and counts["pending compression"] == 0:
+            return page
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not all compressed in {timeout:.0f} s: {counts}")
+        time.sleep(0.3)
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -62,9 +62,11 @@ users = {{ VIEWER = "{_sha("viewer-pw")}", ARCHIVIST = "{_sha("token-123")}" }}
     make_node(config)
     url = f"https://127.0.0.1:{web_port}/dicomweb"
     ca = ssl.create_default_context(cafile=pki / "ca.pem")
-    viewer = httpx.Client(verify=ca, auth=("VIEWER", "viewer-pw"))
-    archivist = httpx.Client(verify=ca, headers={"Authorization": "Bearer token-123"})
-    nobody = httpx.Client(verify=ca)
+    # no idle keep-alive connection left: the node's stop would wait for it (5 s)
+    close = {"Connection": "close"}
+    viewer = httpx.Client(verify=ca, auth=("VIEWER", "viewer-pw"), headers=close)
+    archivist = httpx.Client(verify=ca, headers={"Authorization": "Bearer token-123", **close})
+    nobody = httpx.Client(verify=ca, headers=close)
 
     sample = dicomdata.fresh_copy("CT_small.dcm", tmp_path / "in")
     ds = pydicom.dcmread(sample)

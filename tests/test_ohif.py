@@ -41,8 +41,8 @@ from dicomweb_servers import (
     root_path,
     stow,
     transfer_syntax_of,
+    wait_compressed,
 )
-from nodecheck import wait_compressed
 from pydicom.uid import CTImageStorage, JPEGLSLossless, generate_uid
 
 from compacs.models.data import ct_series_files
@@ -161,7 +161,7 @@ def compacs(
         root = f"http://127.0.0.1:{web}/dicomweb"
         cold = real_ct_series(tmp / "cold")
         stow(root, cold.files)
-        wait_compressed(node, len(cold.files))
+        wait_compressed(f"http://127.0.0.1:{web}", len(cold.files))
         res = node.cli(
             "tier", "run", "--config", str(config), "--data", str(node.data_dir),
             "--as-of", "2099-01-01",
