@@ -5,6 +5,8 @@ UIDs, uncompressed) is stored into each server, which keeps it as JPEG-LS lossle
 
   orthanc      Orthanc 1.10 + Debian's orthanc-dicomweb, IngestTranscoding = JPEG-LS lossless,
                started by the bench (REST upload); its root is ``/dicom-web``
+  compacs      ``compacs serve`` on its defaults (JPEG-LS lossless for CT) plus ``--web-port``,
+               started by the bench (``--no-compacs``: not); STOW-RS upload, root ``/dicomweb``
   LABEL=URL    ``--server``, repeatable: any running DICOMweb root (compacs' ``/dicomweb``),
                the series stored with STOW-RS; the server's own rules compress it (the bench
                waits up to ``--settle`` s until ``transfer-syntax=*`` stops answering
@@ -28,7 +30,8 @@ reported, not averaged. Nothing asserts a speed. Table to stdout and
 ``bench/results/dicomweb-<stamp>.md``, plot to ``bench/results/dicomweb-<stamp>.png``.
 
 Run: ``.venv/bin/python bench/dicomweb.py [--count 300] [--repeat 5]
-[--server compacs=http://127.0.0.1:8080/dicomweb] [--no-orthanc] [--keep] [--wait-quiet S]``.
+[--server other=http://127.0.0.1:8080/dicomweb] [--no-orthanc] [--no-compacs] [--keep]
+[--wait-quiet S]``.
 """
 
 from __future__ import annotations
@@ -201,6 +204,18 @@ def fetch_frames(
     return len(s.sops) / wall, problems
 
 
+def wait_compressed(node: peers.CompacsProcess, count: int, timeout: float) -> None:
+    """Until the node's index holds `count` instances and none waits for compression."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = node.stats()
+        if stats["instances"] >= count and stats["pending"] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise peers.PeerError(f"compacs did not compress in {timeout:.0f} s: {stats}")
+        time.sleep(1.0)
+
+
 def measure(
     server: DicomWebServer, s: Series, repeat: int, settle: float, wait_quiet: float
 ) -> Result:
@@ -350,6 +365,7 @@ def main() -> int:
         help="a running DICOMweb root to measure too (series stored by STOW-RS)",
     )
     parser.add_argument("--no-orthanc", action="store_true", help="do not start Orthanc")
+    parser.add_argument("--no-compacs", action="store_true", help="do not start compacs")
     parser.add_argument(
         "--settle",
         type=float,
@@ -366,8 +382,8 @@ def main() -> int:
         if not sep or not url.startswith("http://"):
             parser.error(f"--server {spec!r}: give LABEL=http://HOST:PORT/ROOT")
         servers.append((label, url))
-    if args.no_orthanc and not servers:
-        parser.error("--no-orthanc needs at least one --server")
+    if args.no_orthanc and args.no_compacs and not servers:
+        parser.error("--no-orthanc --no-compacs needs at least one --server")
     common.handle_signals()
     stamp, tmp = common.make_tmp("dicomweb")
     try:
@@ -392,6 +408,22 @@ def main() -> int:
             server.store(files)
             results.append(measure(server, series, args.repeat, 0.0, args.wait_quiet))
             proc.kill9()
+        if not args.no_compacs:
+            web_port = peers.free_port()
+            node = peers.CompacsProcess(
+                tmp / "compacs" / "data", extra_args=["--web-port", str(web_port)]
+            ).start()
+            try:
+                url = f"http://127.0.0.1:{web_port}/dicomweb"
+                server = DicomWebServer("compacs", url, lambda fs, url=url: stow(url, fs))
+                progress(f"storing into compacs ({url}) with STOW-RS")
+                server.store(files)
+                # compacs acknowledges before it compresses: measure the JPEG-LS series, as
+                # Orthanc's (transcoded at ingest), not one changing under the requests
+                wait_compressed(node, len(files), args.settle)
+                results.append(measure(server, series, args.repeat, args.settle, args.wait_quiet))
+            finally:
+                node.stop()
         for label, url in servers:
             server = DicomWebServer(label, url, lambda fs, url=url: stow(url, fs))
             progress(f"storing into {label} ({url}) with STOW-RS")
