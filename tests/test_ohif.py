@@ -9,8 +9,10 @@ syntax) on a cold tier. One browser session opens the study list, both studies a
 status page.
 
 The Orthanc case is the HARNESS CHECK: the same viewer against Orthanc's DICOMweb plugin
-through the test's proxy (browser.ViewerServer), so that a failure against compacs is
-compacs' own and not the harness'.
+through the test's proxy (browser.ViewerServer), so that a failure against compacs can be
+told from one of the harness (OHIF, Chromium, these assertions). It runs with
+COMPACS_TESTS_HARNESS_CHECK=1 only: it costs a third of this file's time, and the suite's
+time is tight (run it when the compacs case fails, or after upgrading OHIF or Chromium).
 """
 
 from __future__ import annotations
@@ -251,6 +253,10 @@ def test_ohif_on_compacs_lists_and_renders_hot_and_cold_series_and_the_status_pa
 # --------------------------------------------------------------------------- harness check
 
 
+@pytest.mark.skipif(
+    os.environ.get("COMPACS_TESTS_HARNESS_CHECK") != "1",
+    reason="the Orthanc harness check runs with COMPACS_TESTS_HARNESS_CHECK=1",
+)
 def test_harness_check_ohif_on_orthanc(make_orthanc, ohif_dist: Path, tmp_path: Path) -> None:
     proc = make_orthanc(ingest_transcoding=JPEG_LS_LOSSLESS, extra_config=orthanc_dicomweb_config())
     server = orthanc_server(proc)
