@@ -17,8 +17,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,cpu]'
 	touch $@
 
+# The web face (DICOMweb and the status page) on WEB_PORT: [web] port is 0 by default, so
+# that test nodes and several nodes on one host never fight over one port.
+WEB_PORT ?= 8080
 serve: $(VENV)/.installed
-	$(BIN)/compacs serve
+	$(BIN)/compacs serve --web-port $(WEB_PORT)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -76,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         ae_title=args.ae_title,
         metrics_port=args.metrics_port,
+        web_port=args.web_port,
     )
     logs.configure(config.logging.format, "DEBUG" if args.verbose else config.logging.level)
     try:
@@ -863,6 +864,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         help="Prometheus /metrics port ([metrics] port, or $COMPACS_METRICS_PORT; 0: none)",
+    )
+    p.add_argument(
+        "--web-port", type=int, help="DICOMweb and status page port ([web] port; 0: none)"
     )
     p.set_defaults(func=cmd_serve)
 

@@ -10,6 +10,7 @@ lives in config_tables.py; its names are importable from here too.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -29,6 +30,7 @@ from compacs.service.config_tables import (
     StorageConfig,
     TieringConfig,
     TlsConfig,
+    WebConfig,
 )
 from compacs.service.rules import parse_rules
 from compacs.service.tiering.policy import parse_tiers
@@ -61,7 +63,7 @@ ENV_OVERRIDES = {
 ON_DUPLICATE = ("keep_first", "replace")
 TABLES = (
     "node", "move_destinations", "access", "ingest", "limits", "storage", "tiering", "tls",
-    "metrics", "logging",
+    "metrics", "logging", "web",
 )  # fmt: skip
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -379,6 +381,66 @@ def _parse_logging(raw: Any, defaults: dict[str, Any], source: str) -> LoggingCo
     return LoggingConfig(values["format"], level.upper())
 
 
+def _parse_web(
+    raw: Any, defaults: dict[str, Any], cli_port: int | None, config: NodeConfig, source: str
+) -> WebConfig:
+    """[web], then --web-port; the names in `users` are checked as AE titles because
+    [access] lists them beside the AE titles."""
+    _known_keys("web", raw, defaults, source)
+    values = {**defaults, **raw}
+    where = f"{source}: [web]"
+    port_where = "--web-port" if cli_port is not None else f"{where} port"
+    port = _int_in(values["port"] if cli_port is None else cli_port, port_where, 0, 65535)
+    host = values["host"]
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(
+            f'{where} host: must be an address to listen on, such as "127.0.0.1" (this host '
+            f'only, the default) or "0.0.0.0" (every interface), got {host!r}'
+        )
+    tls = _bool(values["tls"], f"{where} tls")
+    if tls and port and (config.tls.certificate is None or config.tls.key is None):
+        raise ConfigError(
+            f"{where} tls = true: set [tls] certificate and key (PEM files; the web face "
+            "uses the DICOM TLS certificate), or tls = false"
+        )
+    origins = values["cors_origins"]
+    if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins):
+        raise ConfigError(
+            f'{where} cors_origins: must be a list of origins like ["https://viewer.example"] '
+            'or ["*"], got ' + repr(origins)
+        )
+    viewer = values["viewer"]
+    if not isinstance(viewer, str):
+        raise ConfigError(f"{where} viewer: must be a folder path (a string), got {viewer!r}")
+    if viewer and not (Path(viewer) / "index.html").is_file():
+        raise ConfigError(
+            f"{where} viewer = {viewer!r}: no index.html there; give the dist/ folder of an "
+            'unpacked @ohif/app package, or "" for none'
+        )
+    users = values["users"]
+    if not isinstance(users, dict):
+        raise ConfigError(f'{where} users: must be a table of NAME = "sha256:HEX"')
+    checked: dict[str, str] = {}
+    for name, secret in users.items():
+        key = f"{where} users.{name}"
+        if not isinstance(secret, str) or not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", secret):
+            raise ConfigError(
+                f'{key}: must be "sha256:" and the 64 hex digits of the SHA-256 of the '
+                "password or token (e.g. printf %s SECRET | sha256sum), got a "
+                f"{type(secret).__name__}"
+            )
+        checked[_check_ae_title(name, key)] = secret.lower()
+    dicom_ports = {config.port, config.tls.port, config.metrics.port} - {0}
+    if port and port in dicom_ports:
+        raise ConfigError(
+            f"{port_where} = {port} is already a DICOM or metrics port of this node: give the "
+            "web face a port of its own (8042 is Orthanc's usual one)"
+        )
+    return WebConfig(
+        port, host.strip(), tls, tuple(origins), Path(viewer) if viewer else None, checked
+    )
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -418,7 +480,7 @@ def load_config(
     if used:
         source = f"{source} with {', '.join(used)} from the environment"
     for key, value in (overrides or {}).items():
-        if value is not None and key != "metrics_port":
+        if value is not None and key not in ("metrics_port", "web_port"):
             node[key] = value
     tables = {
         name: _typed_table(
@@ -454,6 +516,9 @@ def load_config(
             "one for exporters)"
         )
     config.logging = _parse_logging(user.get("logging", {}), defaults["logging"], source)
+    config.web = _parse_web(
+        user.get("web", {}), defaults["web"], (overrides or {}).get("web_port"), config, source
+    )
     try:
         config.rules = parse_rules(rules_raw)
     except ValueError as exc:

@@ -181,6 +181,7 @@ class NodeConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    web: WebConfig = field(default_factory=lambda: WebConfig())
     source: str = DEFAULTS_NAME
 
     @property
@@ -192,3 +193,17 @@ class NodeConfig:
     @property
     def effective_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """[web]: the DICOMweb face and status page (service/web). Who may use it is [access]'s
+    to say, with `users` naming HTTP callers as AE titles name DICOM ones."""
+
+    port: int = 0  # 0: no web face
+    host: str = "127.0.0.1"
+    tls: bool = False  # with [tls] certificate and key
+    cors_origins: tuple[str, ...] = ()
+    viewer: Path | None = None  # an unpacked OHIF dist/ served at /
+    # name -> "sha256:HEX" of the password (HTTP Basic) or token (Bearer)
+    users: dict[str, str] = field(default_factory=dict)

@@ -107,6 +107,12 @@ FIXITY_FAILURES = Counter(
     "compacs_fixity_failures",
     "Blobs found damaged by this process' fixity runs (checksum or decoding).",
 )
+VOLUME_FRAMES_DECODED = Counter(
+    "compacs_volume_frames_decoded",
+    "Frames decoded out of series volumes to read slices from them: a slice decodes only "
+    "the group of frames that holds it, and groups decoded lately are kept, so this grows "
+    "by at most gop_size per slice read, not by the series' length.",
+)
 TIER_BACKLOG = Gauge(
     "compacs_tier_backlog_instances",
     "Instances the last tier run of this process found due for the tier and did not move.",

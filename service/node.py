@@ -100,6 +100,8 @@ class Node:
             check_port(config.host, config.port)
         if config.tls.enabled:
             check_port(config.host, config.tls.port, "[tls] port")
+        if config.web.port:
+            check_port(config.web.host, config.web.port, "[web] port or --web-port")
         check_writable(config.data_dir, "data folder")
         if (config.data_dir / "archive").is_dir():
             check_writable(config.data_dir / "archive", "archive folder")
@@ -115,11 +117,13 @@ class Node:
         self.server = None  # the plain listener ([tls] plain_port)
         self.tls_server = None  # the TLS listener ([tls] port)
         self.metrics = None  # the /metrics endpoint ([metrics] port)
+        self.web = None  # the DICOMweb face and status page ([web] port)
         self._stop = threading.Event()
         self._hurry = threading.Event()
 
     def start(self) -> None:
         self._start_metrics()
+        self._start_web()
         # Listen first: owning the port is what makes this node's previous claims its own
         # to take over (archive_service.owner_name).
         # One handler list for both listeners: one admission gate counts all associations.
@@ -203,6 +207,22 @@ class Node:
             "metrics: http://%s:%d/metrics (Prometheus)", metrics_config.host, metrics_config.port
         )
 
+    def _start_web(self) -> None:
+        """The DICOMweb face and status page ([web] port), in a thread of this process."""
+        if not self.config.web.port:
+            return
+        from compacs.service.web.server import WebServer
+
+        self.web = WebServer(self.service)
+        try:
+            self.web.start()
+        except OSError as exc:
+            self.service.close()
+            raise ConfigError(
+                f"[web] {exc}; choose another port ([web] port or --web-port), or 0 for no "
+                "web face"
+            ) from exc
+
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, give open associations `grace` s (`[node]
         shutdown_grace_seconds`) or until a second signal, abort those left, wait for their
@@ -211,6 +231,8 @@ class Node:
         servers = [s for s in (self.server, self.tls_server) if s is not None]
         if servers:
             _stop_servers(servers, grace, self._hurry)
+        if self.web is not None:
+            self.web.close()
         if self.metrics is not None:
             self.metrics.close()
         self.service.close()

@@ -38,7 +38,8 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 GDCM_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancGdcm.so")
-DEBIAN_PACKAGES = ("dcmtk", "orthanc", "orthanc-gdcm")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DEBIAN_PACKAGES = ("dcmtk", "orthanc", "orthanc-gdcm", "orthanc-dicomweb")
 # Per-user scratch shared by all test sessions: apt lock, compiled shim, PID records.
 STATE_DIR = Path(tempfile.gettempdir()) / f"compacs-tests-{os.getuid()}"
 
@@ -68,7 +69,8 @@ _install_error: str | None = None
 
 
 def missing_debian_packages() -> list[str]:
-    """Which of dcmtk/orthanc/orthanc-gdcm are absent, judged by the files the tests use."""
+    """Which of dcmtk/orthanc/orthanc-gdcm/orthanc-dicomweb are absent, judged by the files
+    the tests use."""
     missing = []
     if shutil.which("storescu") is None:
         missing.append("dcmtk")
@@ -76,6 +78,8 @@ def missing_debian_packages() -> list[str]:
         missing.append("orthanc")
     if not GDCM_PLUGIN.exists():
         missing.append("orthanc-gdcm")
+    if not DICOMWEB_PLUGIN.exists():
+        missing.append("orthanc-dicomweb")
     return missing
 
 

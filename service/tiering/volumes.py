@@ -30,6 +30,7 @@ from pydicom.dataelem import DataElement
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
 from compacs.codecs.volume import HEADER_SIZE, header_length, read_header
+from compacs.service import metrics
 from compacs.service.compress import part10, shallow_copy
 from compacs.service.storage.blobstore import BlobStore
 from compacs.service.syntaxes import EXPLICIT_LE
@@ -96,6 +97,13 @@ class VolumeReader:
         ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
         return part10(ds)
 
+    def header(
+        self, store: BlobStore, relpath: str, offset: int, length: int, expected: str
+    ) -> Dataset:
+        """The data set of the instance whose header lies at `offset`, without its pixel
+        data and without decoding any frame (DICOMweb series metadata reads only this)."""
+        return dcmread(BytesIO(store.read_range(relpath, offset, length, expected)))
+
     def _frame(
         self, store: BlobStore, relpath: str, frame: int, fmt: PixelFormat, codec_name: str
     ) -> np.ndarray:
@@ -120,6 +128,7 @@ class VolumeReader:
                     first, end = header.group_span(group)
                     blob.fetch(start + first, start + end)
                     frames = codec.decode_frames(stream, fmt, header.group_frames(group))
+                    metrics.VOLUME_FRAMES_DECODED.inc(len(frames))
                     with self._lock:
                         self._cache[(key, group)] = frames
                         while len(self._cache) > self._kept:
