@@ -8,7 +8,7 @@ data that does not decode). A *patient-ID conflict* is a PatientID (+ issuer) wh
 disagree on the name or birth date (each study answers with its own). None of them loses
 data, but `compacs verify` lists them all, and a cron health check built on it would fail
 for ever: an acknowledgement says "known, leave it", and holds while the problem reads as it
-did (index.py `Problem.text`, `PatientProblem.text`).
+did (storage/index/problems.py `Problem.text`, `PatientProblem.text`).
 """
 
 from __future__ import annotations

@@ -498,7 +498,7 @@ def test_two_processes_adding_names_under_one_patient_id_at_once_flag_the_confli
     import threading
     import time
 
-    from compacs.service.storage import index as index_mod
+    from compacs.service.storage.index import patients as index_mod
 
     a, b = Index.open(pg_url, create=True), Index.open(pg_url, create=True)
     a_inserted = threading.Event()

@@ -1,4 +1,4 @@
-"""Alembic environment: migrations run on the connection `storage.index.migrate` passes.
+"""Alembic environment: migrations run on the connection `storage.schema.migrate` passes.
 
 Run from the node at start-up (never by hand), so the schema always matches the code.
 For a new revision: `alembic -x url=sqlite:///tmp.db revision --autogenerate -m "..."` from
