@@ -120,7 +120,7 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> None:
+def add_codec_commands(sub: Any) -> None:
     """codec (list, encode, decode) and rules (explain)."""
     codec = sub.add_parser("codec", help="list codecs, or run one on a single file")
     csub = codec.add_subparsers(dest="codec_command", required=True, metavar="ACTION")

@@ -13,13 +13,15 @@ import os
 import sys
 import traceback
 
-from compacs.service.cli import (
-    archive_commands,
-    codec_commands,
-    scu_commands,
-    tier_commands,
+from compacs.service.cli.archive_commands import (
+    add_db_command,
+    add_node_commands,
+    add_problem_commands,
 )
+from compacs.service.cli.codec_commands import add_codec_commands
 from compacs.service.cli.common import UsageError
+from compacs.service.cli.scu_commands import add_scu_commands
+from compacs.service.cli.tier_commands import add_tier_commands
 from compacs.service.config import ConfigError
 from compacs.service.logs import quiet_decoder_tracebacks
 
@@ -59,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compacs", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    archive_commands.add_node_commands(sub)
-    tier_commands.add_commands(sub)
-    archive_commands.add_db_command(sub)
-    codec_commands.add_commands(sub)
-    scu_commands.add_commands(sub)
-    archive_commands.add_problem_commands(sub)
+    add_node_commands(sub)
+    add_tier_commands(sub)
+    add_db_command(sub)
+    add_codec_commands(sub)
+    add_scu_commands(sub)
+    add_problem_commands(sub)
     _help_as_description(parser)
     return parser
 

@@ -191,7 +191,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def add_commands(sub: Any) -> None:
+def add_scu_commands(sub: Any) -> None:
     """send, query, pull."""
 
     def scu_options(p: argparse.ArgumentParser, *, peer: str, flag: str, helptext: str) -> None:

@@ -98,7 +98,7 @@ def cmd_tier_status(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def add_commands(sub: Any) -> None:
+def add_tier_commands(sub: Any) -> None:
     tier = sub.add_parser("tier", help="move objects to colder tiers; fixity; status")
     tsub = tier.add_subparsers(dest="tier_command", required=True, metavar="ACTION")
     p = tsub.add_parser("run", help="run the due tier moves once, with a progress bar")
