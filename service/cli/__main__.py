@@ -2,6 +2,6 @@
 
 import sys
 
-from compacs.service.cli.main import main
+from compacs.service.cli.entry import main
 
 sys.exit(main())
