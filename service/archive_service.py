@@ -15,6 +15,7 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,7 +28,14 @@ from compacs.service.ingest import Ingest
 from compacs.service.jobs import Jobs
 from compacs.service.storage.archive import Archive, age
 from compacs.service.storage.blobstore import BlobStore, open_store
-from compacs.service.storage.index import Index, Instance, NewBlob, lease
+from compacs.service.storage.index import (
+    Index,
+    Instance,
+    NewBlob,
+    PatientProblem,
+    Problem,
+    lease,
+)
 from compacs.service.storage.schema import HOT_TIER, utcnow
 from compacs.service.tiering.policy import Tier
 from compacs.service.tiering.volumes import VolumeReader
@@ -360,6 +368,66 @@ class ArchiveService:
             if path not in known
         ]
 
+    # -- verbs used by service/cli --
+    def stats(self) -> dict[str, Any]:
+        """Instances, studies, bytes and ratios, in all and per modality, codec and tier."""
+        return self.index.stats()
+
+    def instances(
+        self, *, study_uid: str | None = None, series_uid: str | None = None
+    ) -> list[Instance]:
+        """The instances of a study or series; of the whole archive without either."""
+        return self.index.instances(study_uid=study_uid, series_uid=series_uid)
+
+    def problems(self) -> Problems:
+        """What needs a person: parked and flagged objects, patient-ID conflicts, blobs that
+        failed fixity, studies whose patient the 0007 upgrade could not confirm."""
+        return Problems(
+            self.index.problems(),
+            self.index.patient_problems(),
+            self.index.fixity_failures(),
+            self.index.patient_unverified_studies(),
+        )
+
+    def acknowledge(
+        self,
+        uids: list[str],
+        studies: list[str],
+        everything: bool,
+        by: str,
+        note: str | None,
+        patient_ids: list[str] | None = None,
+        issuer: str | None = None,
+    ) -> list[Problem | PatientProblem]:
+        """Acknowledge the selected problems as they read now (problems.acknowledge)."""
+        from compacs.service import problems
+
+        return problems.acknowledge(
+            self.index, uids, studies, everything, by, note, patient_ids, issuer
+        )
+
+    def requeue(self, uids: list[str], studies: list[str], everything: bool, by: str) -> int:
+        """Send the selected parked objects back to compression (problems.requeue)."""
+        from compacs.service import problems
+
+        return problems.requeue(self.index, uids, studies, everything, by)
+
+    def tier_status(self) -> TierStatus:
+        """Per tier what it holds; what is due to move now; fixity; the last tier run."""
+        from compacs.service.tiering import moves
+
+        backlog: dict[str, int] = {}
+        for move in moves.plan(self, moves.utcnow(), limit=10**9):
+            backlog[move.tier.name] = backlog.get(move.tier.name, 0) + len(move.rows)
+        return TierStatus(
+            [HOT_TIER, *(t.name for t in self.config.tiers)],
+            self.index.stats()["by_tier"],
+            backlog,
+            self.index.fixity_summary(),
+            self.index.fixity_failures(),
+            self.index.last_audit("tier_run"),
+        )
+
 
 def redact(url: str) -> str:
     """Index URL for messages and logs, without a password."""
@@ -368,3 +436,22 @@ def redact(url: str) -> str:
         creds, host = rest.rsplit("@", 1)
         return f"{scheme}://{creds.split(':')[0]}:***@{host}"
     return url
+
+
+# -- verbs used by service/cli --
+@dataclass(frozen=True)
+class Problems:
+    objects: list[Problem]  # parked and flagged
+    patient_conflicts: list[PatientProblem]
+    fixity_failures: list[tuple[str, str, str]]  # (tier, blob path, error)
+    patient_unverified: list[tuple[str, str | None, str | None]]  # (study, PatientID, name)
+
+
+@dataclass(frozen=True)
+class TierStatus:
+    names: list[str]  # the hot tier, then the config's [[tiers]] in order
+    by_tier: dict[str, dict[str, Any]]  # instances, bytes received and stored
+    backlog: dict[str, int]  # instances due to move there now
+    fixity: dict[str, Any]
+    fixity_failures: list[tuple[str, str, str]]
+    last_run: str | None

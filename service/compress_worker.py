@@ -65,7 +65,7 @@ _worker: dict = {}
 
 def worker_init(archive_root: str, rules: list[rules_mod.Rule], log_format: str = "text") -> None:
     """Set up a worker process (or, with an injected executor, this one)."""
-    from compacs.service.cli import quiet_decoder_tracebacks
+    from compacs.service.logs import quiet_decoder_tracebacks
 
     if multiprocessing.parent_process() is not None:
         logs.configure_worker(log_format)

@@ -7,7 +7,8 @@ from the association being served: the DIMSE handlers (dimse/scp.py) set it in t
 association's thread (and the SOP Instance for the duration of a C-STORE), so that every
 line logged on the way (ingest, validation, a codec) names the peer and the object without
 each call passing them on.
-Worker processes are set up alike (`configure_worker`), from the same [logging] table.
+Worker processes are set up alike (`configure_worker`, `quiet_decoder_tracebacks`), from the
+same [logging] table.
 """
 
 from __future__ import annotations
@@ -94,3 +95,10 @@ def configure_worker(fmt: str, level: str | int = logging.WARNING) -> None:
     errors only: what they do is logged once by the node when their result comes back)."""
     logging.basicConfig(stream=sys.stderr)
     configure(fmt, level)
+
+
+def quiet_decoder_tracebacks() -> None:
+    """pydicom logs a traceback for every decoder plugin that fails on a frame, before it
+    raises; compacs reports that failure itself in one line (and flags the object). Here,
+    beside the rest of the set-up, so that worker processes take it without the CLI."""
+    logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)

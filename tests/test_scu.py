@@ -1,4 +1,4 @@
-"""`compacs send`, `compacs query` and `compacs pull` (service/scu.py) against real peers.
+"""`compacs send`, `compacs query` and `compacs pull` (service/dimse/scu/) against real peers.
 
 Orthanc 1.10 is the remote PACS; a compacs node is where pulled studies go. Each test
 starts its own peers. Orthanc knows the node as modality COMPACS (its AE title, loopback,

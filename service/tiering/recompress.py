@@ -107,7 +107,7 @@ def init_worker(log_format: str = "text") -> None:
     with contextlib.suppress(OSError):
         os.nice(19)
     from compacs.service import logs
-    from compacs.service.cli import quiet_decoder_tracebacks
+    from compacs.service.logs import quiet_decoder_tracebacks
 
     logs.configure_worker(log_format)
     quiet_decoder_tracebacks()
