@@ -27,7 +27,7 @@ from compacs.service.config import NodeConfig, TieringConfig
 from compacs.service.ingest import Ingest
 from compacs.service.jobs import Jobs
 from compacs.service.storage.archive import Archive, age
-from compacs.service.storage.blobstore import BlobStore, open_store
+from compacs.service.storage.blobstore import BlobStore
 from compacs.service.storage.index import (
     Index,
     Instance,
@@ -37,6 +37,7 @@ from compacs.service.storage.index import (
     lease,
 )
 from compacs.service.storage.schema import HOT_TIER, utcnow
+from compacs.service.storage.stores import open_store
 from compacs.service.tiering.policy import Tier
 from compacs.service.tiering.volumes import VolumeReader
 from compacs.service.wire import STREAM_ABOVE

@@ -70,17 +70,3 @@ class BlobStore(Protocol):
     def delete(self, relpath: str) -> None: ...
 
     def blobs(self, older_than: float = 0.0, under: str = "") -> Iterator[str]: ...
-
-
-def open_store(spec: StoreSpec) -> BlobStore:
-    """The store `spec` names. boto3 is imported only for a bucket: a node without an
-    object tier does not need it installed."""
-    if spec.is_bucket:
-        from compacs.service.storage.objectstore import ObjectStore
-
-        return ObjectStore(spec)
-    from pathlib import Path
-
-    from compacs.service.storage.archive import Archive
-
-    return Archive(Path(spec.root))

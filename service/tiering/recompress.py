@@ -40,8 +40,9 @@ from compacs.service.compress import (
 )
 from compacs.service.rules import CodecChoice
 from compacs.service.storage.archive import checksum, new_token
-from compacs.service.storage.blobstore import BlobStore, StoreSpec, open_store
+from compacs.service.storage.blobstore import BlobStore, StoreSpec
 from compacs.service.storage.schema import KIND_INSTANCE, KIND_VOLUME
+from compacs.service.storage.stores import open_store
 from compacs.service.tiering import volumes
 
 AS_STORED = "as stored"
