@@ -4,18 +4,32 @@ Precedence, lowest first: the embedded defaults (`defaults.toml` beside this mod
 file given with --config, environment variables (for containers), command-line flags.
 Every mistake a user can make here is reported as a `ConfigError` naming the file, the key
 and what is allowed, before the node opens a port. What loading returns, the typed tables,
-lives in config_tables.py; its names are importable from here too.
+lives in config_tables.py (its names are importable from here too); the shared value checks
+in config_checks.py; the tables of the network faces ([tls], [metrics], [logging], [web]) in
+config_sections.py.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from compacs.service.config_checks import (
+    as_bool,
+    check_ae_title,
+    int_in,
+    known_keys,
+    number_in,
+)
+from compacs.service.config_sections import (
+    parse_logging,
+    parse_metrics,
+    parse_tls,
+    parse_web,
+)
 from compacs.service.config_tables import (
     DEFAULTS_NAME,
     OPEN_BY_DEFAULT,
@@ -30,7 +44,6 @@ from compacs.service.config_tables import (
     StorageConfig,
     TieringConfig,
     TlsConfig,
-    WebConfig,
 )
 from compacs.service.rules import parse_rules
 from compacs.service.tiering.policy import parse_tiers
@@ -65,8 +78,6 @@ TABLES = (
     "node", "move_destinations", "access", "ingest", "limits", "storage", "tiering", "tls",
     "metrics", "logging", "web",
 )  # fmt: skip
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # key -> (kind, minimum, maximum); the kinds TOML gives: bool, int, float (ints accepted)
 _INGEST_KEYS: dict[str, tuple[type, float, float]] = {
@@ -106,18 +117,6 @@ def _read_toml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
 
 
-def _check_ae_title(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value.strip()) <= 16 or "\\" in value:
-        raise ConfigError(
-            f"{where}: AE title must be 1-16 characters without backslash, got {value!r}"
-        )
-    if not all(32 <= ord(c) < 127 for c in value):
-        raise ConfigError(f"{where}: AE title must be printable ASCII, got {value!r}")
-    return value.strip()
-
-
-# The index URL schemes compacs opens (SQLAlchemy dialect+driver); psycopg is psycopg 3,
-# the [postgres] extra. "postgres://" (Heroku's spelling) is not one SQLAlchemy knows.
 INDEX_SCHEMES = (
     "sqlite",
     "postgresql+psycopg",
@@ -145,28 +144,6 @@ def _check_index_url(url: str, where: str) -> None:
         )
 
 
-def _bool(value: Any, where: str) -> bool:
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")  # from an environment variable
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: must be true or false, got {value!r}")
-    return value
-
-
-def _int_in(value: Any, where: str, lo: int, hi: int) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(f"{where}: must be an integer from {lo} to {hi}, got {value!r}")
-    return value
-
-
-def _number_in(value: Any, where: str, lo: float, hi: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(f"{where}: must be a number from {lo:g} to {hi:g}, got {value!r}")
-    return float(value)
-
-
 def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: str) -> NodeConfig:
     """Validate the merged [node] table; `source` names where each value may have come from."""
     where = f"{source}: [node]"
@@ -188,18 +165,18 @@ def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: 
             raise ConfigError(f"{where} {key}: must be a string, got {raw[key]!r}")
     _check_index_url(raw["index_url"], f"{where} index_url")
     return NodeConfig(
-        ae_title=_check_ae_title(raw["ae_title"], f"{where} ae_title"),
+        ae_title=check_ae_title(raw["ae_title"], f"{where} ae_title"),
         host=raw["host"],
-        port=_int_in(raw["port"], f"{where} port", 1, 65535),
+        port=int_in(raw["port"], f"{where} port", 1, 65535),
         data_dir=Path(raw["data_dir"]),
         index_url=raw["index_url"],
-        workers=_int_in(raw["workers"], f"{where} workers", 0, 256),
+        workers=int_in(raw["workers"], f"{where} workers", 0, 256),
         on_duplicate=on_dup,
-        max_pdu=_int_in(raw["max_pdu"], f"{where} max_pdu", 0, 2**31 - 1),
-        fast_paths=_bool(raw["fast_paths"], f"{where} fast_paths"),
+        max_pdu=int_in(raw["max_pdu"], f"{where} max_pdu", 0, 2**31 - 1),
+        fast_paths=as_bool(raw["fast_paths"], f"{where} fast_paths"),
         extra_sop_classes=list(extra),
-        check_called_ae=_bool(raw["check_called_ae"], f"{where} check_called_ae"),
-        shutdown_grace_seconds=_number_in(
+        check_called_ae=as_bool(raw["check_called_ae"], f"{where} check_called_ae"),
+        shutdown_grace_seconds=number_in(
             raw["shutdown_grace_seconds"], f"{where} shutdown_grace_seconds", 0, 3600
         ),
         ingest=IngestConfig(**tables["ingest"]),
@@ -210,25 +187,12 @@ def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: 
     )
 
 
-def _known_keys(table: str, raw: Any, allowed: Any, source: str) -> None:
-    """`raw` is a [table] whose keys are all among `allowed`; else the error names the file,
-    the table, the keys and what is allowed."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: [{table}] must be a table")
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{source}: [{table}] has unknown key(s) {', '.join(unknown)}; "
-            f"allowed keys: {', '.join(allowed)}"
-        )
-
-
 def _typed_table(
     table: str, raw: Any, keys: dict[str, tuple[type, float, float]], source: str
 ) -> dict[str, Any]:
     """A [table] of scalars, each checked against its kind and range; errors name the file,
     the table, the key and what is allowed."""
-    _known_keys(table, raw, keys, source)
+    known_keys(table, raw, keys, source)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         kind, lo, hi = keys[key]
@@ -262,12 +226,12 @@ def _parse_tables(user: dict[str, Any], source: str) -> tuple[dict, Access]:
     moves = {}
     for ae, value in moves_raw.items():
         where = f"{source}: [move_destinations] {ae}"
-        moves[_check_ae_title(ae, where)] = _parse_host_port(value, where)
+        moves[check_ae_title(ae, where)] = _parse_host_port(value, where)
     access_raw = user.get("access", {})
     if not isinstance(access_raw, dict):
         raise ConfigError(f"{source}: [access] must be a table")
     rules: dict[str, tuple[tuple[str, str | None], ...]] = {}
-    local_callers = _bool(
+    local_callers = as_bool(
         access_raw.get("local_callers", True), f"{source}: [access] local_callers"
     )
     for service, callers in access_raw.items():
@@ -283,162 +247,9 @@ def _parse_tables(user: dict[str, Any], source: str) -> tuple[dict, Access]:
         entries = []
         for caller in callers:
             ae, _, host = caller.partition("@")
-            entries.append((ae if ae == "*" else _check_ae_title(ae, where), host or None))
+            entries.append((ae if ae == "*" else check_ae_title(ae, where), host or None))
         rules[service] = tuple(entries)
     return moves, Access(rules, local_callers)
-
-
-_TLS_FILES = ("certificate", "key", "ca_bundle")
-_TLS_KEYS = ("port", *_TLS_FILES, "require_client_certificate", "plain_port")
-
-
-def _parse_tls(raw: Any, defaults: dict[str, Any], node_port: int, source: str) -> TlsConfig:
-    """[tls], validated: the port, and the certificate, key and CA bundle loaded as the node
-    will load them, so that a file it cannot use stops it before it listens."""
-    _known_keys("tls", raw, _TLS_KEYS, source)
-    values = {**defaults, **raw}
-    where = f"{source}: [tls]"
-    port = _int_in(values["port"], f"{where} port", 0, 65535)
-    require = _bool(values["require_client_certificate"], f"{where} require_client_certificate")
-    plain = _bool(values["plain_port"], f"{where} plain_port")
-    files: dict[str, Path | None] = {}
-    for key in _TLS_FILES:
-        value = values[key]
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} {key}: must be a file path (a string), got {value!r}")
-        files[key] = Path(value) if value else None
-    config = TlsConfig(port, files["certificate"], files["key"], files["ca_bundle"], require, plain)
-    if not port:
-        if not plain:
-            raise ConfigError(
-                f"{where} plain_port = false needs a TLS port: set [tls] port (e.g. 2762), "
-                "or plain_port = true"
-            )
-        return config
-    if port == node_port and plain:
-        raise ConfigError(
-            f"{where} port = {port} is also [node] port: give TLS a port of its own, or set "
-            "[tls] plain_port = false to listen with TLS only"
-        )
-    for key in ("certificate", "key"):
-        if files[key] is None:
-            raise ConfigError(
-                f"{where} {key}: required when [tls] port is set (a PEM file: the node's "
-                f"{'certificate' if key == 'certificate' else 'unencrypted private key'})"
-            )
-    if require and files["ca_bundle"] is None:
-        raise ConfigError(
-            f"{where} ca_bundle: required when require_client_certificate = true (a PEM file "
-            "of the CAs that client certificates must chain to); or set "
-            "require_client_certificate = false"
-        )
-    from compacs.service.dimse.tls import TlsSetupError, server_context
-
-    try:
-        server_context(
-            config.certificate, config.key, config.ca_bundle, config.require_client_certificate
-        )
-    except TlsSetupError as exc:
-        raise ConfigError(f"{where} {exc.key}: {exc}") from exc
-    return config
-
-
-def _parse_metrics(
-    raw: Any, defaults: dict[str, Any], env_port: str | None, cli_port: int | None, source: str
-) -> MetricsConfig:
-    """[metrics], then COMPACS_METRICS_PORT, then --metrics-port."""
-    _known_keys("metrics", raw, defaults, source)
-    values = {**defaults, **raw}
-    where = f"{source}: [metrics]"
-    if env_port:
-        values["port"], where = env_port, f"{where} (COMPACS_METRICS_PORT from the environment)"
-    if cli_port is not None:
-        values["port"], where = cli_port, "--metrics-port"
-    port = _int_in(values["port"], f"{where} port", 0, 65535)
-    host = values["host"]
-    if not isinstance(host, str) or not host.strip():
-        raise ConfigError(
-            f'{source}: [metrics] host: must be an address to listen on, such as "127.0.0.1" '
-            f'(this host only, the default) or "0.0.0.0" (every interface), got {host!r}'
-        )
-    return MetricsConfig(port, host.strip())
-
-
-def _parse_logging(raw: Any, defaults: dict[str, Any], source: str) -> LoggingConfig:
-    _known_keys("logging", raw, defaults, source)
-    values = {**defaults, **raw}
-    if values["format"] not in LOG_FORMATS:
-        raise ConfigError(
-            f"{source}: [logging] format = {values['format']!r}: allowed values are "
-            + ", ".join(f'"{f}"' for f in LOG_FORMATS)
-        )
-    level = values["level"]
-    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
-        raise ConfigError(
-            f"{source}: [logging] level = {level!r}: allowed values are "
-            + ", ".join(f'"{v}"' for v in LOG_LEVELS)
-        )
-    return LoggingConfig(values["format"], level.upper())
-
-
-def _parse_web(
-    raw: Any, defaults: dict[str, Any], cli_port: int | None, config: NodeConfig, source: str
-) -> WebConfig:
-    """[web], then --web-port; the names in `users` are checked as AE titles because
-    [access] lists them beside the AE titles."""
-    _known_keys("web", raw, defaults, source)
-    values = {**defaults, **raw}
-    where = f"{source}: [web]"
-    port_where = "--web-port" if cli_port is not None else f"{where} port"
-    port = _int_in(values["port"] if cli_port is None else cli_port, port_where, 0, 65535)
-    host = values["host"]
-    if not isinstance(host, str) or not host.strip():
-        raise ConfigError(
-            f'{where} host: must be an address to listen on, such as "127.0.0.1" (this host '
-            f'only, the default) or "0.0.0.0" (every interface), got {host!r}'
-        )
-    tls = _bool(values["tls"], f"{where} tls")
-    if tls and port and (config.tls.certificate is None or config.tls.key is None):
-        raise ConfigError(
-            f"{where} tls = true: set [tls] certificate and key (PEM files; the web face "
-            "uses the DICOM TLS certificate), or tls = false"
-        )
-    origins = values["cors_origins"]
-    if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins):
-        raise ConfigError(
-            f'{where} cors_origins: must be a list of origins like ["https://viewer.example"] '
-            'or ["*"], got ' + repr(origins)
-        )
-    viewer = values["viewer"]
-    if not isinstance(viewer, str):
-        raise ConfigError(f"{where} viewer: must be a folder path (a string), got {viewer!r}")
-    if viewer and not (Path(viewer) / "index.html").is_file():
-        raise ConfigError(
-            f"{where} viewer = {viewer!r}: no index.html there; give the dist/ folder of an "
-            'unpacked @ohif/app package, or "" for none'
-        )
-    users = values["users"]
-    if not isinstance(users, dict):
-        raise ConfigError(f'{where} users: must be a table of NAME = "sha256:HEX"')
-    checked: dict[str, str] = {}
-    for name, secret in users.items():
-        key = f"{where} users.{name}"
-        if not isinstance(secret, str) or not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", secret):
-            raise ConfigError(
-                f'{key}: must be "sha256:" and the 64 hex digits of the SHA-256 of the '
-                "password or token (e.g. printf %s SECRET | sha256sum), got a "
-                f"{type(secret).__name__}"
-            )
-        checked[_check_ae_title(name, key)] = secret.lower()
-    dicom_ports = {config.port, config.tls.port, config.metrics.port} - {0}
-    if port and port in dicom_ports:
-        raise ConfigError(
-            f"{port_where} = {port} is already a DICOM or metrics port of this node: give the "
-            "web face a port of its own (8042 is Orthanc's usual one)"
-        )
-    return WebConfig(
-        port, host.strip(), tls, tuple(origins), Path(viewer) if viewer else None, checked
-    )
 
 
 def load_config(
@@ -469,7 +280,7 @@ def load_config(
                 "[[tiers]], " + ", ".join(f"[{t}]" for t in TABLES if t != "node")
             )
         user_node = user.get("node", {})
-        _known_keys("node", user_node, sorted(node), source)
+        known_keys("node", user_node, sorted(node), source)
         node.update(user_node)
         if "rules" in user:
             rules_raw, rules_source = user["rules"], source
@@ -498,8 +309,8 @@ def load_config(
     }
     config = _build_node(node, tables, source)
     config.move_destinations, config.access = _parse_tables(user, source)
-    config.tls = _parse_tls(user.get("tls", {}), defaults["tls"], config.port, source)
-    config.metrics = _parse_metrics(
+    config.tls = parse_tls(user.get("tls", {}), defaults["tls"], config.port, source)
+    config.metrics = parse_metrics(
         user.get("metrics", {}),
         defaults["metrics"],
         env.get("COMPACS_METRICS_PORT"),
@@ -515,8 +326,8 @@ def load_config(
             "node: give the metrics endpoint a port of its own (9464 is Prometheus' usual "
             "one for exporters)"
         )
-    config.logging = _parse_logging(user.get("logging", {}), defaults["logging"], source)
-    config.web = _parse_web(
+    config.logging = parse_logging(user.get("logging", {}), defaults["logging"], source)
+    config.web = parse_web(
         user.get("web", {}), defaults["web"], (overrides or {}).get("web_port"), config, source
     )
     try:
