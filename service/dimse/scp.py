@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
-    _STORAGE_CLASSES,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -48,31 +46,13 @@ from compacs.service.dimse import (
     suboperations,
 )
 from compacs.service.dimse.admission import REJECT_CALLED_AE, REJECT_CALLING_AE, Admission
+from compacs.service.sop_classes import storage_sop_classes
 
 log = logging.getLogger("compacs.scp")
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 # Only these two: find_responses writes answers in little endian, implicit or explicit VR.
 QUERY_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", IMPLICIT_VR_LE]
-
-
-# Not storage SOP classes although "Storage" is in their names.
-_NOT_STORED = {
-    "1.2.840.10008.1.20.1",  # Storage Commitment Push Model
-    "1.2.840.10008.1.20.2",  # Storage Commitment Pull Model (retired)
-    "1.2.840.10008.1.3.10",  # Media Storage Directory Storage (DICOMDIR, a file only)
-}
-
-
-def storage_sop_classes(config: NodeConfig) -> list[str]:
-    """Every storage SOP class of the DICOM dictionary, retired ones included (old
-    ultrasound and NM systems still send them), and those of `[node] extra_sop_classes`."""
-    dictionary = {
-        uid
-        for uid, (name, kind, *_rest) in UID_dictionary.items()
-        if kind == "SOP Class" and "Storage" in name and uid not in _NOT_STORED
-    }
-    return sorted(dictionary | set(_STORAGE_CLASSES.values()) | set(config.extra_sop_classes))
 
 
 def handle_store(event: evt.Event, service: ArchiveService) -> int:
