@@ -21,7 +21,8 @@ from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 
 from compacs.service import wire
-from compacs.service.query import UNIQUE_KEYS, uid_values
+from compacs.service.key_matching import STATUS_IDENTIFIER_MISMATCH, uid_values
+from compacs.service.query import UNIQUE_KEYS
 from compacs.service.storage.index import Index, Instance
 from compacs.service.syntaxes import (
     EXPLICIT_LE,
@@ -32,8 +33,6 @@ from compacs.service.syntaxes import (
     producible,
 )
 from compacs.service.transcode import TranscodeError, transcode_dataset
-
-STATUS_IDENTIFIER_MISMATCH = 0xA900
 
 LEVEL_KEYS = UNIQUE_KEYS  # a retrieve names its instances by the unique keys of each level
 

@@ -40,6 +40,7 @@ from compacs.service.config import Access, NodeConfig
 from compacs.service.dimse import (
     admission,
     find_responses,
+    identifier_encoding,
     identity,
     internals,
     receive_limits,
@@ -302,7 +303,7 @@ def handle_find(
     try:
         if fast:
             implicit_vr = str(event.context.transfer_syntax) == IMPLICIT_VR_LE
-            answers = query.find_encoded(
+            answers = identifier_encoding.find_encoded(
                 service.index,
                 identifier,
                 model,
