@@ -11,10 +11,10 @@ Then it starts a real ``python -m compacs.service.cli serve`` on that folder and
 query on one open association from ``tests/rawfind.py`` (a bare-socket SCU: pynetdicom's
 own SCU spends ~1 ms of CPU decoding each answer on the node's two cores; C-FIND-RQ sent until
 the final response received, every pending answer read), ``--runs`` (20) times, and the same
-query in-process through ``query.find_encoded()`` (SQL plus encoding the answers, as the
-SCP does, no network), to separate the index from the DIMSE transport. Every query asks
-for the keys a viewer's study list asks for, computed ones included (ModalitiesInStudy,
-NumberOfStudyRelatedSeries/Instances).
+query in-process through ``identifier_encoding.find_encoded()`` (SQL plus encoding the
+answers, as the SCP does, no network), to separate the index from the DIMSE transport.
+Every query asks for the keys a viewer's study list asks for, computed ones included
+(ModalitiesInStudy, NumberOfStudyRelatedSeries/Instances).
 
 Run: ``.venv/bin/python bench/find.py [--studies 10000] [--runs 20] [--keep]``.
 A benchmark, not a test: nothing here asserts a speed. The table goes to stdout and to
@@ -44,7 +44,7 @@ from pydicom import Dataset  # noqa: E402
 from rawfind import RawFindSCU  # noqa: E402
 from sqlalchemy import func, insert, select  # noqa: E402
 
-from compacs.service.query import find_encoded  # noqa: E402
+from compacs.service.dimse.identifier_encoding import find_encoded  # noqa: E402
 from compacs.service.storage.index import Blob, Index, Instance, Patient, Series, Study  # noqa: E402
 from compacs.service.storage.schema import PATIENT_RECEIVED, patient_identity  # noqa: E402
 
@@ -498,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "client), Study Root, one association, C-FIND-RQ sent until the final response "
             "read, TCP_NODELAY on both ends; findscu: DCMTK findscu -S, one "
             "process and association per query (start-up included); in-process: the same "
-            "query through query.find_encoded() (SQL + encoded answers, no network)",
+            "query through identifier_encoding.find_encoded() (SQL + encoded answers, "
+            "no network)",
             f"- return keys: {', '.join(RETURN_KEYS)}",
             "",
             text,

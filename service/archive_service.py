@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 from pydicom import Dataset
 
-from compacs.service import retrieve
+from compacs.service import query, retrieve
 from compacs.service.config import NodeConfig, TieringConfig
 from compacs.service.ingest import Ingest
 from compacs.service.jobs import Jobs
@@ -428,6 +428,29 @@ class ArchiveService:
             self.index.fixity_failures(),
             self.index.last_audit("tier_run"),
         )
+
+    # -- verbs used by dimse/ (scp.py, find_handler.py, retrieve_handlers.py) --
+    def allows(self, service: str, ae_title: str, address: str, local: bool) -> bool:
+        """Whether `[access]` lets this caller use `service` ("store", "query" or
+        "retrieve"); `local`: it is on the node's own host."""
+        return self.config.access.allows(service, ae_title, address, local)
+
+    def find(self, identifier: Dataset, model: str) -> Iterator[Dataset]:
+        """A query's answers as Datasets (query.find), naming this node as where to retrieve
+        them; raises query.QueryError for a request that cannot be answered."""
+        return query.find(self.index, identifier, model, retrieve_ae_title=self.config.ae_title)
+
+    def find_rows(
+        self, identifier: Dataset, model: str
+    ) -> tuple[query.Plan, Iterator[Sequence[Any]]]:
+        """A query's plan and its matches as plain values (query.plan, query.rows), for a
+        face that encodes the answers itself; raises query.QueryError as find does."""
+        plan = query.plan(self.index, identifier, model, retrieve_ae_title=self.config.ae_title)
+        return plan, query.rows(self.index, plan)
+
+    def move_destination(self, ae_title: str) -> tuple[str, int] | None:
+        """The host and port of a C-MOVE destination in `[move_destinations]`; None: unknown."""
+        return self.config.move_destinations.get(ae_title)
 
 
 def redact(url: str) -> str:

@@ -9,6 +9,12 @@ is plain SQLAlchemy Core, so the same query runs on SQLite and PostgreSQL; the o
 switch is case-sensitive wildcard matching (SQLite's LIKE folds ASCII case, its GLOB does
 not; PostgreSQL's LIKE is case-sensitive).
 
+This module plans a query (:func:`plan`: level, return keys, WHERE) and pages its rows
+(:func:`rows`) as plain values, so that every face runs the same matching: :func:`find`
+gives pydicom Datasets, the C-FIND SCP encodes the rows itself
+(dimse/identifier_encoding.py). The columns and SQL of each key are query_keys.py's, how a
+key's value becomes a condition key_matching.py's. Nothing here knows DIMSE.
+
 Matching choices (PS3.4 C.2.2.2), all documented in the docstrings below:
 - single value: exact and case-sensitive, except PN (PatientName, ReferringPhysicianName),
   matched case-insensitively as PS3.4 C.2.2.2.1 permits and Orthanc does by default
@@ -38,8 +44,7 @@ keys of the upper levels is answered across all parents instead of refused.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,28 +52,33 @@ from pydicom import Dataset, config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
-from sqlalchemy import and_, case, exists, func, literal, or_, select
-from sqlalchemy.orm import aliased
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy import and_, select
 
-from compacs.service.dimse.identifier_encoding import IdentifierEncoder, Target
-from compacs.service.storage.index import (
-    Blob,
-    Index,
-    Instance,
-    Patient,
-    Series,
-    Study,
-    uid_in,
+from compacs.service import key_matching, query_keys
+from compacs.service.key_matching import (
+    STATUS_IDENTIFIER_MISMATCH,
+    STATUS_UNABLE_TO_PROCESS,
+    QueryError,
+    uid_values,
 )
-from compacs.service.storage.schema import HOT_TIER
+from compacs.service.storage.index import Index, Instance, Patient, Series, Study
+
+__all__ = [
+    "STATUS_IDENTIFIER_MISMATCH",
+    "STATUS_UNABLE_TO_PROCESS",
+    "Plan",
+    "QueryError",
+    "answer",
+    "find",
+    "plan",
+    "query_level",
+    "rows",
+    "uid_values",
+]
 
 LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 MODEL_LEVELS: dict[str, tuple[str, ...]] = {"patient": LEVELS, "study": LEVELS[1:]}
 MODEL_NAMES = {"patient": "Patient Root", "study": "Study Root"}
-
-STATUS_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class
-STATUS_UNABLE_TO_PROCESS = 0xC000
 
 # The unique key of each level (PS3.4 C.4.1.1.3): always returned, so that an answer can be
 # retrieved even when the SCU forgot to ask for it.
@@ -88,195 +98,27 @@ _JOINS: tuple[Any, ...] = (
     Instance.series_pk == Series.id,
 )
 
-# Matching kinds: how a key's value is turned into SQL.
-TEXT, PN, UI, DA, TM, INT = "text", "pn", "ui", "da", "tm", "int"
-MULTI = "multi"  # text values kept backslash-joined in one column: a key matches any of them
-
 # Tags answered by find() itself, never matched against a column.
 _QUERY_RETRIEVE_LEVEL = 0x00080052
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _RETRIEVE_AE_TITLE = 0x00080054
 _INSTANCE_AVAILABILITY = 0x00080056
 
-_WILDCARDS = re.compile(r"[*?]")
-_DIGITS = re.compile(r"\d*")
-_TIME = re.compile(r"\d*(\.\d*)?")
-_LIKE_ESCAPE = "!"  # not "\\" (the DICOM value separator) nor "^" (PN component separator)
-
-
-class QueryError(Exception):
-    """A C-FIND request that cannot be answered: ``status`` goes into the C-FIND-RSP,
-    ``reason`` into its Error Comment (and the log), so the SCU learns what to fix."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class _Attr:
-    """A key stored in a column: the level whose table holds it and how it matches;
-    `below`, where given, is the column that queries of a lower level use (the patient
-    attributes each study keeps of its own, schema.Study)."""
-
-    level: int
-    column: Any
-    kind: str
-    below: Any = None
-
-    def column_at(self, depth: int) -> Any:
-        return self.below if depth > self.level and self.below is not None else self.column
-
-
-@dataclass(frozen=True)
-class _Computed:
-    """A return key computed in SQL from the levels below ``level``; ``multi`` values come
-    back backslash-joined (an SQL string aggregate) and are split, de-duplicated and sorted."""
-
-    level: int
-    build: Callable[[], ColumnElement[Any]]
-    multi: bool = False
-
-
-_ATTRS: dict[str, _Attr] = {
-    "PatientID": _Attr(0, Patient.patient_id, TEXT),
-    "IssuerOfPatientID": _Attr(0, Patient.issuer_of_patient_id, TEXT),
-    "PatientName": _Attr(0, Patient.patient_name, PN, Study.patient_name),
-    "PatientBirthDate": _Attr(0, Patient.patient_birth_date, DA, Study.patient_birth_date),
-    "PatientSex": _Attr(0, Patient.patient_sex, TEXT, Study.patient_sex),
-    "OtherPatientIDs": _Attr(1, Study.other_patient_ids, MULTI),
-    "StudyInstanceUID": _Attr(1, Study.study_instance_uid, UI),
-    "StudyDate": _Attr(1, Study.study_date, DA),
-    "StudyTime": _Attr(1, Study.study_time, TM),
-    "AccessionNumber": _Attr(1, Study.accession_number, TEXT),
-    "StudyID": _Attr(1, Study.study_id, TEXT),
-    "StudyDescription": _Attr(1, Study.study_description, TEXT),
-    "ReferringPhysicianName": _Attr(1, Study.referring_physician_name, PN),
-    "SeriesInstanceUID": _Attr(2, Series.series_instance_uid, UI),
-    "Modality": _Attr(2, Series.modality, TEXT),
-    "SeriesNumber": _Attr(2, Series.series_number, INT),
-    "SeriesDescription": _Attr(2, Series.series_description, TEXT),
-    "BodyPartExamined": _Attr(2, Series.body_part_examined, TEXT),
-    "SOPInstanceUID": _Attr(3, Instance.sop_instance_uid, UI),
-    "SOPClassUID": _Attr(3, Instance.sop_class_uid, UI),
-    "InstanceNumber": _Attr(3, Instance.instance_number, INT),
-    "Rows": _Attr(3, Instance.rows, INT),
-    "Columns": _Attr(3, Instance.columns, INT),
-    "BitsStored": _Attr(3, Instance.bits_stored, INT),
-    "NumberOfFrames": _Attr(3, Instance.number_of_frames, INT),
-}
-
-
-def _aggregate(
-    value: Any, start: Any, *joins: tuple[Any, Any], where: Any, outer: Any
-) -> ColumnElement[Any]:
-    """`value` (an aggregate) over the rows of `start` joined as given, correlated with the
-    outer query's `outer` row."""
-    query = select(value).select_from(start)
-    for table, on in joins:
-        query = query.join(table, on)
-    return query.where(where).correlate(outer).scalar_subquery()
-
-
-def _count(what: Any, *joins: tuple[Any, Any], where: Any, outer: Any) -> ColumnElement[Any]:
-    return _aggregate(func.count(what), what.class_, *joins, where=where, outer=outer)
-
-
-def _instances(*joins: tuple[Any, Any], where: Any, outer: Any) -> ColumnElement[Any]:
-    """Instances below the outer row, from the per-series counters (index.Series): counting
-    instance rows cost 115-170 ms of a study query answering thousands of studies."""
-    total = func.coalesce(func.sum(Series.instance_count), 0)
-    return _aggregate(total, Series, *joins, where=where, outer=outer)
-
-
-def _distinct_joined(column: Any, *joins: tuple[Any, Any], where: Any) -> ColumnElement[Any]:
-    """Backslash-joined distinct values: aggregate_strings is group_concat on SQLite and
-    string_agg on PostgreSQL; the DISTINCT lives in a derived table because SQLite's
-    group_concat(DISTINCT x, sep) does not take a separator."""
-    inner = select(column.label("v")).select_from(column.class_)
-    for table, on in joins:
-        inner = inner.join(table, on)
-    inner = inner.where(where, column.is_not(None)).distinct().correlate(Study).subquery()
-    return select(func.aggregate_strings(inner.c.v, "\\")).scalar_subquery()
-
-
-_COMPUTED: dict[str, _Computed] = {
-    "NumberOfPatientRelatedStudies": _Computed(
-        0, lambda: _count(Study.id, where=Study.patient_pk == Patient.id, outer=Patient)
-    ),
-    "NumberOfPatientRelatedSeries": _Computed(
-        0,
-        lambda: _count(
-            Series.id,
-            (Study, Series.study_pk == Study.id),
-            where=Study.patient_pk == Patient.id,
-            outer=Patient,
-        ),
-    ),
-    "NumberOfPatientRelatedInstances": _Computed(
-        0,
-        lambda: _instances(
-            (Study, Series.study_pk == Study.id),
-            where=Study.patient_pk == Patient.id,
-            outer=Patient,
-        ),
-    ),
-    "NumberOfStudyRelatedSeries": _Computed(
-        1, lambda: _count(Series.id, where=Series.study_pk == Study.id, outer=Study)
-    ),
-    "NumberOfStudyRelatedInstances": _Computed(
-        1, lambda: _instances(where=Series.study_pk == Study.id, outer=Study)
-    ),
-    "ModalitiesInStudy": _Computed(
-        1, lambda: _distinct_joined(Series.modality, where=Series.study_pk == Study.id), True
-    ),
-    "SOPClassesInStudy": _Computed(
-        1,
-        lambda: _distinct_joined(
-            Instance.sop_class_uid,
-            (Series, Instance.series_pk == Series.id),
-            where=Series.study_pk == Study.id,
-        ),
-        True,
-    ),
-    "NumberOfSeriesRelatedInstances": _Computed(2, lambda: Series.instance_count),
-}
-
-
-def _availability(depth: int) -> ColumnElement[Any]:
-    """InstanceAvailability from the blobs' tier: ONLINE while every instance below the row
-    sits on the hot tier, NEARLINE once one was moved to a colder tier (retrieval decodes it
-    from there: slower, never refused). Driven from the (few) cold blobs through their index."""
-    inner = aliased(Instance)
-    cold = select(Blob.id).join(inner, inner.blob_pk == Blob.id).where(Blob.tier != HOT_TIER)
-    if depth == 3:
-        cold = cold.where(inner.id == Instance.id)
-    elif depth == 2:
-        cold = cold.where(inner.series_pk == Series.id)
-    else:
-        inner_series = aliased(Series)
-        cold = cold.join(inner_series, inner.series_pk == inner_series.id)
-        if depth == 1:
-            cold = cold.where(inner_series.study_pk == Study.id)
-        else:
-            inner_study = aliased(Study)
-            cold = cold.join(inner_study, inner_series.study_pk == inner_study.id).where(
-                inner_study.patient_pk == Patient.id
-            )
-    return case((cold.exists(), "NEARLINE"), else_="ONLINE")
-
 
 @dataclass
-class _Plan:
-    """What one C-FIND runs: the statement (without paging) and how to answer each row."""
+class Plan:
+    """What one query runs, as plain values a face can use without DIMSE: the level, the
+    return keys in the order of each row's values (`keywords`, with `targets` their tag, VR
+    and whether the value is a backslash-joined set), the constant elements of every answer
+    (`template`: QueryRetrieveLevel, RetrieveAETitle, zero-length keys), the Specific
+    Character Set the requester asked for, and the SQL statement (without paging)."""
 
     level: str
     statement: Any
     id_column: Any
     keywords: list[str]  # the selected return keys, in column order after the id
     multi: set[str]
-    template: Dataset  # QueryRetrieveLevel, RetrieveAETitle, zero-length keys, constants
+    template: Dataset
     character_set: str | None
     # (tag, VR, multi-valued) per selected key, looked up once: building the answers with
     # DataElement directly takes about half the time of setattr by keyword.
@@ -305,36 +147,43 @@ def find(
 
     The request is checked and the SQL built before this returns, so a bad request raises
     :class:`QueryError` here and not at the first ``next()``. Matches come in pages of
-    ``page_size`` (keyset paging on the level's primary key): one short read transaction per
-    page, so a slow or cancelling SCU never holds a database connection or snapshot open.
-    Each response holds the requested keys, the level's unique key, QueryRetrieveLevel,
-    RetrieveAETitle when ``retrieve_ae_title`` is given, and SpecificCharacterSet when asked
-    or when a value needs it (ISO_IR 192).
+    ``page_size`` (see :func:`rows`). Each response holds the requested keys, the level's
+    unique key, QueryRetrieveLevel, RetrieveAETitle when ``retrieve_ae_title`` is given, and
+    SpecificCharacterSet when asked or when a value needs it (ISO_IR 192).
     """
-    plan = _plan(identifier, model, index.engine.dialect.name, retrieve_ae_title)
-    return (_response(plan, row) for row in _rows(index, plan, page_size))
+    query = plan(index, identifier, model, retrieve_ae_title=retrieve_ae_title)
+    return (answer(query, values) for values in rows(index, query, page_size))
 
 
-def find_encoded(
-    index: Index,
-    identifier: Dataset,
-    model: str,
-    *,
-    implicit_vr: bool,
-    retrieve_ae_title: str | None = None,
-    page_size: int = 1000,
-) -> Iterator[bytes]:
-    """:func:`find`, with each answer already encoded in (implicit or explicit VR) little
-    endian: what the C-FIND SCP sends, at a fraction of the cost of a Dataset written by
-    pydicom (see identifier_encoding). The bytes are those of :func:`find`'s Datasets."""
-    plan = _plan(identifier, model, index.engine.dialect.name, retrieve_ae_title)
-    encoder = IdentifierEncoder(
-        plan.template,
-        [Target(tag, vr, multi) for tag, vr, multi in plan.targets],
-        plan.character_set,
-        implicit_vr=implicit_vr,
-    )
-    return (encoder.encode(row[1:]) for row in _rows(index, plan, page_size))
+def plan(
+    index: Index, identifier: Dataset, model: str, *, retrieve_ae_title: str | None = None
+) -> Plan:
+    """Check ``identifier`` and build its query for ``index``; raises :class:`QueryError`
+    for a request that cannot be answered. :func:`find` is this, :func:`rows` and
+    :func:`answer`; a face that encodes answers its own way (the C-FIND SCP's
+    identifier_encoding, a QIDO-RS) takes the plan and the rows."""
+    return _plan(identifier, model, index.engine.dialect.name, retrieve_ae_title)
+
+
+def rows(index: Index, query: Plan, page_size: int = 1000) -> Iterator[Sequence[Any]]:
+    """The values of each match, in ``query.keywords`` order, as the index holds them.
+
+    Keyset paging on the level's primary key: one short read transaction per page of
+    ``page_size``, so a slow or cancelling requester never holds a database connection or
+    snapshot open."""
+    last_id: int | None = None
+    while True:
+        statement = query.statement
+        if last_id is not None:
+            statement = statement.where(query.id_column > last_id)
+        statement = statement.order_by(query.id_column).limit(page_size)
+        with index.reading() as session:
+            page = session.execute(statement).all()
+        for row in page:
+            yield row[1:]
+        if len(page) < page_size:
+            return
+        last_id = page[-1][0]
 
 
 def query_level(identifier: Dataset) -> str:
@@ -348,7 +197,7 @@ def query_level(identifier: Dataset) -> str:
 # --------------------------------------------------------------------------- planning
 
 
-def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None) -> _Plan:
+def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None) -> Plan:
     if model not in MODEL_LEVELS:
         raise ValueError(f"unknown query model {model!r}: 'patient' or 'study'")
     level = _level(identifier, model)
@@ -380,11 +229,11 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
             continue
         if tag == _INSTANCE_AVAILABILITY:
             keywords.append("InstanceAvailability")
-            columns.append(_availability(depth))
+            columns.append(query_keys.availability(depth))
             seen.add("InstanceAvailability")
             continue
         keyword = elem.keyword
-        attr, computed = _ATTRS.get(keyword), _COMPUTED.get(keyword)
+        attr, computed = query_keys.ATTRS.get(keyword), query_keys.COMPUTED.get(keyword)
         usable = (attr and attr.level <= depth) or (computed and computed.level <= depth)
         if not usable:
             # Unknown to the index, or of a lower level: not matched, returned empty.
@@ -397,7 +246,7 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
             column = attr.column_at(depth)
             columns.append(column)
             if values is not None:
-                condition = _condition(keyword, column, attr.kind, values, dialect)
+                condition = key_matching.condition(keyword, column, attr.kind, values, dialect)
                 if condition is not None:
                     conditions.append(condition)
         else:
@@ -406,7 +255,7 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
             if computed.multi:
                 multi.add(keyword)
             if keyword == "ModalitiesInStudy" and values is not None:
-                condition = _modalities_condition(values, dialect)
+                condition = key_matching.modalities_condition(values, dialect)
                 if condition is not None:
                     conditions.append(condition)
             # The counts are return keys only in PS3.4 (no matching type): a value is ignored.
@@ -415,14 +264,14 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
     unique = UNIQUE_KEYS[level]
     if unique not in seen:
         keywords.append(unique)
-        columns.append(_ATTRS[unique].column)
+        columns.append(query_keys.ATTRS[unique].column)
     if retrieve_ae is not None:
         template.RetrieveAETitle = retrieve_ae
 
     statement = statement.add_columns(*columns)
     if conditions:
         statement = statement.where(and_(*conditions))
-    return _Plan(level, statement, base.id, keywords, multi, template, requested_charset)
+    return Plan(level, statement, base.id, keywords, multi, template, requested_charset)
 
 
 def _level(identifier: Dataset, model: str) -> str:
@@ -482,189 +331,16 @@ def _values(elem: DataElement) -> list[str] | None:
     return out or None
 
 
-# --------------------------------------------------------------------------- matching
-
-
-def uid_values(value: Any) -> list[str]:
-    """The UIDs a UI key names (PS3.4 C.2.2.2.2): its backslash-separated values without
-    their padding (space, NUL), empty ones dropped. "*" and "?" stay what they are: UIDs take
-    no wildcards, so such a value matches no UID. C-FIND and C-GET/C-MOVE both read UID keys
-    with this and match them with index.uid_in."""
-    if value is None:
-        return []
-    items = value if isinstance(value, MultiValue | list | tuple) else str(value).split("\\")
-    out = [str(v).strip(" \0") for v in items]
-    return [v for v in out if v]
-
-
-def _condition(
-    keyword: str, column: Any, kind: str, values: Sequence[str], dialect: str
-) -> ColumnElement[bool] | None:
-    """SQL for one key's value(s) (PS3.4 C.2.2.2); None means universal matching."""
-    if kind == UI:
-        return uid_in(column, uid_values(values))
-    if any(v.strip("*") == "" for v in values):
-        return None  # "*" is universal matching (C.2.2.2.3), whatever the VR
-    conditions: list[ColumnElement[bool]] = []
-    for value in values:
-        if value == '""':  # empty value matching: no value (or, for text, a blank one)
-            empty = column.is_(None)
-            conditions.append(empty if kind == INT else or_(empty, column == ""))
-        elif kind in (TEXT, PN):
-            conditions.append(_text_match(column, value, fold=kind == PN, dialect=dialect))
-        elif kind == MULTI:
-            conditions.append(_element_match(column, value, dialect))
-        elif kind == DA:
-            conditions.append(_range(keyword, column, value, _date_bounds))
-        elif kind == TM:
-            conditions.append(_range(keyword, column, value, _time_bounds))
-        else:
-            conditions.append(column == _integer(keyword, value))
-    return conditions[0] if len(conditions) == 1 else or_(*conditions)
-
-
-def _text_match(column: Any, value: str, *, fold: bool, dialect: str) -> ColumnElement[bool]:
-    """Single value or wildcard matching; PN (fold=True) ignores case on both sides, in SQL,
-    so that SQLite and PostgreSQL fold the stored and the asked value the same way."""
-    if not _WILDCARDS.search(value):
-        if fold:
-            return func.lower(column) == func.lower(literal(value))
-        return column == value
-    if fold:
-        # lower() LIKE lower() (what ilike() is on SQLite), not PostgreSQL's ILIKE: the
-        # index on lower(name) with text_pattern_ops (revision 0009) serves a prefix of it.
-        pattern = func.lower(literal(_like_pattern(value)))
-        return func.lower(column).like(pattern, escape=_LIKE_ESCAPE)
-    if dialect == "sqlite":
-        # SQLite's LIKE ignores ASCII case; GLOB is its case-sensitive pattern operator.
-        return column.op("GLOB")(_glob_pattern(value))
-    return column.like(_like_pattern(value), escape=_LIKE_ESCAPE)
-
-
-def _element_match(column: Any, value: str, dialect: str) -> ColumnElement[bool]:
-    """One value (wildcards allowed, case-sensitive) against any of the backslash-joined
-    values of `column`: "\\A1\\B2\\" contains "\\B2\\". A wildcard may span values."""
-    wrapped = literal("\\") + column + literal("\\")
-    if dialect == "sqlite":
-        return wrapped.op("GLOB")("*\\" + _glob_pattern(value) + "\\*")
-    return wrapped.like("%\\" + _like_pattern(value) + "\\%", escape=_LIKE_ESCAPE)
-
-
-def _like_pattern(value: str) -> str:
-    out = []
-    for ch in value:
-        if ch in (_LIKE_ESCAPE, "%", "_"):
-            out.append(_LIKE_ESCAPE + ch)
-        elif ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _glob_pattern(value: str) -> str:
-    # * and ? mean the same in GLOB; "[" would open a character class: make it literal.
-    return value.replace("[", "[[]")
-
-
-def _modalities_condition(values: Sequence[str], dialect: str) -> ColumnElement[bool] | None:
-    """ModalitiesInStudy: the study has a series whose Modality matches any value."""
-    match = _condition("ModalitiesInStudy", Series.modality, TEXT, values, dialect)
-    if match is None:
-        return None
-    return exists(select(Series.id).where(Series.study_pk == Study.id, match).correlate(Study))
-
-
-def _range(
-    keyword: str,
-    column: Any,
-    value: str,
-    bounds: Callable[[str, str], tuple[str, str] | None],
-) -> ColumnElement[bool]:
-    """Single value or range matching on DA/TM strings (YYYYMMDD, HHMMSS.FFFFFF), which
-    sort as their dates and times do, so the comparison is a plain string comparison and can
-    use the column's index."""
-    if "-" in value:
-        lo, _, hi = value.partition("-")
-        lo_b = bounds(keyword, lo) if lo else None
-        hi_b = bounds(keyword, hi) if hi else None
-        if lo_b is None and hi_b is None:
-            raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"{keyword}: empty range {value!r}")
-        parts = []
-        if lo_b is not None:
-            parts.append(column >= lo_b[0])
-        if hi_b is not None:
-            parts.append(column <= hi_b[1])
-        return and_(*parts)
-    exact = bounds(keyword, value)
-    assert exact is not None
-    first, last = exact
-    return column == first if first == last else and_(column >= first, column <= last)
-
-
-def _date_bounds(keyword: str, text: str) -> tuple[str, str]:
-    """First and last YYYYMMDD of a (partial) date; "2020" is the whole year. Accepts the
-    ACR-NEMA form YYYY.MM.DD that old SCUs still send."""
-    text = text.strip().replace(".", "")
-    if not _DIGITS.fullmatch(text) or not 4 <= len(text) <= 8:
-        raise QueryError(
-            STATUS_IDENTIFIER_MISMATCH,
-            f"{keyword}: {text!r} is not a date (YYYYMMDD) or range (A-B, -B, A-)",
-        )
-    if len(text) == 8:
-        return text, text
-    return text.ljust(8, "0"), text.ljust(8, "9")
-
-
-def _time_bounds(keyword: str, text: str) -> tuple[str, str]:
-    """First and last HHMMSS.FFFFFF of a (partial) time; "09" is the whole hour. A stored
-    time shorter than the bound compares as its start ("0930" < "093000"), as it should."""
-    text = text.strip().replace(":", "")
-    if not text or not _TIME.fullmatch(text) or len(text.split(".")[0]) not in (2, 4, 6):
-        raise QueryError(
-            STATUS_IDENTIFIER_MISMATCH,
-            f"{keyword}: {text!r} is not a time (HHMMSS.FFFFFF) or range (A-B, -B, A-)",
-        )
-    if "." in text or len(text) == 6:
-        return text, text
-    return text, text.ljust(6, "9")
-
-
-def _integer(keyword: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise QueryError(
-            STATUS_IDENTIFIER_MISMATCH, f"{keyword}: {value!r} is not an integer"
-        ) from None
-
-
 # --------------------------------------------------------------------------- answers
 
 
-def _rows(index: Index, plan: _Plan, page_size: int) -> Iterator[Sequence[Any]]:
-    last_id: int | None = None
-    while True:
-        statement = plan.statement
-        if last_id is not None:
-            statement = statement.where(plan.id_column > last_id)
-        statement = statement.order_by(plan.id_column).limit(page_size)
-        with index.reading() as session:
-            rows = session.execute(statement).all()
-        yield from rows
-        if len(rows) < page_size:
-            return
-        last_id = rows[-1][0]
-
-
-def _response(plan: _Plan, row: Sequence[Any]) -> Dataset:
+def answer(query: Plan, values: Sequence[Any]) -> Dataset:
+    """The response identifier of one match (`values`, one of :func:`rows`)."""
     ds = Dataset()
-    for elem in plan.template:  # fresh elements: the template is shared by all answers
+    for elem in query.template:  # fresh elements: the template is shared by all answers
         ds[elem.tag] = DataElement(elem.tag, elem.VR, [] if elem.VR == "SQ" else elem.value)
     non_ascii = False
-    for (tag, vr, multi), value in zip(plan.targets, row[1:], strict=True):
+    for (tag, vr, multi), value in zip(query.targets, values, strict=True):
         if value == "":
             value = None
         elif multi and value is not None:
@@ -677,6 +353,6 @@ def _response(plan: _Plan, row: Sequence[Any]) -> Dataset:
         ds[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
     if non_ascii:
         ds.SpecificCharacterSet = "ISO_IR 192"  # values are stored decoded: answer in UTF-8
-    elif plan.character_set is not None:
-        ds.SpecificCharacterSet = plan.character_set
+    elif query.character_set is not None:
+        ds.SpecificCharacterSet = query.character_set
     return ds

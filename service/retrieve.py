@@ -8,7 +8,8 @@ object is decoded and, if the peer accepted one, re-encoded into a compressed sy
 transcoded and handed to pynetdicom one at a time, so memory does not grow with the size
 of the study; a big one (wire.STREAM_ABOVE) is sent from its open blob file, frame by
 frame, where wire.streamed can (with the fast paths), so that memory does not grow with
-the size of the object either.
+the size of the object either. What prepare gives is protocol-free (wire.EncodedParts, or
+a Dataset): dimse/ wraps it for pynetdicom, and a web face can stream the same value.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 
 from compacs.service import wire
-from compacs.service.query import UNIQUE_KEYS, uid_values
+from compacs.service.key_matching import STATUS_IDENTIFIER_MISMATCH, uid_values
+from compacs.service.query import UNIQUE_KEYS
 from compacs.service.storage.index import Index, Instance
 from compacs.service.syntaxes import (
     EXPLICIT_LE,
@@ -32,8 +34,6 @@ from compacs.service.syntaxes import (
     producible,
 )
 from compacs.service.transcode import TranscodeError, transcode_dataset
-
-STATUS_IDENTIFIER_MISMATCH = 0xA900
 
 LEVEL_KEYS = UNIQUE_KEYS  # a retrieve names its instances by the unique keys of each level
 
@@ -123,9 +123,9 @@ def prepare(
     accepted: list[str],
     fast: bool = True,
     open_blob: OpenBlob | None = None,
-) -> Dataset:
+) -> wire.EncodedParts | Dataset:
     """Read one instance (`read`: the archive service's) and give it in the best syntax
-    the peer accepted: with `fast`, as a wire.WireInstance (stored bytes, maybe with decoded
+    the peer accepted: with `fast`, as wire.EncodedParts (stored bytes, maybe with decoded
     pixels spliced in) where that is safe, else as a transcoded Dataset. A big instance
     that `open_blob` opens is streamed from its file where wire.stream_stored can."""
     target = choose_syntax(inst, accepted)

@@ -1,12 +1,13 @@
-"""Stored objects made ready for a C-STORE sub-operation without re-serialising them.
+"""Stored objects made ready to go out (a C-STORE sub-operation, an export, a later web
+face) without re-serialising them: the neutral :class:`EncodedParts` value.
 
 Why: handing pynetdicom a Dataset costs a full pydicom write of it, and the pixel data of a
 512² CT slice was copied about ten times on its way to the socket (decode, join, pad,
 pydicom's element buffer, its stream, pynetdicom's stream, fragments, PDV headers): with
 the PDU handling, 7 ms of CPU per image besides the 4 ms JPEG-LS decode, where Orthanc
-spends 8 ms in all. A :class:`WireInstance` is the data set encoding as a list of buffers
-that point into the stored bytes and the decoded pixels, which bulk_store (pdu_runs) frames
-and writes with one scatter-gather send. Two cases take this path, the common ones:
+spends 8 ms in all. An :class:`EncodedParts` is the data set encoding as a list of buffers
+that point into the stored bytes and the decoded pixels, which dimse/bulk_store (pdu_runs)
+frames and writes with one scatter-gather send. Two cases take this path, the common ones:
 
 - the peer accepted the stored syntax: the stored data set, byte for byte;
 - the peer wants explicit VR little endian and the blob is in one of our codecs' syntaxes
@@ -18,8 +19,10 @@ and writes with one scatter-gather send. Two cases take this path, the common on
 Anything else (implicit VR, colour, pydicom-decoded syntaxes) goes through transcode_dataset.
 
 A big object (a blob part larger than STREAM_ABOVE) is never held whole: `streamed` gives
-the same two cases as a WireInstance whose parts are read from the open blob file, and
-decoded, one frame at a time while they are sent (bulk_store) or exported (write_part10).
+the same two cases with parts read from the open blob file, and decoded, one frame at a
+time while they are sent (bulk_store) or exported (write_part10).
+
+Nothing here knows DIMSE: dimse/wire_instance.py wraps the value for pynetdicom.
 """
 
 from __future__ import annotations
@@ -56,38 +59,44 @@ STREAM_ABOVE = 16 << 20
 STREAM_CHUNK = 1 << 20  # bytes read from a blob file at a time
 
 
-class WireInstance(Dataset):
-    """A data set already encoded in `transfer_syntax`, as `parts` to send in order.
+Buffer = bytes | bytearray | memoryview
 
-    A Dataset (pynetdicom's C-GET/C-MOVE loops insist on one) holding only the two UIDs
-    they read; the content is in `parts`."""
 
-    def __init__(
-        self,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        transfer_syntax: str,
-        parts: Iterable,
-        *,
-        length: int | None = None,
-        head: bytes = b"",
-        source: BinaryIO | None = None,
-    ) -> None:
-        """`parts`: a list of buffers, or (a streamed instance) an iterator over them, read
-        as it is consumed, whose total `length` is known beforehand; `head`: the preamble
-        and file meta a Part-10 file of it starts with (streamed instances, for export);
-        `source`: the open blob file the parts are read from, closed by `close`."""
-        super().__init__()
-        self.SOPClassUID = UID(sop_class_uid)
-        self.SOPInstanceUID = UID(sop_instance_uid)
-        self.file_meta = Dataset()
-        self.file_meta.TransferSyntaxUID = UID(transfer_syntax)
-        self.transfer_syntax = transfer_syntax
-        self.parts = parts
-        self.streamed = not isinstance(parts, list)
-        self.encoded_length = sum(len(p) for p in parts) if length is None else length
-        self.head = head
-        self.source = source
+@dataclass
+class EncodedParts:
+    """One instance encoded in `transfer_syntax`, protocol-free: what a C-STORE sub-operation
+    sends (dimse/wire_instance.py adapts it for pynetdicom), what export writes as a Part-10
+    file (write_part10), and what a web face can stream as application/dicom (`head`, then
+    `parts`) or frame by frame (`frames`).
+
+    `parts`: the data set's encoding in order, a list of buffers or (a streamed instance)
+    an iterator over them, read from the open blob `source` as it is consumed, whose total
+    `encoded_length` is known beforehand. `before_pixels` and `frames` locate the Pixel
+    Data only when called, so the paths that send `parts` never pay for it; a streamed
+    instance reads them from the same file, so take `parts` or these, not both at once."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    parts: Iterable[Buffer]
+    encoded_length: int
+    # the preamble and file meta a Part-10 file of it starts with, or what writes them
+    _head: bytes | Callable[[], bytes]
+    # the data set's bytes before its Pixel Data element (all of them without one)
+    before_pixels: Callable[[], bytes]
+    # each frame's bytes in `transfer_syntax`: native pixels, or the frame's fragments joined
+    frames: Callable[[], Iterator[Buffer]]
+    source: BinaryIO | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.parts, list)
+
+    @property
+    def head(self) -> bytes:
+        if callable(self._head):
+            self._head = self._head()
+        return self._head
 
     def close(self) -> None:
         """Let go of the blob file of a streamed instance (after it was sent or written)."""
@@ -104,12 +113,23 @@ def dataset_start(blob: bytes) -> int:
     return 144 + group_length
 
 
-def as_stored(blob: bytes, sop_class: str, sop_instance: str, syntax: str) -> WireInstance:
+def as_stored(blob: bytes, sop_class: str, sop_instance: str, syntax: str) -> EncodedParts:
     """The stored data set as it is (the peer accepted the stored syntax)."""
-    return WireInstance(sop_class, sop_instance, syntax, [memoryview(blob)[dataset_start(blob) :]])
+    start = dataset_start(blob)
+    before_pixels, frames = _stored_layout(lambda: BytesIO(blob), 0, len(blob))
+    return EncodedParts(
+        sop_class,
+        sop_instance,
+        syntax,
+        [memoryview(blob)[start:]],
+        len(blob) - start,
+        lambda: bytes(blob[:start]),
+        before_pixels,
+        frames,
+    )
 
 
-def decoded_explicit_le(blob: bytes) -> WireInstance | None:
+def decoded_explicit_le(blob: bytes) -> EncodedParts | None:
     """The stored object with native pixel data in explicit VR LE, spliced; None when this
     object cannot be spliced safely (the caller then uses transcode_dataset)."""
     ds = dcmread(BytesIO(blob))
@@ -134,10 +154,77 @@ def decoded_explicit_le(blob: bytes) -> WireInstance | None:
     vr = b"OW" if fmt.bits_allocated > 8 else b"OB"
     element = _PIXEL_DATA_TAG + vr + b"\0\0" + struct.pack("<I", len(pixels) + len(pad))
     view = memoryview(blob)
-    parts = [view[dataset_start(blob) : header_at], element, pixels, pad, view[end:]]
-    return WireInstance(
-        str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT_LE, [p for p in parts if len(p)]
+    start = dataset_start(blob)
+    parts = [p for p in [view[start:header_at], element, pixels, pad, view[end:]] if len(p)]
+    return EncodedParts(
+        str(ds.SOPClassUID),
+        str(ds.SOPInstanceUID),
+        EXPLICIT_LE,
+        parts,
+        sum(len(p) for p in parts),
+        lambda: _part10_head(blob[:128], ds.file_meta, EXPLICIT_LE),
+        lambda: bytes(view[start:header_at]),
+        lambda: (memoryview(f).cast("B") for f in frames),
     )
+
+
+def _part10_head(preamble: bytes, file_meta: Dataset, syntax: str) -> bytes:
+    """The preamble and file meta of a Part-10 file of an object given in `syntax`."""
+    meta = FileMetaDataset(file_meta)
+    meta.TransferSyntaxUID = UID(syntax)
+    head = BytesIO()
+    head.write(bytes(preamble[:128]) + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    return head.getvalue()
+
+
+def _stored_layout(
+    open_file: Callable[[], BinaryIO], offset: int, length: int
+) -> tuple[Callable[[], bytes], Callable[[], Iterator[Buffer]]]:
+    """`before_pixels` and `frames` of a stored Part-10 object, `length` bytes at `offset`
+    of the file `open_file` gives; its Pixel Data is located (read_head) on the first call,
+    so that sending or writing the object never parses it."""
+    found: dict = {}
+
+    def locate() -> dict:
+        if not found:
+            file = open_file()
+            file.seek(offset)
+            start = dataset_start(file.read(min(length, 1 << 16)))
+            file.seek(offset)
+            ds, element, error = read_head(file, offset + length)
+            if error is not None:
+                raise ValueError(error)
+            found.update(file=file, start=offset + start, ds=ds, element=element)
+        return found
+
+    def before_pixels() -> bytes:
+        at = locate()
+        element = at["element"]
+        end = offset + length if element is None else element.header_at
+        return b"".join(_file_range(at["file"], at["start"], end))
+
+    def frames() -> Iterator[Buffer]:
+        at = locate()
+        file, element = at["file"], at["element"]
+        if element is None:
+            return
+        fmt = PixelFormat.from_dataset(at["ds"])
+        if element.length is None:  # encapsulated: each frame's fragments, joined
+            file.seek(element.value_at)
+            for data in generate_frames(file, number_of_frames=fmt.number_of_frames):
+                resume = file.tell()
+                yield data
+                file.seek(resume)  # generate_frames reads on from where it left off
+            return
+        if fmt.bits_allocated % 8:
+            raise ValueError(f"{fmt.bits_allocated}-bit pixels: frames are not byte-aligned")
+        size = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8
+        for i in range(fmt.number_of_frames):
+            first = element.value_at + i * size
+            yield b"".join(_file_range(file, first, first + size))
+
+    return before_pixels, frames
 
 
 @dataclass(frozen=True)
@@ -253,7 +340,7 @@ def _file_range(file: BinaryIO, start: int, end: int) -> Iterator[bytes]:
 
 def streamed(
     source: BinaryIO, offset: int, length: int, sop_class: str, sop_instance: str, target: str
-) -> WireInstance | None:
+) -> EncodedParts | None:
     """A big object, `length` bytes at `offset` of the open blob `source` (checked: see
     Archive.open_checked), in `target` read and decoded from the file as it is consumed:
     the stored syntax as stored, or explicit VR little endian spliced from one of our
@@ -270,14 +357,17 @@ def streamed(
     ds, element, _error = read_head(source, end)
     syntax = UID(str(ds.file_meta.TransferSyntaxUID))
     if target == str(syntax):
-        return WireInstance(
+        before_pixels, stored_frames = _stored_layout(lambda: source, offset, length)
+        return EncodedParts(
             sop_class,
             sop_instance,
             target,
             _file_range(source, offset + start, end),
-            length=length - start,
-            head=prefix[:start],
-            source=source,
+            length - start,
+            prefix[:start],
+            before_pixels,
+            stored_frames,
+            source,
         )
     codec = registry.by_transfer_syntax(str(syntax))
     if target != EXPLICIT_LE or codec is None or syntax.is_implicit_VR:
@@ -311,20 +401,17 @@ def streamed(
             yield pad
         yield from _file_range(source, element.end, end)
 
-    meta = FileMetaDataset(ds.file_meta)
-    meta.TransferSyntaxUID = UID(EXPLICIT_LE)
-    head = BytesIO()
-    head.write(prefix[:128] + b"DICM")
-    write_file_meta_info(head, meta, enforce_standard=True)
     body = (element.header_at - offset - start) + len(header) + native + len(pad)
-    return WireInstance(
+    return EncodedParts(
         sop_class,
         sop_instance,
         EXPLICIT_LE,
         parts(),
-        length=body + (end - element.end),
-        head=head.getvalue(),
-        source=source,
+        body + (end - element.end),
+        _part10_head(prefix, ds.file_meta, EXPLICIT_LE),
+        lambda: b"".join(_file_range(source, offset + start, element.header_at)),
+        frames,
+        source,
     )
 
 
@@ -332,7 +419,7 @@ def stream_stored(
     open_blob: Callable[[Instance], tuple[BinaryIO, int, int] | None],
     inst: Instance,
     target: str,
-) -> WireInstance | None:
+) -> EncodedParts | None:
     """A stored instance in `target`, streamed from its blob (`streamed`) when `open_blob`
     (ArchiveService.open_instance) opens it as big; None: the caller reads it whole. The
     blob is closed here unless the instance returned owns it, which retrieve and export
@@ -353,8 +440,8 @@ def stream_stored(
     return streaming
 
 
-def write_part10(inst: WireInstance, path: Path, opener: Callable = open) -> None:
-    """A streamed instance as a Part-10 file at `path` (export), one part at a time."""
+def write_part10(inst: EncodedParts, path: Path, opener: Callable = open) -> None:
+    """An instance as a Part-10 file at `path` (export), one part at a time."""
     with opener(path, "wb") as out:
         out.write(inst.head)
         for part in inst.parts:

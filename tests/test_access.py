@@ -3,7 +3,8 @@ and C-MOVE only to the AE titles listed and to callers on the node's own host; a
 request gets 0x0124 (Refused: Not Authorized) and a log line naming AE, address, service.
 
 A remote caller is played by a pynetdicom SCU bound to 127.0.0.3: the node counts only
-127.0.0.1, ::1 and the address a connection reached it at as its own host (scp.is_local).
+127.0.0.1, ::1 and the address a connection reached it at as its own host
+(dimse/authorisation.is_local).
 """
 
 from __future__ import annotations

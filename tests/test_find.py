@@ -32,7 +32,8 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRoot
 from rawfind import RawFindSCU
 
-from compacs.service.query import QueryError, find, find_encoded
+from compacs.service.dimse.identifier_encoding import find_encoded
+from compacs.service.query import QueryError, find
 from compacs.service.storage.index import Index, NewBlob
 
 # Partial dates ("2020") and ACR-NEMA dates are lenient extensions: pydicom warns on them.

@@ -50,7 +50,8 @@ def _imports(name: str, path: Path) -> set[str]:
             names: list[str] = []
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else []))
+                parent = here[: len(here) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
             bases = [base]

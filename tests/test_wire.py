@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 
@@ -22,6 +23,7 @@ from compacs.codecs import registry
 from compacs.service import wire
 from compacs.service.compress import encoded_dataset, part10, source_frames
 from compacs.service.dimse.pdu_runs import frame
+from compacs.service.dimse.wire_instance import WireInstance
 from compacs.service.transcode import transcode_dataset
 
 JPEG_LS = "1.2.840.10008.1.2.4.80"
@@ -78,6 +80,7 @@ def test_stored_bytes_pass_through_untouched(samples: dict[str, Path]) -> None:
     blob = stored_jpeg_ls(samples["ct"])
     inst = wire.as_stored(blob, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", JPEG_LS)
     assert b"".join(bytes(p) for p in inst.parts) == blob[wire.dataset_start(blob) :]
+    inst = WireInstance(inst)  # what pynetdicom's C-GET/C-MOVE loops are given (dimse/)
     assert inst.SOPInstanceUID == "1.2.3" and inst.file_meta.TransferSyntaxUID == JPEG_LS
 
 
@@ -171,6 +174,44 @@ def test_streamed_gives_the_bytes_of_the_in_memory_paths(
         inst = wire.streamed(file, 0, len(blob), "1.2.3", "1.2.3.4", stored)
         assert inst.head + b"".join(bytes(p) for p in inst.parts) == blob
         assert inst.encoded_length == len(blob) - wire.dataset_start(blob)
+
+
+@pytest.mark.parametrize("key", ["ct", "multiframe", "rle"])
+def test_encoded_parts_give_frames_and_the_bytes_before_pixel_data(
+    samples: dict[str, Path], key: str, tmp_path: Path
+) -> None:
+    """What a web face streams frame by frame, from every way of preparing an instance:
+    as stored (in memory and streamed) the stored fragments of each frame, decoded to
+    explicit VR LE the native frames; before_pixels is the data set up to Pixel Data."""
+    path = _blob(samples, key, tmp_path)
+    blob = path.read_bytes()
+    ds = pydicom.dcmread(path)
+    stored = str(ds.file_meta.TransferSyntaxUID)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    fragments = list(generate_frames(ds.PixelData, number_of_frames=count))
+    start = wire.dataset_start(blob)
+    before = blob[start : blob.index(b"\xe0\x7f\x10\x00", start)]
+    spliced = wire.decoded_explicit_le(blob)
+    native = read_explicit_le(b"".join(bytes(p) for p in spliced.parts)).PixelData
+    in_memory = wire.as_stored(blob, "1.2.3", "1.2.3.4", stored)
+    assert [bytes(f) for f in in_memory.frames()] == fragments
+    assert in_memory.before_pixels() == before
+    assert in_memory.head == blob[:start]
+    assert spliced.before_pixels() == before
+    joined = b"".join(bytes(f) for f in spliced.frames())
+    assert len(list(spliced.frames())) == count
+    assert native[: len(joined)] == joined and len(native) - len(joined) in (0, 1)  # pad
+    with open(path, "rb") as file:
+        streamed = wire.streamed(file, 0, len(blob), "1.2.3", "1.2.3.4", stored)
+        assert [bytes(f) for f in streamed.frames()] == fragments
+        assert streamed.before_pixels() == before
+    with open(path, "rb") as file:
+        streamed = wire.streamed(file, 0, len(blob), "1.2.3", "1.2.3.4", EXPLICIT_LE)
+        assert b"".join(bytes(f) for f in streamed.frames()) == b"".join(
+            bytes(f) for f in spliced.frames()
+        )
+        assert streamed.before_pixels() == before
+        assert streamed.head == spliced.head
 
 
 def test_streamed_leaves_other_targets_to_the_in_memory_path(

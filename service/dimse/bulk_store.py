@@ -1,11 +1,11 @@
-"""C-STORE sub-operations of prepared instances (wire.WireInstance) sent as one write.
+"""C-STORE sub-operations of prepared instances (wire_instance.WireInstance) sent as one write.
 
 Why: a C-GET requestor such as DCMTK getscu takes PDUs of at most 16 KiB, so a 512² CT slice
 is 33 P-DATA-TF PDUs, each moved through pynetdicom's network thread on its own, after
 pynetdicom encoded the whole data set with pydicom. For a WireInstance the command set is
 still encoded by pynetdicom's message classes, but the PDUs are framed around views of the
-instance's parts and written as one run (pdu_runs). Anything else (a Dataset) goes through
-pynetdicom's own ``send_c_store``.
+instance's encoded parts (wire.EncodedParts) and written as one run (pdu_runs). Anything
+else (a Dataset) goes through pynetdicom's own ``send_c_store``.
 
 A streamed WireInstance (a big object, read and decoded from its blob as it goes) is framed
 and queued in runs of RUN_BYTES, at most RUNS_IN_FLIGHT of them waiting for the network
@@ -35,7 +35,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
 from compacs.service.dimse import pdu_runs
-from compacs.service.wire import WireInstance
+from compacs.service.dimse.wire_instance import WireInstance
+from compacs.service.wire import EncodedParts
 
 RUN_BYTES = 4 << 20  # data set bytes framed and queued at once, for a streamed instance
 RUNS_IN_FLIGHT = 2
@@ -59,8 +60,9 @@ def enable(assoc: Any) -> Any:
             # pynetdicom's own check, plus a dead network thread (peer abort), which would
             # otherwise cost every remaining sub-operation a full DIMSE timeout
             raise RuntimeError("the association has ended: C-STORE not sent")
+        encoded = dataset.encoded
         context = assoc._get_valid_context(
-            dataset.SOPClassUID, dataset.transfer_syntax, "scu", allow_conversion=False
+            dataset.SOPClassUID, encoded.transfer_syntax, "scu", allow_conversion=False
         )
         req = C_STORE()
         req.MessageID = msg_id
@@ -69,17 +71,17 @@ def enable(assoc: Any) -> Any:
         req.MoveOriginatorMessageID = originator_id
         req.AffectedSOPClassUID = dataset.SOPClassUID
         req.AffectedSOPInstanceUID = dataset.SOPInstanceUID
-        req.DataSet = BytesIO(b"\0")  # a data set follows: its bytes are `dataset.parts`
+        req.DataSet = BytesIO(b"\0")  # a data set follows: its bytes are `encoded.parts`
         message = C_STORE_RQ()
         message.primitive_to_message(req)
         command = encode(message.command_set, True, True)  # PS3.7 6.3.1: implicit VR LE
         cx_id = int(context.context_id)
         max_pdu = assoc.dimse.maximum_pdu_size
-        if dataset.streamed:
+        if encoded.streamed:
             _pause_reactor(assoc)
-            _send_streamed(assoc, cx_id, command, dataset, max_pdu)
+            _send_streamed(assoc, cx_id, command, encoded, max_pdu)
         else:
-            buffers = pdu_runs.frame(cx_id, command, dataset.parts, max_pdu)
+            buffers = pdu_runs.frame(cx_id, command, encoded.parts, max_pdu)
             _pause_reactor(assoc)
             pdu_runs.queue(assoc.dul, cx_id, buffers)
         _cx, rsp = assoc.dimse.get_msg(block=True)
@@ -98,7 +100,7 @@ def enable(assoc: Any) -> Any:
 
 
 def _send_streamed(
-    assoc: Any, cx_id: int, command: bytes, dataset: WireInstance, max_pdu: int
+    assoc: Any, cx_id: int, command: bytes, dataset: EncodedParts, max_pdu: int
 ) -> None:
     """Queue a streamed instance's PDUs run by run, each once the network thread has
     written all but RUNS_IN_FLIGHT - 1 of the earlier ones."""
@@ -129,7 +131,7 @@ def _send_streamed(
                 parts, length = [], 0
         if sent + length != dataset.encoded_length:
             raise RuntimeError(
-                f"SOP {dataset.SOPInstanceUID}: {sent + length} bytes read, "
+                f"SOP {dataset.sop_instance_uid}: {sent + length} bytes read, "
                 f"{dataset.encoded_length} announced"
             )
         if parts or not sent:

@@ -6,11 +6,11 @@ pretty-prints it for a debug log nobody reads and moves command and identifier a
 through its network thread; measured, 1.4 ms of CPU per answer, which put a 200-study
 answer at 290 ms. Here the command set of a query's pending responses (identical for all of
 them) is encoded once by pynetdicom's own message classes, the identifiers come encoded
-(query.find_encoded), and each answer is framed as pynetdicom would frame it (command PDU,
-identifier PDU) into runs of up to ``BATCH`` answers that the network thread writes with
-one call (pdu_runs). The final response (success, cancel, failure) is still pynetdicom's,
-queued after these on the same queue, so order holds: :meth:`PendingResponses.flush` must
-run before the handler yields it.
+(identifier_encoding.encoded_answers), and each answer is framed as pynetdicom would frame
+it (command PDU, identifier PDU) into runs of up to ``BATCH`` answers that the network
+thread writes with one call (pdu_runs). The final response (success, cancel, failure) is
+still pynetdicom's, queued after these on the same queue, so order holds:
+:meth:`PendingResponses.flush` must run before the handler yields it.
 
 Back-pressure: pynetdicom's network thread reads from the socket only when its send queue
 is empty, so a producer that keeps the queue full would never see the peer's C-CANCEL. At

@@ -6,13 +6,13 @@ An answer is a flat list of short strings and numbers whose tags, VRs and order 
 once per query, so the constant elements are encoded once (by pydicom) and each row's values
 are written here. The bytes are exactly those pydicom writes for the Dataset that
 ``query.find`` yields for the same row: ``tests/test_find.py`` compares the two on every
-query shape it runs.
+query shape it runs. The query itself (plan and rows) is query.py's, the same for every face.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,9 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+
+from compacs.service import query
+from compacs.service.storage.index import Index
 
 SPECIFIC_CHARACTER_SET = 0x00080005
 UTF8 = "ISO_IR 192"
@@ -32,6 +35,36 @@ _TEXT_VRS = frozenset(
 _LONG_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 )
+
+
+def find_encoded(
+    index: Index,
+    identifier: Dataset,
+    model: str,
+    *,
+    implicit_vr: bool,
+    retrieve_ae_title: str | None = None,
+    page_size: int = 1000,
+) -> Iterator[bytes]:
+    """query.find, with each answer already encoded in (implicit or explicit VR) little
+    endian: what the C-FIND SCP sends, at a fraction of the cost of a Dataset written by
+    pydicom. The bytes are those of query.find's Datasets. Raises query.QueryError before
+    it returns, as query.find does."""
+    plan = query.plan(index, identifier, model, retrieve_ae_title=retrieve_ae_title)
+    return encoded_answers(plan, query.rows(index, plan, page_size), implicit_vr=implicit_vr)
+
+
+def encoded_answers(
+    plan: query.Plan, rows: Iterable[Sequence[Any]], *, implicit_vr: bool
+) -> Iterator[bytes]:
+    """The answer of each of a query's `rows` (query.rows), encoded."""
+    encoder = IdentifierEncoder(
+        plan.template,
+        [Target(tag, vr, multi) for tag, vr, multi in plan.targets],
+        plan.character_set,
+        implicit_vr=implicit_vr,
+    )
+    return (encoder.encode(values) for values in rows)
 
 
 @dataclass(frozen=True)
@@ -66,7 +99,7 @@ class IdentifierEncoder:
         }
         target_tags = {t.tag for t in self.targets}
         # (tag, constant bytes or the index of the target) in tag order; a target replaces a
-        # template element of the same tag, as in query._response.
+        # template element of the same tag, as in query.answer.
         slots: list[tuple[int, bytes | int]] = [
             (tag, data) for tag, data in constants.items() if tag not in target_tags
         ]

@@ -27,7 +27,8 @@ def version_matches() -> bool:
 
 
 def configure(fast_paths: bool) -> None:
-    """Set at start (node.py, scu.py): the config's choice, overridden by the environment."""
+    """Set at start (settings.apply, from node.py): the config's choice, overridden by the
+    environment."""
     env = os.environ.get("COMPACS_FAST_PATHS")
     if env is not None:
         fast_paths = env.strip().lower() not in ("0", "false", "no", "off")

@@ -1,7 +1,7 @@
 """The process-wide pydicom and pynetdicom settings of the node, set once at start.
 
-They live in module globals of the two libraries, so they are set in one place, by the node
-(node.py) before it listens and by the CLI before a command runs, never per association.
+They live in module globals of the two libraries, so they are set in one place: `apply`,
+which the node (node.py) calls before it listens; never per association.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from pynetdicom import _config as pynetdicom_config
 
 from compacs.service.config import NodeConfig
 from compacs.service.dimse import internals
+from compacs.service.sop_classes import storage_sop_classes
 
 
 def apply(config: NodeConfig) -> None:
     # pynetdicom's default event handlers format every PDU and DIMSE message for its debug
-    # log, which cli.py turns off: 7 ms of CPU for each association a getscu opens (py-spy).
+    # log, which the node's logging set-up silences anyway: 7 ms of CPU for each association
+    # a getscu opens (py-spy).
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     # pydicom checks every value it reads against its VR and only warns (WARN mode): 3 ms per
     # getscu association in UID regexes alone. validate.py checks what the node relies on.
@@ -47,8 +49,6 @@ def _register_storage_classes(config: NodeConfig) -> None:
     answers their C-STOREs "no supported service class" although the context was accepted."""
     from pynetdicom.service_class import StorageServiceClass
     from pynetdicom.sop_class import _STORAGE_CLASSES, register_uid
-
-    from compacs.service.dimse.scp import storage_sop_classes
 
     known = set(_STORAGE_CLASSES.values())
     for uid in storage_sop_classes(config):

@@ -33,10 +33,11 @@ from compacs.service import retrieve
 from compacs.service.dimse import bulk_store, internals
 from compacs.service.dimse.bulk_store import bulk_stores
 from compacs.service.dimse.polling import fast_polling, poll_fast
+from compacs.service.dimse.wire_instance import WireInstance
 from compacs.service.retrieve import candidate_syntaxes
 from compacs.service.storage.index import Instance
 from compacs.service.syntaxes import EXPLICIT_LE
-from compacs.service.wire import WireInstance
+from compacs.service.wire import EncodedParts
 
 log = logging.getLogger("compacs.retrieve")
 
@@ -264,10 +265,11 @@ def suboperations(
 
     def load(inst: Instance) -> Dataset:
         try:
-            return retrieve.prepare(read, inst, accepted(inst.sop_class_uid), fast, open_blob)
+            prepared = retrieve.prepare(read, inst, accepted(inst.sop_class_uid), fast, open_blob)
         except Exception as exc:  # damaged blob, no common syntax, decode failure
             log.error("retrieve of SOP %s for %s failed: %s", inst.sop_instance_uid, calling, exc)
             return failed_suboperation(inst)
+        return WireInstance(prepared) if isinstance(prepared, EncodedParts) else prepared
 
     with (
         fast_polling(event.assoc) if fast else contextlib.nullcontext(),
