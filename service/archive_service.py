@@ -1,6 +1,6 @@
 """The one archive service: it owns the config, the index, the archive and the compression
 jobs, and everything else goes through it: the DIMSE handlers, the maintenance commands,
-and later the scheduler and a web face. Nothing else assembles an index and an archive of
+the CLI, the scheduler and the web face. Nothing else assembles an index and an archive of
 its own.
 
 It also runs the node's housekeeping while it serves: renewing this process' claims,

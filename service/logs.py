@@ -3,8 +3,8 @@
 
 A JSON line holds time (ISO 8601, UTC), level, logger and message, and where there is one:
 peer_ae, peer_address and sop_instance_uid. Those come from `extra=` on a log call, or else
-from the association being served: the DIMSE handlers (dimse/scp.py) set it in the
-association's thread (and the SOP Instance for the duration of a C-STORE), so that every
+from the association being served: dimse/association_events.py sets it in the
+association's thread (and scp.py the SOP Instance for the duration of a C-STORE), so that every
 line logged on the way (ingest, validation, a codec) names the peer and the object without
 each call passing them on.
 Worker processes are set up alike (`configure_worker`, `quiet_decoder_tracebacks`), from the
