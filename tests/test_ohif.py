@@ -47,7 +47,7 @@ from dicomweb_servers import (
 )
 from pydicom.uid import CTImageStorage, JPEGLSLossless, generate_uid
 
-from compacs.models.data import ct_series_files
+from compacs.models.training.data import ct_series_files
 
 pytestmark = pytest.mark.peers
 
