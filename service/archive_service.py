@@ -390,22 +390,12 @@ class ArchiveService:
             self.index.patient_unverified_studies(),
         )
 
-    def acknowledge(
-        self,
-        uids: list[str],
-        studies: list[str],
-        everything: bool,
-        by: str,
-        note: str | None,
-        patient_ids: list[str] | None = None,
-        issuer: str | None = None,
-    ) -> list[Problem | PatientProblem]:
-        """Acknowledge the selected problems as they read now (problems.acknowledge)."""
+    def acknowledge(self, *selection: Any, **options: Any) -> list[Problem | PatientProblem]:
+        """Acknowledge the selected problems as they read now: problems.acknowledge's
+        arguments after the index (uids, studies, everything, by, note, patient_ids, issuer)."""
         from compacs.service import problems
 
-        return problems.acknowledge(
-            self.index, uids, studies, everything, by, note, patient_ids, issuer
-        )
+        return problems.acknowledge(self.index, *selection, **options)
 
     def requeue(self, uids: list[str], studies: list[str], everything: bool, by: str) -> int:
         """Send the selected parked objects back to compression (problems.requeue)."""

@@ -44,10 +44,7 @@ def cmd_tier_run(args: argparse.Namespace) -> int:
         report = service.tier_run(now, progress=True)
     finally:
         service.close()
-    for line in report.failed:
-        print(f"FAILED {line}")
-    print(f"tier run: {report.line()}")
-    return 1 if report.failed else 0
+    return _reported(report.failed, "FAILED", f"tier run: {report.line()}")
 
 
 def cmd_tier_fixity(args: argparse.Namespace) -> int:
@@ -56,10 +53,16 @@ def cmd_tier_fixity(args: argparse.Namespace) -> int:
         report = service.fixity_run(limit=args.limit, progress=True)
     finally:
         service.close()
-    for line in report.failed:
-        print(f"FIXITY FAILURE {line}")
-    print(f"fixity: {report.checked} blob(s) checked, {len(report.failed)} failed")
-    return 1 if report.failed else 0
+    summary = f"fixity: {report.checked} blob(s) checked, {len(report.failed)} failed"
+    return _reported(report.failed, "FIXITY FAILURE", summary)
+
+
+def _reported(failed: list[str], label: str, summary: str) -> int:
+    """A run's failures a line each, its summary, and exit status 1 if any failed."""
+    for line in failed:
+        print(f"{label} {line}")
+    print(summary)
+    return 1 if failed else 0
 
 
 def cmd_tier_status(args: argparse.Namespace) -> int:
