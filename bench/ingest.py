@@ -165,6 +165,7 @@ class CompacsReceiver(Receiver):
     def __init__(self, workdir: Path, associations: int = 1) -> None:
         super().__init__(workdir)
         self.associations = associations
+        self.processes = 1  # serve --processes
         if associations > 1:
             self.key = "e"
             self.label = f"compacs (JPEG-LS, verified), {associations} assocs"
@@ -174,12 +175,22 @@ class CompacsReceiver(Receiver):
         self.rc: int | None = None
         self.stop_s = 0.0
 
+    def serve_processes(self, count: int) -> None:
+        """Run the node as `compacs serve --processes count`."""
+        self.processes = count
+        if count > 1:
+            self.label += f", {count} processes"
+
     @property
     def ae(self) -> str:
         return "COMPACS"
 
     def start(self) -> peers.ManagedProcess:
-        self.node = peers.CompacsProcess(self.workdir / "data", ae_title="COMPACS")
+        self.node = peers.CompacsProcess(
+            self.workdir / "data",
+            ae_title="COMPACS",
+            extra_args=("--processes", str(self.processes)),
+        )
         self.proc = self.node
         self.node.start()
         self._open_index()
@@ -482,6 +493,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs per receiver; median reported")
     p.add_argument("--only", default="a,b,c,d,e", help="receivers to run, e.g. a,d (default all)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folders and logs")
+    p.add_argument(
+        "--processes", type=int, default=1, help="compacs serve --processes N (default 1)"
+    )
     common.add_wait_quiet(p)
     args = p.parse_args(argv)
     args.only = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -521,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 logs = workdir / "logs"
                 logs.mkdir(parents=True)
                 rec = RECEIVERS[key][1](workdir)
+                if isinstance(rec, CompacsReceiver):
+                    rec.serve_processes(args.processes)
                 progress(f"[{step}/{total}] ({key}) {rec.label} ...")
                 try:
                     run, found = measure(rec, files, input_bytes, logs, args.wait_quiet)

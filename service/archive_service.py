@@ -51,8 +51,11 @@ class NoArchive(FileNotFoundError):
 
 def owner_name(config: NodeConfig) -> str:
     """This node's name on its claims: the host and the DICOM port, which no two live nodes
-    share, so a restarted node knows its previous life's claims for its own."""
-    return f"{socket.gethostname()}:{config.port}"
+    share, so a restarted node knows its previous life's claims for its own; with `serve
+    --processes N` the second and later processes add their number (the first keeps the
+    plain name, as a node of one process has it)."""
+    name = f"{socket.gethostname()}:{config.port}"
+    return f"{name}/{config.process}" if config.process else name
 
 
 class ArchiveService:

@@ -179,6 +179,7 @@ def _build_node(raw: dict[str, Any], tables: dict[str, dict[str, Any]], source: 
         shutdown_grace_seconds=number_in(
             raw["shutdown_grace_seconds"], f"{where} shutdown_grace_seconds", 0, 3600
         ),
+        processes=int_in(raw["processes"], f"{where} processes", 0, 64),
         ingest=IngestConfig(**tables["ingest"]),
         limits=Limits(**tables["limits"]),
         storage=StorageConfig(**tables["storage"]),

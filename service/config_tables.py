@@ -156,6 +156,9 @@ class LoggingConfig:
     level: str = "INFO"
 
 
+MAX_AUTO_PROCESSES = 4
+
+
 @dataclass
 class NodeConfig:
     ae_title: str
@@ -170,6 +173,7 @@ class NodeConfig:
     extra_sop_classes: list[str]
     check_called_ae: bool  # refuse associations addressed to another AE title
     shutdown_grace_seconds: float  # after SIGTERM, before open associations are aborted
+    processes: int  # node processes serving the port (serve --processes); 0: per core, <= 4
     ingest: IngestConfig
     limits: Limits
     storage: StorageConfig
@@ -183,6 +187,9 @@ class NodeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     web: WebConfig = field(default_factory=lambda: WebConfig())
     source: str = DEFAULTS_NAME
+    # Which of the node's processes this is (processes.py sets it in each): 0 for the first
+    # or only one, which alone runs the metrics and web ports and the tier scheduler.
+    process: int = 0
 
     @property
     def effective_index_url(self) -> str:
@@ -193,6 +200,12 @@ class NodeConfig:
     @property
     def effective_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    @property
+    def effective_processes(self) -> int:
+        """`processes = 0`: one per core, at most MAX_AUTO_PROCESSES (past that the index's
+        writes, not the GIL, are what one more process would wait on)."""
+        return self.processes or min(os.cpu_count() or 1, MAX_AUTO_PROCESSES)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# `serve --processes N`: every line says which process wrote it (which one served an
+# association, which one stored an object)
+TEXT_FORMAT_PID = "%(asctime)s %(levelname)s %(name)s [pid %(process)d]: %(message)s"
 # The attributes a JSON line carries when present, in this order
 PEER_FIELDS = ("peer_ae", "peer_address", "sop_instance_uid")
 _context: ContextVar[dict[str, str] | None] = ContextVar("compacs_log_context", default=None)
@@ -54,7 +57,12 @@ def peer_extra(ae: str, address: str, sop_instance_uid: str | None = None) -> di
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, on one line (a traceback goes into "exception")."""
+    """One JSON object per record, on one line (a traceback goes into "exception"); with
+    `pid`, the writing process' id as "pid" (`serve --processes N`)."""
+
+    def __init__(self, pid: bool = False) -> None:
+        super().__init__()
+        self.pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -63,6 +71,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.pid:
+            entry["pid"] = record.process
         context = _context.get() or {}
         for key in PEER_FIELDS:
             value = getattr(record, key, None) or context.get(key)
@@ -75,18 +85,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def formatter(fmt: str) -> logging.Formatter:
-    return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+def formatter(fmt: str, pid: bool = False) -> logging.Formatter:
+    if fmt == "json":
+        return JsonFormatter(pid)
+    return logging.Formatter(TEXT_FORMAT_PID if pid else TEXT_FORMAT)
 
 
-def configure(fmt: str, level: str | int) -> None:
+def configure(fmt: str, level: str | int, pid: bool = False) -> None:
     """Set the format and level of the root logger's handlers (the CLI made them with
-    basicConfig before the config, and so [logging], was read)."""
+    basicConfig before the config, and so [logging], was read); `pid`: lines name their
+    process."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(stream=sys.stderr)
     for handler in root.handlers:
-        handler.setFormatter(formatter(fmt))
+        handler.setFormatter(formatter(fmt, pid))
     root.setLevel(level)
 
 

@@ -21,13 +21,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from compacs.service import rules
 from compacs.service.archive_service import ArchiveService, redact
 from compacs.service.config import ConfigError, NodeConfig
 from compacs.service.dimse import admission, scp, settings, tls
+from compacs.service.dimse.slots import SharedSlots
 
 log = logging.getLogger("compacs.node")
 
@@ -91,20 +94,31 @@ def check_writable(folder: Path, what: str) -> None:
         ) from exc
 
 
+def preflight(config: NodeConfig) -> None:
+    """What a user can get wrong, checked before anything starts: no worker process is
+    spawned (and no index opened) for a node that cannot listen or write."""
+    if config.tls.plain_port:
+        check_port(config.host, config.port)
+    if config.tls.enabled:
+        check_port(config.host, config.tls.port, "[tls] port")
+    if config.web.port:
+        check_port(config.web.host, config.web.port, "[web] port or --web-port")
+    check_writable(config.data_dir, "data folder")
+    if (config.data_dir / "archive").is_dir():
+        check_writable(config.data_dir / "archive", "archive folder")
+
+
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    """One node process. `shared`: the association slots it counts with its siblings when
+    `serve --processes N` runs several (processes.py), which have been checked by their
+    parent (preflight) and listen on the same port with SO_REUSEPORT; only the first of
+    them (config.process 0) serves [metrics] and [web] and runs the tier scheduler."""
+
+    def __init__(self, config: NodeConfig, shared: SharedSlots | None = None) -> None:
         self.config = config
-        # What a user can get wrong is checked before anything starts: no worker process is
-        # spawned (and no index opened) for a node that cannot listen or write.
-        if config.tls.plain_port:
-            check_port(config.host, config.port)
-        if config.tls.enabled:
-            check_port(config.host, config.tls.port, "[tls] port")
-        if config.web.port:
-            check_port(config.web.host, config.web.port, "[web] port or --web-port")
-        check_writable(config.data_dir, "data folder")
-        if (config.data_dir / "archive").is_dir():
-            check_writable(config.data_dir / "archive", "archive folder")
+        self.shared = shared
+        if shared is None:  # a sibling's port check would find the others listening
+            preflight(config)
         owners = [(f"rule {r.name!r}", r.codecs) for r in config.rules]
         owners += [(f"tier {t.name!r}", t.codecs) for t in config.tiers]
         unavailable = rules.unavailable_choices(owners)
@@ -122,20 +136,19 @@ class Node:
         self._hurry = threading.Event()
 
     def start(self) -> None:
-        self._start_metrics()
-        self._start_web()
+        first = self.config.process == 0
+        if first:
+            self._start_metrics()
+            self._start_web()
         # Listen first: owning the port is what makes this node's previous claims its own
         # to take over (archive_service.owner_name).
         # One handler list for both listeners: one admission gate counts all associations.
-        handlers = scp.handlers(self.service)
+        handlers = scp.handlers(self.service, self.shared)
         contexts = scp.server_contexts(self.ae)
         tls_config = self.config.tls
         if tls_config.plain_port:
-            self.server = self.ae.start_server(
-                (self.config.host, self.config.port),
-                block=False,
-                evt_handlers=handlers,
-                contexts=contexts,
+            self.server = self._listen(
+                (self.config.host, self.config.port), evt_handlers=handlers, contexts=contexts
             )
         if tls_config.enabled:
             context = tls.server_context(
@@ -145,9 +158,8 @@ class Node:
                 tls_config.require_client_certificate,
             )
             timeout = self.config.limits.association_request_timeout
-            self.tls_server = self.ae.start_server(
+            self.tls_server = self._listen(
                 (self.config.host, tls_config.port),
-                block=False,
                 ssl_context=context,
                 # after admission's EVT_CONN_OPEN handler, which may close the connection
                 evt_handlers=[*handlers, (evt.EVT_CONN_OPEN, tls.handshake, [timeout])],
@@ -182,7 +194,18 @@ class Node:
         )
         self.service.recover()
         self.service.start_housekeeping()
-        self.service.start_scheduler()
+        if first:  # one scheduler per node: the tier runs of N would only race for claims
+            self.service.start_scheduler()
+
+    def _listen(self, address: tuple[str, int], **kwargs: Any) -> ThreadedAssociationServer:
+        """pynetdicom's non-blocking server; with SO_REUSEPORT when sibling processes
+        listen on the same port (the kernel then spreads connections over them)."""
+        if self.shared is None:
+            return self.ae.start_server(address, block=False, **kwargs)
+        server = self.ae.make_server(address, server_class=_ReusePortServer, **kwargs)
+        threading.Thread(target=server.serve_forever, name="compacs-acceptor", daemon=True).start()
+        self.ae._servers.append(server)  # as start_server does: ae.shutdown() stops it too
+        return server
 
     def _start_metrics(self) -> None:
         """The Prometheus endpoint, before the DICOM port: a metrics port in use stops the
@@ -219,8 +242,7 @@ class Node:
         except OSError as exc:
             self.service.close()
             raise ConfigError(
-                f"[web] {exc}; choose another port ([web] port or --web-port), or 0 for no "
-                "web face"
+                f"[web] {exc}; choose another port ([web] port or --web-port), or 0 for no web face"
             ) from exc
 
     def stop(self, grace: float | None = None) -> None:
@@ -238,22 +260,39 @@ class Node:
         self.service.close()
         log.info("compacs stopped")
 
-    def run_until_signalled(self) -> None:
+    def run_until_signalled(self, parent: int | None = None) -> None:
+        """Serve until SIGTERM or SIGINT; a node process of `serve --processes N` (`parent`:
+        its parent's PID) stops on SIGTERM only, which its parent sends on either (a
+        Ctrl-C reaches the whole process group: counted twice it would skip the grace),
+        and stops as well when its parent is gone (killed with SIGKILL)."""
+
         def on_signal(signum: int, _frame: object) -> None:
             if self._stop.is_set():
                 self._hurry.set()  # a second signal: no more grace
             self._stop.set()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal if parent is None else signal.SIG_IGN)
         self.start()
         while not self._stop.wait(0.5):
-            pass
+            if parent is not None and os.getppid() != parent:
+                log.warning("the parent process %d is gone: stopping", parent)
+                self._stop.set()
         log.info(
             "stop requested: open associations get %g s ([node] shutdown_grace_seconds)",
             self.config.shutdown_grace_seconds,
         )
         self.stop()
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with SO_REUSEPORT: the sockets of one user's
+    processes may then listen on one port (Linux refuses another user's), each getting a
+    share of the connections."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 # How long the handlers of aborted associations get to return before the service closes

@@ -32,8 +32,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ae_title=args.ae_title,
         metrics_port=args.metrics_port,
         web_port=args.web_port,
+        processes=args.processes,
     )
-    logs.configure(config.logging.format, "DEBUG" if args.verbose else config.logging.level)
+    several = config.effective_processes > 1
+    level = "DEBUG" if args.verbose else config.logging.level
+    logs.configure(config.logging.format, level, pid=several)
+    if several:
+        from compacs.service import processes
+
+        try:
+            return processes.serve(config)
+        except (IndexOutOfDate, IndexUnavailable, NodeStartError) as exc:
+            raise UsageError(str(exc)) from exc
     try:
         node = Node(config)
     except (IndexOutOfDate, IndexUnavailable, NodeStartError) as exc:
@@ -300,6 +310,12 @@ def add_node_commands(sub: Any) -> None:
     )
     p.add_argument(
         "--web-port", type=int, help="DICOMweb and status page port ([web] port; 0: none)"
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="node processes accepting on the port ([node] processes, default 1; 0: one per "
+        "core, up to 4)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -21,6 +21,11 @@ longest-idle association: it is aborted, as the red team's keep-alive hog (a C-E
 20 s on every slot) needs. Only an association that is not serving a request and has
 received nothing for EVICTABLE_AFTER_IDLE seconds can be evicted, so a transfer in flight
 is never cut. Every refusal and eviction is one log line naming the peers and the limit.
+
+With `compacs serve --processes N` the established associations are counted in one table
+that all N processes share (slots.py), so each limit holds for the node as a whole; an
+eviction then takes only an association of the process that received the request (a
+process cannot abort another's), and pending connections are counted per process.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 from compacs.service.config import Limits
 from compacs.service.dimse import internals
+from compacs.service.dimse.slots import SharedSlots
 
 log = logging.getLogger("compacs.admission")
 
@@ -84,13 +90,15 @@ class _Held:
     address: str
     last_active: float  # last PDU received or request served (time.monotonic())
     serving: bool = False  # a request's handler is running
+    slot: int = -1  # its place in the node's SharedSlots, if its processes share one
 
 
 class Admission:
     """Connection and association accounting for one server (all its threads)."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, shared: SharedSlots | None = None) -> None:
         self.limits = limits
+        self.shared = shared  # the node's slots, when several processes serve its port
         self._lock = threading.Lock()
         self._pending: dict[Any, tuple[str, float]] = {}  # association -> (address, since)
         self._established: dict[Any, _Held] = {}
@@ -99,7 +107,7 @@ class Admission:
     def connection_opened(self, assoc: Any, address: str) -> None:
         assoc.acse_timeout = self.limits.association_request_timeout
         evict = []
-        with self._lock:
+        with self._lock, self._shared_lock():
             self._forget_dead()
             mine = [a for a, (addr, _t) in self._pending.items() if addr == address]
             if len(mine) >= self.limits.max_pending_per_address:
@@ -131,14 +139,17 @@ class Admission:
         ae = calling_ae.strip()
         limits = self.limits
         evicted = None
-        with self._lock:
+        with self._lock, self._shared_lock():
             self._pending.pop(assoc, None)
             self._forget_dead()
-            held = list(self._established.values())
+            if self.shared is not None:
+                held = self.shared.held()
+            else:
+                held = [(h.ae, h.address) for h in self._established.values()]
             checks = (
-                (sum(h.ae == ae for h in held), limits.max_associations_per_ae, "ae"),
+                (sum(h_ae == ae for h_ae, _a in held), limits.max_associations_per_ae, "ae"),
                 (
-                    sum(h.address == address for h in held),
+                    sum(h_address == address for _e, h_address in held),
                     limits.max_associations_per_address,
                     "address",
                 ),
@@ -153,8 +164,9 @@ class Admission:
                         f"[limits] max_associations = {limits.max_associations} reached, and "
                         "no bigger holder has an idle association to give up"
                     )
-                del self._established[evicted[0]]
-            self._established[assoc] = _Held(ae, address, time.monotonic())
+                self._release(self._established.pop(evicted[0]))
+            slot = self.shared.take(ae, address) if self.shared is not None else -1
+            self._established[assoc] = _Held(ae, address, time.monotonic(), slot=slot)
         if evicted is not None:
             victim, holder, idle = evicted
             log.warning(
@@ -235,15 +247,29 @@ class Admission:
 
     # EVT_RELEASED, EVT_ABORTED, EVT_REJECTED, EVT_CONN_CLOSE
     def ended(self, assoc: Any) -> None:
-        with self._lock:
+        with self._lock, self._shared_lock():
             self._pending.pop(assoc, None)
-            self._established.pop(assoc, None)
+            held = self._established.pop(assoc, None)
+            if held is not None:
+                self._release(held)
+
+    def _shared_lock(self) -> Any:
+        """The shared table's lock, or none for a node of one process. Always taken after
+        `_lock`, never before: no two threads can wait on each other."""
+        return self.shared.lock if self.shared is not None else contextlib.nullcontext()
+
+    def _release(self, held: _Held) -> None:
+        """Give a shared slot back. Call with both locks held."""
+        if self.shared is not None:
+            self.shared.free(held.slot)
 
     def _forget_dead(self) -> None:
-        """Drop associations whose threads have ended without an event we saw."""
-        for table in (self._pending, self._established):
-            for assoc in [a for a in table if a.ident is not None and not a.is_alive()]:
-                del table[assoc]
+        """Drop associations whose threads have ended without an event we saw. Call with
+        both locks held."""
+        for assoc in [a for a in self._pending if a.ident is not None and not a.is_alive()]:
+            del self._pending[assoc]
+        for assoc in [a for a in self._established if a.ident is not None and not a.is_alive()]:
+            self._release(self._established.pop(assoc))
 
 
 def abort_soon(assoc: Any) -> threading.Thread:

@@ -34,6 +34,7 @@ from compacs.service.dimse.association_events import (
 from compacs.service.dimse.authorisation import STATUS_NOT_AUTHORISED, refused
 from compacs.service.dimse.find_handler import FIND_MODELS, QUERY_TRANSFER_SYNTAXES, handle_find
 from compacs.service.dimse.retrieve_handlers import RETRIEVE_MODELS, handle_get, handle_move
+from compacs.service.dimse.slots import SharedSlots
 from compacs.service.sop_classes import storage_sop_classes
 
 log = logging.getLogger("compacs.scp")
@@ -129,9 +130,10 @@ def build_ae(config: NodeConfig) -> AE:
     return ae
 
 
-def handlers(service: ArchiveService) -> list:
+def handlers(service: ArchiveService, shared: SharedSlots | None = None) -> list:
+    """`shared`: the slots this process counts with its siblings (serve --processes N)."""
     config = service.config
-    gate = Admission(config.limits)  # one per server: it counts all of its associations
+    gate = Admission(config.limits, shared)  # one per process: it counts all its associations
     return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [service]),
