@@ -148,8 +148,15 @@ def parse_frame(text: str) -> Frame:
     return text, ""
 
 
+def _committing(stack: Stack) -> bool:
+    """An SQL COMMIT (SQLAlchemy's do_commit: SQLite's journal write and fsync): what group
+    commit of index writes would share between several objects."""
+    return _in(stack, ("sqlalchemy",), ("do_commit",))
+
+
 def read_raw(path: Path, node_pid: int) -> dict[str, Counter[str]]:
-    """py-spy's raw (collapsed stack) output: samples per stage, for "node" and "workers".
+    """py-spy's raw (collapsed stack) output: samples per stage, for "node" and "workers",
+    and per stage the samples in an SQL COMMIT (keys "COMMIT <stage>").
 
     With ``--subprocesses`` each stack starts with ``process <pid>:"<command>"`` frames, the
     parent's before its child's; the last one is the process sampled. The node is the
@@ -164,7 +171,10 @@ def read_raw(path: Path, node_pid: int) -> dict[str, Counter[str]]:
         pid = labels[-1].split()[1].split(":")[0] if labels else str(node_pid)
         group = "node" if pid == str(node_pid) else "workers"
         stack = [parse_frame(p) for p in parts if not p.startswith("process ")]
-        groups[group][stage_of(stack)] += int(count)
+        stage = stage_of(stack)
+        groups[group][stage] += int(count)
+        if _committing(stack):
+            groups[group][f"COMMIT {stage}"] += int(count)
     return groups
 
 
@@ -377,19 +387,22 @@ def stage_ms(m: Measured) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     totals = {"node": median(m.node_ms) or 0.0, "workers": median(m.workers_ms) or 0.0}
     for group, counts in m.samples.items():
-        total = sum(counts.values())
+        total = sum(counts[stage] for stage in STAGE_NAMES)
         out[group] = {
-            stage: totals[group] * counts[stage] / total for stage in STAGE_NAMES if total
+            stage: totals[group] * counts[stage] / total
+            for stage in [*STAGE_NAMES, *(f"COMMIT {s}" for s in STAGE_NAMES)]
+            if total
         }
     return out
 
 
 def stage_table(m: Measured) -> str:
     per = stage_ms(m)
-    grand = sum(sum(v.values()) for v in per.values())
+    grand = sum(v.get(s, 0.0) for v in per.values() for s in STAGE_NAMES)
     rows = [
-        "| stage | node ms/img | workers ms/img | total ms/img | share | samples (node+workers) |",
-        "|---|---|---|---|---|---|",
+        "| stage | node ms/img | workers ms/img | total ms/img | share | of which SQL COMMIT "
+        "| samples |",
+        "|---|---|---|---|---|---|---|",
     ]
     order = sorted(
         STAGE_NAMES, key=lambda s: -(per["node"].get(s, 0.0) + per["workers"].get(s, 0.0))
@@ -399,15 +412,20 @@ def stage_table(m: Measured) -> str:
         samples = m.samples["node"][stage] + m.samples["workers"][stage]
         if not samples:
             continue
+        commit = per["node"].get(f"COMMIT {stage}", 0.0) + per["workers"].get(
+            f"COMMIT {stage}", 0.0
+        )
         rows.append(
             f"| {stage} | {fmt(node, 2)} | {fmt(workers, 2)} | {fmt(node + workers, 2)} | "
-            f"{fmt(100 * (node + workers) / grand if grand else None)} % | {samples} |"
+            f"{fmt(100 * (node + workers) / grand if grand else None)} % | "
+            f"{fmt(commit, 2) if commit else ''} | {samples} |"
         )
-    node_total, workers_total = sum(per["node"].values()), sum(per["workers"].values())
+    node_total = sum(per["node"].get(s, 0.0) for s in STAGE_NAMES)
+    workers_total = sum(per["workers"].get(s, 0.0) for s in STAGE_NAMES)
     rows.append(
         f"| **all** | {fmt(node_total, 2)} | {fmt(workers_total, 2)} | "
-        f"{fmt(node_total + workers_total, 2)} | 100 % | "
-        f"{sum(m.samples['node'].values()) + sum(m.samples['workers'].values())} |"
+        f"{fmt(node_total + workers_total, 2)} | 100 % | | "
+        f"{sum(m.samples['node'][s] + m.samples['workers'][s] for s in STAGE_NAMES)} |"
     )
     return "\n".join(rows)
 
