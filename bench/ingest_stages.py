@@ -302,6 +302,38 @@ def run_all(args: argparse.Namespace, files: list[Path], input_bytes: int, tmp: 
     return m
 
 
+def idle_cost(workdir: Path, associations: int, seconds: float = 4.0) -> dict[int, float]:
+    """The node's CPU ms per second with 0 and with `associations` open associations that
+    send nothing: what the node spends whether or not objects arrive (pynetdicom's reactor
+    loops, timers). An ingest run pays it per second, not per image: the slower the run
+    (a loaded machine), the more of it each image carries."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    rec = ProfiledCompacs(workdir, associations, None)
+    node = rec.start()
+    out: dict[int, float] = {}
+    ae = AE(ae_title="STAGES")
+    ae.add_requested_context(Verification)
+    try:
+        common.settle(node.pid)
+        for count in (0, associations):
+            assocs = [
+                ae.associate(peers.LOOPBACK, node.port, ae_title="COMPACS") for _ in range(count)
+            ]
+            if not all(a.is_established for a in assocs):
+                raise peers.PeerError("the node refused an idle association")
+            time.sleep(0.5)
+            before = common.tree_cpu(node.pid)[0]
+            time.sleep(seconds)
+            out[count] = 1000 * (common.tree_cpu(node.pid)[0] - before) / seconds
+            for a in assocs:
+                a.release()
+    finally:
+        rec.stop()
+    return out
+
+
 # --------------------------------------------------------------------------- in-process
 
 
@@ -493,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = dicomdata.ct_series(tmp / "input", args.count)
         input_bytes = sum(f.stat().st_size for f in files)
         costs = codec_costs(files[0])
+        idle = idle_cost(tmp / "idle", args.associations)
         m = run_all(args, files, input_bytes, tmp)
         load_after = os.getloadavg()
         node, workers = median(m.node_ms), median(m.workers_ms)
@@ -505,7 +538,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"node {fmt(median(m.profiled_node_ms))} + workers "
             f"{fmt(median(m.profiled_workers_ms))} (py-spy's cost to the node)"
         )
-        print(stages, "", summary, "", "\n".join(cost_rows), sep="\n")
+        stored_s = 1 / (median(m.stored_per_s) or float("inf"))
+        polling = idle[args.associations] - idle[0]
+        idle_line = (
+            f"idle node: {fmt(idle[0])} CPU ms/s with no association, "
+            f"{fmt(idle[args.associations])} with {args.associations} open and silent: "
+            f"{fmt(polling)} ms/s for the open associations, "
+            f"{fmt(polling * stored_s)} ms per image at the clean runs' rate"
+        )
+        print(stages, "", summary, idle_line, "", "\n".join(cost_rows), sep="\n")
         png = common.RESULTS_DIR / f"ingest-stages-{stamp}.png"
         common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         plot(m, png)
@@ -520,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"- input: {args.count} CT 512² ({input_bytes / 1e6:.1f} MB), "
             f"{args.associations} storescu associations, repeat {args.repeat}",
             f"- {summary}",
+            f"- {idle_line}",
             f"- py-spy {PYSPY_RATE} Hz, --subprocesses --nonblocking, on-CPU samples only",
             f"- plot: `{png.relative_to(common.ROOT)}`",
             "",
