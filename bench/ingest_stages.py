@@ -78,7 +78,8 @@ def _leaf_is(stack: Stack, functions: set[str]) -> bool:
 
 
 # A thread sampled in one of these was waiting or had just been woken: on a loaded machine a
-# woken thread stays runnable (and so "on CPU" to py-spy) until it gets a core.
+# woken thread stays runnable (and so "on CPU" to py-spy) until it gets a core. The index's
+# Connections._write as the innermost frame is its process-wide write lock being taken.
 WAITS = {"wait", "select", "acquire", "get", "_wait_for_tstate_lock", "poll", "sleep"}
 # pynetdicom's two reactor loops per association (dul.py, association.py) sleep 1 ms per
 # pass: a sample whose innermost Python frame is the loop itself is the loop going round.
@@ -90,7 +91,10 @@ POLLING = {"run_reactor", "_run_reactor", "ready", "_is_transport_event", "_chec
 # hashing, an SQL statement inside recording a result is recording, and a wait is a wait
 # wherever it is).
 STAGES: list[tuple[str, Callable[[Stack], bool]]] = [
-    ("waits / wake-ups", lambda s: _leaf_is(s, WAITS)),
+    (
+        "waits / wake-ups",
+        lambda s: _leaf_is(s, WAITS) or (_leaf_is(s, {"_write"}) and "index/" in s[-1][1]),
+    ),
     ("record result (index)", lambda s: _in(s, ("service/jobs.py",), ("_record", "_finish"))),
     ("JPEG-LS encode", lambda s: _in(s, ("codecs/",), ("encode_frame",))),
     ("verify decode + compare", lambda s: _in(s, ("service/encode.py",), ("encoded_frames",))),
