@@ -46,6 +46,7 @@ import dicomdata  # noqa: E402
 import ingest  # noqa: E402  (bench/ingest.py: the receiver, the senders, one measured run)
 import peers  # noqa: E402
 from common import fmt, progress  # noqa: E402
+from ingest import median  # noqa: E402
 
 PYSPY_RATE = 200  # samples per second per thread; 500 images at ~70/s give ~1,400 per thread
 PYSPY_START = 2.0  # s for py-spy to attach to the node and its workers before the senders
@@ -407,14 +408,6 @@ def codec_costs(path: Path, count: int = 40) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def median(values: list[float]) -> float | None:
-    vals = sorted(v for v in values if v == v)
-    if not vals:
-        return None
-    mid = len(vals) // 2
-    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
 
 
 def stage_ms(m: Measured) -> dict[str, dict[str, float]]:
