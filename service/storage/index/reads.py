@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import joinedload
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -25,6 +25,26 @@ def uid_in(column: Any, uids: Sequence[str]) -> ColumnElement[bool]:
     default, 250,000 in Debian's; PostgreSQL: 65,535), beyond what an explicit VR identifier
     can carry (64 KiB per element: about 1,000 full-length UIDs)."""
     return column.in_(list(uids))
+
+
+# Built once: constructing and cache-keying the statement cost as much as running it.
+_BY_UID = (
+    select(
+        *_INSTANCE.c,
+        _BLOB.c.tier,
+        _BLOB.c.path,
+        _BLOB.c.kind,
+        _BLOB.c.size,
+        _BLOB.c.checksum.label("blob_checksum"),
+        _SERIES.c.series_instance_uid,
+        _SERIES.c.study_pk,
+        _STUDY.c.study_instance_uid,
+    )
+    .join(_BLOB, _BLOB.c.id == _INSTANCE.c.blob_pk)
+    .join(_SERIES, _SERIES.c.id == _INSTANCE.c.series_pk)
+    .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
+    .where(_INSTANCE.c.sop_instance_uid == bindparam("sop"))
+)
 
 
 class Reads(Connections):
@@ -93,27 +113,11 @@ class Reads(Connections):
         one Core statement and handed back as transient mapped objects. Why not the ORM
         query of `_instances`: a web viewer asks one frame per request, and that query's
         joined loads and identity map were a quarter of a frame's time (bench/dicomweb.py)."""
-        statement = (
-            select(
-                *_INSTANCE.c,
-                _BLOB.c.tier,
-                _BLOB.c.path,
-                _BLOB.c.kind,
-                _BLOB.c.size,
-                _BLOB.c.checksum.label("blob_checksum"),
-                _SERIES.c.series_instance_uid,
-                _SERIES.c.study_pk,
-                _STUDY.c.study_instance_uid,
-            )
-            .join(_BLOB, _BLOB.c.id == _INSTANCE.c.blob_pk)
-            .join(_SERIES, _SERIES.c.id == _INSTANCE.c.series_pk)
-            .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
-            .where(_INSTANCE.c.sop_instance_uid == sop_uid)
-        )
-        rows = self._rows(statement)
-        if not rows:
+        with self.engine.connect() as conn:
+            found = conn.execute(_BY_UID, {"sop": sop_uid}).first()
+        if found is None:
             return None
-        row = rows[0]._mapping
+        row = found._mapping
         study = Study(id=row["study_pk"], study_instance_uid=row["study_instance_uid"])
         series = Series(
             id=row["series_pk"],
