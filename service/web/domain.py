@@ -25,13 +25,13 @@ from sqlalchemy import func, select
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
-from compacs.service import metrics, query, retrieve, syntaxes
+from compacs.service import metrics, query, retrieve, syntaxes, wire
 from compacs.service.archive_service import ArchiveService
 from compacs.service.compress import source_frames
 from compacs.service.storage.index import Instance, Series
 from compacs.service.storage.schema import utcnow
 from compacs.service.transcode import TranscodeError, transcode, transcode_dataset
-from compacs.service.wire import STREAM_CHUNK
+from compacs.service.wire import STREAM_CHUNK, Buffer, PixelElement
 
 QueryError = query.QueryError
 RetrieveError = retrieve.RetrieveError
@@ -97,6 +97,21 @@ class Domain:
         found = retrieve.matching_instances(self.service.index, identifier)
         self._mark_accessed([i.id for i in found])
         return found
+
+    def instance(self, study: str, series: str, sop: str) -> Instance | None:
+        """The one instance a frame path names, by one Core read of its SOP Instance UID
+        (a viewer asks a frame per request: `instances`' ORM query was a quarter of its
+        time); None unless the path's study and series are its own, as `instances` would
+        match them."""
+        inst = self.service.index.instance_by_uid(sop.strip(" \0"))
+        if (
+            inst is None
+            or inst.series.series_instance_uid != series.strip(" \0")
+            or inst.series.study.study_instance_uid != study.strip(" \0")
+        ):
+            return None
+        self._mark_accessed([inst.id])
+        return inst
 
     def _mark_accessed(self, ids: list[int]) -> None:
         """Retrieved instances are marked accessed (tiers with since = "accessed") in
@@ -208,6 +223,40 @@ class Domain:
         converted = transcode_dataset(ds, target)
         return [self._stored_frame(converted, target, n - 1, count) for n in numbers]
 
+    def stored_frames(self, inst: Instance, numbers: list[int], target: str) -> list[Buffer] | None:
+        """Frames `numbers` (1-based) of `inst` in `target`, cut from its stored bytes by
+        their item headers (wire.read_head parses the header only, never the pixel data):
+        views of the stored fragments when `target` is the stored syntax, one frame decoded
+        by our codec when native is asked. None where this does not apply (a slice of a
+        series volume, a target that needs a transcode, an object replaced meanwhile by one
+        in another syntax): the caller then reads the object whole (read, frames). Raises
+        IndexError for a frame number the object does not have."""
+        stored = inst.stored_transfer_syntax
+        codec = None
+        if inst.frame_first is not None:
+            return None
+        if target != stored:
+            codec = registry.by_transfer_syntax(stored) if target in syntaxes.NATIVE else None
+            if codec is None:
+                return None
+        raw = self.service.read_instance(inst)
+        ds, element, error = wire.read_head(BytesIO(raw), len(raw))
+        if error or element is None or str(ds.file_meta.TransferSyntaxUID) != stored:
+            return None
+        fmt = PixelFormat.from_dataset(ds)
+        bad = [n for n in numbers if not 1 <= n <= fmt.number_of_frames]
+        if bad:
+            raise IndexError(
+                f"frame(s) {bad} out of range: this instance has {fmt.number_of_frames} frame(s)"
+            )
+        cut = _cut_frames(raw, element, fmt, numbers)
+        if codec is None:
+            return cut
+        return [
+            np.ascontiguousarray(codec.decode_frame(bytes(f), fmt), fmt.dtype).tobytes()
+            for f in cut
+        ]
+
     @staticmethod
     def _stored_frame(ds: Dataset, syntax: str, index: int, count: int) -> bytes:
         if syntaxes.is_encapsulated(syntax):
@@ -313,3 +362,26 @@ class Domain:
             if 0 <= slot < 24:
                 counts[slot] += 1
         return counts
+
+
+def _cut_frames(
+    raw: bytes, element: PixelElement, fmt: PixelFormat, numbers: list[int]
+) -> list[Buffer]:
+    """Frames `numbers` of the pixel data `element` locates in `raw`, as stored. Encapsulated
+    (PS3.5 A.4): a single frame is all fragments, one fragment per frame when there are as
+    many as frames (views, no copy); otherwise pydicom finds the frames (Basic Offset Table
+    or markers)."""
+    view = memoryview(raw)
+    if element.length is not None:  # native
+        size = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.dtype.itemsize
+        return [view[element.value_at + (n - 1) * size :][:size] for n in numbers]
+    fragments = element.items[1:]
+    if fmt.number_of_frames == 1:
+        whole = [view[at : at + size] for at, size in fragments]
+        return [whole[0] if len(whole) == 1 else b"".join(whole) for _ in numbers]
+    if len(fragments) == fmt.number_of_frames:
+        return [view[fragments[n - 1][0] :][: fragments[n - 1][1]] for n in numbers]
+    file = BytesIO(raw)
+    file.seek(element.value_at)
+    found = list(generate_frames(file, number_of_frames=fmt.number_of_frames))
+    return [found[n - 1] for n in numbers]

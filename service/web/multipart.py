@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Part:
-    """One part; `body` is bytes, or chunks of `length` bytes in all (a big object sent
-    from its blob file, never held whole)."""
+    """One part; `body` is bytes (or a view of stored bytes: a frame cut without a copy),
+    or chunks of `length` bytes in all (a big object sent from its blob file, never held
+    whole)."""
 
     content_type: str
-    body: bytes | Iterable[bytes]
+    body: bytes | memoryview | Iterable[bytes]
     location: str | None = None
     length: int | None = None
 
@@ -36,7 +37,7 @@ def encode(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
         head = f"--{boundary}\r\nContent-Type: {part.content_type}\r\n"
         if part.location:
             head += f"Content-Location: {part.location}\r\n"
-        whole = isinstance(part.body, bytes | bytearray)
+        whole = isinstance(part.body, bytes | bytearray | memoryview)
         size = len(part.body) if whole else part.length  # type: ignore[arg-type]
         head += f"Content-Length: {size}\r\n\r\n"
         yield head.encode("ascii")

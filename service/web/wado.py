@@ -157,11 +157,19 @@ class Wado:
             ) from None
         if not numbers:
             raise BadRequest("no frame numbers: /frames/1 or /frames/1,3,5")
-        inst = self._instances(study, series, sop)[0]
-        obj = self.domain.read(inst)
+        inst = self.domain.instance(study, series, sop)
+        if inst is None:
+            raise NotFound(f"no instance {sop} in series {series} of study {study} in this archive")
         accepted = media.parse_accept(request.headers.get("accept"), media.OCTET)
-        part_type, syntax = self._pick(obj.instance, obj.syntax, accepted, media.OCTET)
-        frames = self.domain.frames(obj, numbers, syntax)
+        frames = None
+        if inst.frame_first is None:  # its bytes are in the syntax the index says
+            stored = inst.stored_transfer_syntax
+            part_type, syntax = self._pick(inst, stored, accepted, media.OCTET)
+            frames = self.domain.stored_frames(inst, numbers, syntax)
+        if frames is None:
+            obj = self.domain.read(inst)
+            part_type, syntax = self._pick(obj.instance, obj.syntax, accepted, media.OCTET)
+            frames = self.domain.frames(obj, numbers, syntax)
         url = instance_url(root(request), study, series, sop)
         parts = [
             multipart.Part(f"{part_type}; transfer-syntax={syntax}", data, f"{url}/frames/{n}")

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import joinedload
 from sqlalchemy.sql.elements import ColumnElement
 
 from compacs.service.storage.index.engine import Connections
-from compacs.service.storage.index.tables import _INSTANCE
-from compacs.service.storage.schema import Instance, Patient, Series, Study, utcnow
+from compacs.service.storage.index.tables import _BLOB, _INSTANCE, _SERIES, _STUDY
+from compacs.service.storage.schema import Blob, Instance, Patient, Series, Study, utcnow
 
 
 def uid_in(column: Any, uids: Sequence[str]) -> ColumnElement[bool]:
@@ -25,6 +25,26 @@ def uid_in(column: Any, uids: Sequence[str]) -> ColumnElement[bool]:
     default, 250,000 in Debian's; PostgreSQL: 65,535), beyond what an explicit VR identifier
     can carry (64 KiB per element: about 1,000 full-length UIDs)."""
     return column.in_(list(uids))
+
+
+# Built once: constructing and cache-keying the statement cost as much as running it.
+_BY_UID = (
+    select(
+        *_INSTANCE.c,
+        _BLOB.c.tier,
+        _BLOB.c.path,
+        _BLOB.c.kind,
+        _BLOB.c.size,
+        _BLOB.c.checksum.label("blob_checksum"),
+        _SERIES.c.series_instance_uid,
+        _SERIES.c.study_pk,
+        _STUDY.c.study_instance_uid,
+    )
+    .join(_BLOB, _BLOB.c.id == _INSTANCE.c.blob_pk)
+    .join(_SERIES, _SERIES.c.id == _INSTANCE.c.series_pk)
+    .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
+    .where(_INSTANCE.c.sop_instance_uid == bindparam("sop"))
+)
 
 
 class Reads(Connections):
@@ -87,6 +107,33 @@ class Reads(Connections):
                 if values:
                     query = query.where(uid_in(columns[key], values))
             return list(s.scalars(query))
+
+    def instance_by_uid(self, sop_uid: str) -> Instance | None:
+        """One instance by its SOP Instance UID, with its blob, series and study, read with
+        one Core statement and handed back as transient mapped objects. Why not the ORM
+        query of `_instances`: a web viewer asks one frame per request, and that query's
+        joined loads and identity map were a quarter of a frame's time (bench/dicomweb.py)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(_BY_UID, {"sop": sop_uid}).first()
+        if found is None:
+            return None
+        row = found._mapping
+        study = Study(id=row["study_pk"], study_instance_uid=row["study_instance_uid"])
+        series = Series(
+            id=row["series_pk"],
+            series_instance_uid=row["series_instance_uid"],
+            study_pk=row["study_pk"],
+            study=study,
+        )
+        blob = Blob(
+            id=row["blob_pk"],
+            tier=row["tier"],
+            path=row["path"],
+            kind=row["kind"],
+            size=row["size"],
+            checksum=row["blob_checksum"],
+        )
+        return Instance(**{c.key: row[c] for c in _INSTANCE.c}, series=series, blob=blob)
 
     def mark_accessed(self, instance_ids: list[int]) -> None:
         """When these instances were last retrieved: a tier policy's `accessed` age."""
