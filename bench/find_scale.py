@@ -318,7 +318,7 @@ def explain(index: Index, q: Query) -> str:
     caught: list[tuple[str, Any]] = []
 
     def catch(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and not caught:
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")) and not caught:
             caught.append((statement, params))
 
     event.listen(index.engine, "before_cursor_execute", catch)

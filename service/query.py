@@ -1,10 +1,13 @@
 """C-FIND matching (PS3.4 C.2.2.2 and C.4.1) on the SQL index.
 
 One SQL SELECT per query (per page of results): the joins of the query level, one WHERE
-built from the matching keys, and correlated scalar subqueries for the computed return keys
-(NumberOf*Related*, ModalitiesInStudy, SOPClassesInStudy), added only when the SCU asks for
-them; instance counts add up the per-series counters the index keeps. Nothing is matched
-in Python; Python only turns the selected columns into response identifiers. Everything
+built from the matching keys, and the computed return keys (NumberOf*Related*,
+ModalitiesInStudy, SOPClassesInStudy), added only when the SCU asks for them; instance
+counts add up the per-series counters the index keeps. At study level a page's series
+counts, instance counts and modalities come from one grouped read of its studies' series
+joined to the page (query_keys.study_series_aggregates); the other computed keys are
+correlated scalar subqueries. Nothing is matched in Python; Python only turns the selected
+columns into response identifiers. Everything
 is plain SQLAlchemy Core, so the same query runs on SQLite and PostgreSQL; the one dialect
 switch is case-sensitive wildcard matching (SQLite's LIKE folds ASCII case, its GLOB does
 not; PostgreSQL's LIKE is case-sensitive).
@@ -52,7 +55,7 @@ from pydicom import Dataset, config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 
 from compacs.service import key_matching, query_keys
 from compacs.service.key_matching import (
@@ -120,6 +123,9 @@ class Plan:
     multi: set[str]
     template: Dataset
     character_set: str | None
+    # position in `keywords` -> query_keys.PER_STUDY key of the return keys that each page
+    # reads from its studies' series at once (see _page); their statement has no column
+    per_study: dict[int, str] = field(default_factory=dict)
     # (tag, VR, multi-valued) per selected key, looked up once: building the answers with
     # DataElement directly takes about half the time of setattr by keyword.
     targets: list[tuple[int, str, bool]] = field(default_factory=list)
@@ -168,22 +174,49 @@ def plan(
 def rows(index: Index, query: Plan, page_size: int = 1000) -> Iterator[Sequence[Any]]:
     """The values of each match, in ``query.keywords`` order, as the index holds them.
 
-    Keyset paging on the level's primary key: one short read transaction per page of
-    ``page_size``, so a slow or cancelling requester never holds a database connection or
-    snapshot open."""
+    Keyset paging on the level's primary key: one short read per page of ``page_size``, so
+    a slow or cancelling requester never holds a database connection or snapshot open. Rows
+    are Core rows (plain tuples): the ORM session's per-row bookkeeping cost more than the
+    SQL on a page of a thousand studies."""
     last_id: int | None = None
     while True:
-        statement = query.statement
-        if last_id is not None:
-            statement = statement.where(query.id_column > last_id)
-        statement = statement.order_by(query.id_column).limit(page_size)
-        with index.reading() as session:
-            page = session.execute(statement).all()
+        statement = _page(query, last_id, page_size)
+        with index.engine.connect() as conn:
+            page = conn.execute(statement).all()
         for row in page:
             yield row[1:]
         if len(page) < page_size:
             return
         last_id = page[-1][0]
+
+
+def _page(query: Plan, last_id: int | None, page_size: int) -> Any:
+    """The SELECT of the page after `last_id`. With per-study keys, the page is a CTE whose
+    study ids drive one grouped read of their series (query_keys.study_series_aggregates),
+    joined back in the order of `query.keywords`; an outer join, so a study without series
+    answers 0 series, 0 instances and no modalities, as the correlated subqueries did."""
+    statement = query.statement
+    if last_id is not None:
+        statement = statement.where(query.id_column > last_id)
+    statement = statement.order_by(query.id_column).limit(page_size)
+    if not query.per_study:
+        return statement
+    page = statement.cte("page")
+    per_study = query_keys.study_series_aggregates(select(page.c.id))
+    values: list[Any] = []
+    for position in range(len(query.keywords)):
+        keyword = query.per_study.get(position)
+        if keyword is None:
+            values.append(page.c[f"k{position}"])
+            continue
+        name, empty = query_keys.PER_STUDY[keyword]
+        column = per_study.c[name]
+        values.append(column if empty is None else func.coalesce(column, empty))
+    return (
+        select(page.c.id, *values)
+        .select_from(page.outerjoin(per_study, per_study.c.study_pk == page.c.id))
+        .order_by(page.c.id)
+    )
 
 
 def query_level(identifier: Dataset) -> str:
@@ -215,6 +248,11 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
     conditions: list[Any] = []
     requested_charset: str | None = None
     seen: set[str] = set()
+    per_study: dict[int, str] = {}
+
+    def add(column: Any) -> None:
+        # labelled by the key's position, so that _page can pick it out of the page's CTE
+        columns.append(column.label(f"k{len(keywords)}"))
 
     for elem in _elements(identifier):
         tag = int(elem.tag)
@@ -228,8 +266,8 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
                 template.add_new(elem.tag, "AE", None)
             continue
         if tag == _INSTANCE_AVAILABILITY:
+            add(query_keys.availability(depth))
             keywords.append("InstanceAvailability")
-            columns.append(query_keys.availability(depth))
             seen.add("InstanceAvailability")
             continue
         keyword = elem.keyword
@@ -244,14 +282,17 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
         values = _values(elem)
         if attr is not None:
             column = attr.column_at(depth)
-            columns.append(column)
+            add(column)
             if values is not None:
                 condition = key_matching.condition(keyword, column, attr.kind, values, dialect)
                 if condition is not None:
                     conditions.append(condition)
         else:
             assert computed is not None
-            columns.append(computed.build())
+            if depth == 1 and keyword in query_keys.PER_STUDY:
+                per_study[len(keywords)] = keyword
+            else:
+                add(computed.build())
             if computed.multi:
                 multi.add(keyword)
             if keyword == "ModalitiesInStudy" and values is not None:
@@ -263,15 +304,17 @@ def _plan(identifier: Dataset, model: str, dialect: str, retrieve_ae: str | None
 
     unique = UNIQUE_KEYS[level]
     if unique not in seen:
+        add(query_keys.ATTRS[unique].column)
         keywords.append(unique)
-        columns.append(query_keys.ATTRS[unique].column)
     if retrieve_ae is not None:
         template.RetrieveAETitle = retrieve_ae
 
     statement = statement.add_columns(*columns)
     if conditions:
         statement = statement.where(and_(*conditions))
-    return Plan(level, statement, base.id, keywords, multi, template, requested_charset)
+    return Plan(
+        level, statement, base.id, keywords, multi, template, requested_charset, per_study=per_study
+    )
 
 
 def _level(identifier: Dataset, model: str) -> str:

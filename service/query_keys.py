@@ -3,6 +3,11 @@ level whose table holds it, a computed return key's correlated subquery (NumberO
 ModalitiesInStudy, SOPClassesInStudy) and InstanceAvailability from the blobs' tier.
 query.py plans a query from these; they are apart from it so that adding a key is one line
 here, whatever face asks for it.
+
+At study level the three keys a study list asks for (NumberOfStudyRelatedSeries,
+NumberOfStudyRelatedInstances, ModalitiesInStudy) come instead from one grouped read of a
+page's series (:data:`PER_STUDY`, :func:`study_series_aggregates`): three correlated
+subqueries per answer made a third of the universal study query's time at 10,000 studies.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import BigInteger, case, cast, func, select
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -171,3 +176,42 @@ def availability(depth: int) -> ColumnElement[Any]:
                 inner_study.patient_pk == Patient.id
             )
     return case((cold.exists(), "NEARLINE"), else_="ONLINE")
+
+
+# Study-level keys answered from study_series_aggregates' columns (named here) by query.py,
+# with the value a study without series gets: what the correlated subqueries above give.
+PER_STUDY: dict[str, tuple[str, int | None]] = {
+    "NumberOfStudyRelatedSeries": ("series", 0),
+    "NumberOfStudyRelatedInstances": ("instances", 0),
+    "ModalitiesInStudy": ("modalities", None),
+}
+
+
+def study_series_aggregates(study_ids: Any) -> Any:
+    """Per study among `study_ids` (a SELECT of study ids: one page of a query), its series
+    count, instance count (the per-series counters) and backslash-joined distinct
+    modalities, as columns study_pk, series, instances, modalities: one grouped read of the
+    (study_pk, modality, instance_count) index instead of three subqueries per study. The
+    modalities are grouped first because SQLite's group_concat takes no DISTINCT with a
+    separator; the sums are cast because PostgreSQL sums bigints as numeric."""
+    by_modality = (
+        select(
+            Series.study_pk.label("study_pk"),
+            Series.modality.label("modality"),
+            func.count().label("n"),
+            func.sum(Series.instance_count).label("i"),
+        )
+        .where(Series.study_pk.in_(study_ids))
+        .group_by(Series.study_pk, Series.modality)
+        .subquery("by_modality")
+    )
+    return (
+        select(
+            by_modality.c.study_pk,
+            cast(func.sum(by_modality.c.n), BigInteger).label("series"),
+            cast(func.coalesce(func.sum(by_modality.c.i), 0), BigInteger).label("instances"),
+            func.aggregate_strings(by_modality.c.modality, "\\").label("modalities"),
+        )
+        .group_by(by_modality.c.study_pk)
+        .subquery("per_study")
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from pydicom import Dataset
@@ -35,6 +36,8 @@ _TEXT_VRS = frozenset(
 _LONG_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 )
+# How encode() writes a target's value: text, a backslash-joined set, or by _element.
+_TEXT, _SET, _OTHER = 0, 1, 2
 
 
 def find_encoded(
@@ -105,32 +108,79 @@ class IdentifierEncoder:
         ]
         slots += [(t.tag, i) for i, t in enumerate(self.targets)]
         slots.sort(key=lambda slot: slot[0])
-        self._charset_default = constants.get(SPECIFIC_CHARACTER_SET)
+        charset_default = constants.get(SPECIFIC_CHARACTER_SET)
         if character_set is not None:
-            self._charset_default = self._text_element(SPECIFIC_CHARACTER_SET, "CS", character_set)
+            charset_default = self._text_element(SPECIFIC_CHARACTER_SET, "CS", character_set)
+        self._charset_default = charset_default or b""
         self._charset_utf8 = self._text_element(SPECIFIC_CHARACTER_SET, "CS", UTF8)
-        self._before = [data for tag, data in slots if tag < SPECIFIC_CHARACTER_SET]
-        self._after = [data for tag, data in slots if tag > SPECIFIC_CHARACTER_SET]
+        # One answer is b"".join of a list [targets' elements..., charset, constants...]
+        # taken in tag order by one itemgetter: 10,000 answers of a universal study query
+        # spent most of their time in per-element Python before (encode's loop is the rest).
+        self._constants = [data for _, data in slots if isinstance(data, bytes)]
+        n = len(self.targets)
+        order: list[int] = []
+        for tag, data in slots:
+            if tag > SPECIFIC_CHARACTER_SET and n not in order:
+                order.append(n)  # the charset slot, b"" when none is sent
+            if isinstance(data, int):
+                order.append(data)
+            else:
+                order.append(n + 1 + self._constants.index(data))
+        if n not in order:
+            order.append(n)
+        self._in_tag_order = itemgetter(*order)
+        # Per target: how to write it, the element's bytes before the value's length, the
+        # length's struct, the pad byte and the element without a value.
+        fmt = "<I" if implicit_vr else "<H"
+        self._lengths = [struct.pack(fmt, length) for length in range(256)]
+        self._length = struct.Struct(fmt).pack
+        self._fast: list[tuple[int, bytes, bytes, bytes]] = []
+        for t in self.targets:
+            kind = _OTHER if t.vr not in _TEXT_VRS else _SET if t.multi else _TEXT
+            empty = self._header(t.tag, t.vr, 0)
+            head = empty[: -len(self._lengths[0])]
+            self._fast.append((kind, head, b"\0" if t.vr == "UI" else b" ", empty))
 
     def encode(self, values: Sequence[Any]) -> bytes:
         """The answer for one row (`values` in target order)."""
-        encoded: list[bytes] = []
+        parts: list[bytes] = []
+        append = parts.append
+        lengths = self._lengths
         non_ascii = False
-        for target, value in zip(self.targets, values, strict=True):
-            if value == "":
-                value = None
-            elif target.multi and value is not None:
-                parts = sorted({v for v in str(value).split("\\") if v})
-                value = parts[0] if len(parts) == 1 else parts
-            elif isinstance(value, str) and not value.isascii():
-                non_ascii = True
-            encoded.append(self._element(target.tag, target.vr, value))
-        out = [part if isinstance(part, bytes) else encoded[part] for part in self._before]
-        charset = self._charset_utf8 if non_ascii else self._charset_default
-        if charset is not None:
-            out.append(charset)
-        out += [part if isinstance(part, bytes) else encoded[part] for part in self._after]
-        return b"".join(out)
+        for target, (kind, head, pad, empty), value in zip(
+            self.targets, self._fast, values, strict=True
+        ):
+            if value is None or value == "":
+                append(empty)
+                continue
+            if kind == _TEXT:
+                if value.__class__ is not str:
+                    text = str(value)
+                else:
+                    text = value
+                    if not text.isascii():
+                        non_ascii = True
+            elif kind == _SET:
+                text = "\\".join(sorted({v for v in str(value).split("\\") if v}))
+            else:
+                if isinstance(value, str) and not value.isascii():
+                    non_ascii = True
+                append(self._element(target.tag, target.vr, value))
+                continue
+            data = text.encode("utf-8")
+            length = len(data)
+            if length & 1:
+                data += pad
+                length += 1
+            if length < 256:
+                append(head + lengths[length] + data)
+            elif length <= 0xFFFF or self.implicit_vr:
+                append(head + self._length(length) + data)
+            else:
+                append(self._text_element(target.tag, target.vr, text))
+        parts.append(self._charset_utf8 if non_ascii else self._charset_default)
+        parts += self._constants
+        return b"".join(self._in_tag_order(parts))
 
     # ------------------------------------------------------------------ elements
 
