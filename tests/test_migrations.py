@@ -541,8 +541,8 @@ def test_0009_adds_the_find_indexes_and_queries_use_them(url: str, tmp_path: Pat
 
 def _plan_of(index: Index, identifier: Dataset) -> str:
     """EXPLAIN of the first query (SELECT, or WITH for a study page) that find() sends for
-    `identifier`, caught on its way to
-    the driver (so the plan is the real code's), with sequential scans off."""
+    `identifier`, caught on its way to the driver (so the plan is the real code's), with
+    sequential scans off."""
     caught: list[tuple[str, object]] = []
 
     def catch(_conn: object, _cursor: object, statement: str, params: object, *_: object) -> None:
