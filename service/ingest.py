@@ -33,7 +33,13 @@ from pydicom.uid import UID
 from compacs.service import metrics
 from compacs.service.config import NodeConfig
 from compacs.service.jobs import Jobs, flagged
-from compacs.service.storage.archive import Archive, checksum, file_checksums, new_token
+from compacs.service.storage.archive import (
+    Archive,
+    checksum,
+    disk_full,
+    file_checksums,
+    new_token,
+)
 from compacs.service.storage.index import (
     Claim,
     DuplicateInstance,
@@ -321,7 +327,7 @@ class Ingest:
     @staticmethod
     def _failure_status(exc: Exception, sop_inst: str, calling_ae: str) -> int:
         """0xA700 for a full disk (the sender retries later), 0x0110 for anything else."""
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        if disk_full(exc):
             log.error("disk full storing SOP %s from %s: %s", sop_inst, calling_ae, exc)
             return STATUS_OUT_OF_RESOURCES
         log.error("failed to store SOP %s from %s", sop_inst, calling_ae, exc_info=exc)

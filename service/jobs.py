@@ -50,7 +50,7 @@ from compacs.service.compress_worker import (
     worker_init,
 )
 from compacs.service.config import NodeConfig
-from compacs.service.storage.archive import Archive, new_token
+from compacs.service.storage.archive import Archive, disk_full, new_token
 from compacs.service.storage.index import Claim, Index, NewBlob, lease
 from compacs.service.storage.schema import STATE_PARKED
 
@@ -260,8 +260,15 @@ class Jobs:
                     self._retry_later(claim)
             else:
                 self._failed(claim, exc)
-        except Exception:
-            log.exception("recording a compression result failed; the object stays pending")
+        except Exception as exc:
+            if disk_full(exc):  # the operator's to fix, said in one line: no traceback
+                log.error(
+                    "recording a compression result failed, disk full (%s); the object "
+                    "stays pending",
+                    exc.__class__.__name__,
+                )
+            else:
+                log.exception("recording a compression result failed; the object stays pending")
         finally:
             with self._lock:
                 self._jobs.pop(future, None)

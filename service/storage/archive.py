@@ -18,6 +18,7 @@ writing (younger than any lease).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -300,3 +301,19 @@ def age(path: Path) -> float:
         return time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return 0.0
+
+
+SQLITE_FULL = 13  # "database or disk is full"
+POSTGRES_DISK_FULL = "53100"
+
+
+def disk_full(exc: Exception) -> bool:
+    """Whether `exc` says the disk is full: a file write (ENOSPC, EDQUOT) or the index's own
+    write (SQLite's SQLITE_FULL, PostgreSQL's disk_full), which the driver reports as its error
+    under SQLAlchemy's: the sender should hear 0xA700 and retry either way."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlite_errorcode", None) == SQLITE_FULL or (
+        getattr(orig, "sqlstate", None) == POSTGRES_DISK_FULL
+    )
