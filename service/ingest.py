@@ -21,7 +21,6 @@ as a re-send of the first.
 
 from __future__ import annotations
 
-import errno
 import logging
 from dataclasses import dataclass
 from io import BytesIO
@@ -65,7 +64,6 @@ from compacs.service.validate import (
 log = logging.getLogger("compacs.ingest")
 
 STATUS_SUCCESS = 0x0000
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _RACES = 3  # a re-send decision retried when another process changed the row meanwhile
 
 

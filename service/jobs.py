@@ -29,7 +29,6 @@ a pool of spawned processes.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 from collections import deque
@@ -50,7 +49,7 @@ from compacs.service.compress_worker import (
     worker_init,
 )
 from compacs.service.config import NodeConfig
-from compacs.service.storage.archive import Archive, disk_full, new_token
+from compacs.service.storage.archive import DISK_FULL_ERRNOS, Archive, disk_full, new_token
 from compacs.service.storage.index import Claim, Index, NewBlob, lease
 from compacs.service.storage.schema import STATE_PARKED
 
@@ -69,8 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("compacs.jobs")
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Jobs:

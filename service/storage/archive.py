@@ -303,6 +303,7 @@ def age(path: Path) -> float:
         return 0.0
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 SQLITE_FULL = 13  # "database or disk is full"
 POSTGRES_DISK_FULL = "53100"
 
@@ -311,7 +312,7 @@ def disk_full(exc: Exception) -> bool:
     """Whether `exc` says the disk is full: a file write (ENOSPC, EDQUOT) or the index's own
     write (SQLite's SQLITE_FULL, PostgreSQL's disk_full), which the driver reports as its error
     under SQLAlchemy's: the sender should hear 0xA700 and retry either way."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         return True
     orig = getattr(exc, "orig", None)
     return getattr(orig, "sqlite_errorcode", None) == SQLITE_FULL or (
