@@ -27,8 +27,12 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
 # The test setup installs dcmtk, orthanc and orthanc-gdcm with apt-get when missing.
+# Two workers, a test file each at a time (module fixtures such as the container image are
+# built once): most tests wait on peers and sockets rather than compute, so two share the
+# CI machine's two cores well. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=40
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/ingest.py

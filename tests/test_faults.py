@@ -50,10 +50,6 @@ def small_tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-@pytest.mark.skip(
-    reason="fails on merged main (2026-12-07): 0x0110 from SQLite's 'disk is full' (fixed in "
-    "f61e461), then a 4-minute stall after the sweep; not yet diagnosed, see the stop note"
-)
 def test_a_full_disk_refuses_with_a700_and_keeps_all_it_acknowledged(
     make_node, tmp_path: Path
 ) -> None:
