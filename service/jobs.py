@@ -258,14 +258,23 @@ class Jobs:
             else:
                 self._failed(claim, exc)
         except Exception as exc:
+            # The claim is still this process' and renewed while it lives, so no other
+            # process takes the object over: unless it is tried again here it would stay
+            # pending for good (found by the disk-full fault test).
             if disk_full(exc):  # the operator's to fix, said in one line: no traceback
                 log.error(
                     "recording a compression result failed, disk full (%s); the object "
-                    "stays pending",
+                    "stays pending, retrying in %g s",
                     exc.__class__.__name__,
+                    self.config.ingest.retry_seconds,
                 )
             else:
-                log.exception("recording a compression result failed; the object stays pending")
+                log.exception(
+                    "recording a compression result failed; the object stays pending, "
+                    "retrying in %g s",
+                    self.config.ingest.retry_seconds,
+                )
+            self._retry_later(claim)
         finally:
             with self._lock:
                 self._jobs.pop(future, None)
@@ -335,15 +344,23 @@ class Jobs:
     def _record(self, result: JobResult) -> None:
         job = result.job
         claim = job.claim
-        stored = self.index.mark_stored(
-            claim,
-            self.owner,
-            NewBlob(job.stored, result.size, result.checksum),
-            stored_transfer_syntax=result.transfer_syntax,
-            codec=result.codec,
-            flag=result.source_error,
-            **(_derived_fields(result.derived) if result.derived else {}),
-        )
+        try:
+            stored = self.index.mark_stored(
+                claim,
+                self.owner,
+                NewBlob(job.stored, result.size, result.checksum),
+                stored_transfer_syntax=result.transfer_syntax,
+                codec=result.codec,
+                flag=result.source_error,
+                **(_derived_fields(result.derived) if result.derived else {}),
+            )
+        except Exception as exc:
+            # A full disk refuses the write before it commits: the new file is no row's, and
+            # the retry writes another. Any other failure may have come after a commit (a
+            # connection lost then): the file stays, for recovery to judge.
+            if disk_full(exc):
+                self.archive.delete(job.stored)
+            raise
         if not stored:  # replaced, or another process took over: our file belongs to no row
             self.archive.delete(job.stored)
             log.info(

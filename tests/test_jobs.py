@@ -197,6 +197,44 @@ def test_a_retry_that_succeeds_counts_the_failed_attempt(tmp_path, ct, services)
     assert (inst.state, inst.attempts, inst.codec) == ("stored", 1, "jpegls")
 
 
+def test_a_result_the_full_index_refused_is_recorded_once_there_is_room(
+    tmp_path, ct, services, monkeypatch
+) -> None:
+    """The index on a full disk refuses to record a finished compression: the object stays
+    pending under this process' claim (renewed while it lives, so no other process takes
+    it), and unless this process tries again it stays so for good. It is tried again,
+    uncharged, and its refused output is no orphan."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    service, steps = make_service(tmp_path)
+    services.append(service)
+    assert receive(service, ct) == 0
+    real = service.index.mark_stored
+    sqlite_full = sqlite3.OperationalError("database or disk is full")
+    sqlite_full.sqlite_errorcode = sqlite3.SQLITE_FULL  # as the driver sets it
+    full = sqlalchemy.exc.OperationalError("UPDATE instance", {}, sqlite_full)
+    calls = []
+
+    def refuse_once(*args, **kwargs):  # noqa: ANN202 - what the real one returns
+        calls.append(args)
+        if len(calls) == 1:
+            raise full
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.index, "mark_stored", refuse_once)
+    steps.run_one()  # compressed, then refused by the full index
+    assert row(service).state == "pending"
+    assert files_on_disk(service) == service.index.blob_paths()  # the output was removed
+    steps.run_one()  # the retry, queued after retry_seconds
+    inst = row(service)
+    assert (inst.state, inst.attempts, inst.codec, inst.claimed_by) == (
+        "stored", 0, "jpegls", None
+    )  # fmt: skip
+    assert np.array_equal(pixels(service, inst), pydicom.dcmread(BytesIO(ct)).pixel_array)
+
+
 def test_recovery_leaves_a_live_foreign_claim_and_takes_an_expired_one(
     tmp_path, ct, services
 ) -> None:
