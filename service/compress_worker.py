@@ -11,6 +11,8 @@ still holds (jobs.py), and deletes the attempt's file otherwise.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -68,6 +70,7 @@ def worker_init(archive_root: str, rules: list[rules_mod.Rule], log_format: str 
     from compacs.service.logs import quiet_decoder_tracebacks
 
     if multiprocessing.parent_process() is not None:
+        _exit_with_parent()
         logs.configure_worker(log_format)
         quiet_decoder_tracebacks()
         try:  # one worker per core: its ONNX Runtime sessions take one thread each
@@ -78,6 +81,20 @@ def worker_init(archive_root: str, rules: list[rules_mod.Rule], log_format: str 
             set_default_threads(1)
     _worker["archive"] = Archive(Path(archive_root))
     _worker["rules"] = rules
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the node process that started it ends, however it ends: a node
+    killed with SIGKILL (or by the out-of-memory killer) cannot shut its pool down, and its
+    workers would otherwise live on, holding memory and the archive's files, until someone
+    kills them by hand. A thread waits on the parent's sentinel (no polling)."""
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="compacs-parent-watch", daemon=True).start()
 
 
 def _warm_up() -> None:

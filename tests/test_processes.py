@@ -23,6 +23,7 @@ from pathlib import Path
 import dicomdata
 import numpy as np
 import peers
+import psutil
 import pydicom
 from nodecheck import exported_by_sop, wait_compressed
 from pynetdicom import AE
@@ -168,10 +169,14 @@ def test_a_node_process_that_dies_stops_the_node(make_node) -> None:
     node = make_node(extra_args=TWO)
     pids = echo_until_two_processes(node)
     assert len(pids) == 2, node.log_tail()
-    os.kill(min(pids), signal.SIGKILL)
+    victim = psutil.Process(min(pids))
+    workers = victim.children()  # its compression workers and multiprocessing's tracker
+    assert workers
+    os.kill(victim.pid, signal.SIGKILL)
     assert node.proc is not None
     assert node.proc.wait(timeout=180) == 1
     assert "ended with signal SIGKILL: stopping the node" in node.log_text()
-    # both node processes are gone (the killed one's compression workers are orphans that
-    # nothing stops yet: teardown kills the group)
-    assert not set(session_pids(node.pid)) & pids
+    assert not set(session_pids(node.pid)) & pids  # both node processes are gone
+    # and so are the killed one's workers, which no pool shutdown could stop
+    _, alive = psutil.wait_procs(workers, timeout=60)  # a deadline, not a measure
+    assert not alive, [p.cmdline() for p in alive]
