@@ -15,7 +15,7 @@ from pynetdicom import evt
 
 from compacs.service import logs, metrics
 from compacs.service.config import NodeConfig
-from compacs.service.dimse import admission, receive_limits
+from compacs.service.dimse import admission, internals, reactors, receive_limits
 from compacs.service.dimse.admission import REJECT_CALLED_AE, REJECT_CALLING_AE, Admission
 from compacs.service.dimse.authorisation import Allows, is_local, refuse_retrieve
 
@@ -91,7 +91,8 @@ def handle_accepted(event: evt.Event, allows: Allows, gate: Admission) -> None:
 
 
 def handle_conn_open(event: evt.Event, config: NodeConfig, gate: Admission) -> None:
-    """EVT_CONN_OPEN (before the association's threads start): limits, and no Nagle.
+    """EVT_CONN_OPEN (before the association's threads start): limits, waits instead of
+    polling (reactors.py), and no Nagle.
 
     pynetdicom leaves Nagle on, and a C-FIND-RQ/RSP exchange (command and data set in
     separate sends) then waits for delayed ACKs: a one-match C-FIND measured 88 ms with
@@ -101,6 +102,8 @@ def handle_conn_open(event: evt.Event, config: NodeConfig, gate: Admission) -> N
     receive_limits.install(
         assoc, config.limits, config.max_pdu, config.data_dir / "spool", on_pdu=gate.touch
     )
+    if internals.fast_paths():
+        reactors.install(assoc)
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):
