@@ -209,9 +209,16 @@ class Archive:
     def read_range(self, relpath: str, offset: int, length: int, expected_checksum: str) -> bytes:
         """The `length` bytes at `offset` of a blob (one instance of a volume blob, or a whole
         Part-10 blob), checked against the checksum recorded for that part."""
-        with open(self.abspath(relpath), "rb") as file:
-            file.seek(offset)
-            data = file.read(length)
+        fd = os.open(self.abspath(relpath), os.O_RDONLY)
+        try:  # one pread, no buffered file object: a viewer's frame is one such read
+            data = os.pread(fd, length, offset)
+            while len(data) < length:  # a read over 2 GiB comes back in parts
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        finally:
+            os.close(fd)
         if len(data) != length:
             raise ChecksumError(f"{relpath}: {len(data)} bytes at {offset}, expected {length}")
         if checksum(data) != expected_checksum:

@@ -31,6 +31,7 @@ from compacs.service.compress import source_frames
 from compacs.service.storage.index import Instance, Series
 from compacs.service.storage.schema import utcnow
 from compacs.service.transcode import TranscodeError, transcode, transcode_dataset
+from compacs.service.web.series_rows import SeriesRows
 from compacs.service.wire import STREAM_CHUNK, Buffer, PixelElement
 
 QueryError = query.QueryError
@@ -76,6 +77,7 @@ class Domain:
         self._accessed: set[int] = set()  # retrieved, not yet marked in the index
         self._accessed_lock = threading.Lock()
         self._marked_at = time.monotonic()
+        self._series_rows = SeriesRows(service.index.instances_by_series_uid)
 
     # --- query (QIDO-RS): the C-FIND code path -------------------------------------------
     def find(self, identifier: Dataset) -> Iterator[Dataset]:
@@ -99,11 +101,14 @@ class Domain:
         return found
 
     def instance(self, study: str, series: str, sop: str) -> Instance | None:
-        """The one instance a frame path names, by one Core read of its SOP Instance UID
-        (a viewer asks a frame per request: `instances`' ORM query was a quarter of its
-        time); None unless the path's study and series are its own, as `instances` would
-        match them."""
-        inst = self.service.index.instance_by_uid(sop.strip(" \0"))
+        """The one instance a frame path names: from the rows of its series read a moment
+        ago (series_rows.py: a viewer asks a frame per request, hundreds in a row), else by
+        one Core read of its SOP Instance UID; None unless the path's study and series are
+        its own, as `instances` would match them."""
+        sop = sop.strip(" \0")
+        inst = self._series_rows.get(series.strip(" \0"), sop)
+        if inst is None:
+            inst = self.service.index.instance_by_uid(sop)
         if (
             inst is None
             or inst.series.series_instance_uid != series.strip(" \0")
@@ -240,6 +245,15 @@ class Domain:
             if codec is None:
                 return None
         raw = self.service.read_instance(inst)
+        count = inst.number_of_frames or 1  # as recorded at ingest: none given is one
+        frames = None
+        if codec is None and inst.rows and _file_syntax(raw) == stored:
+            frames = _trailing_frames(raw, count)
+        if frames is not None:
+            bad = [n for n in numbers if not 1 <= n <= count]
+            if bad:
+                raise IndexError(f"frame(s) {bad} out of range: this instance has {count} frame(s)")
+            return [frames[n - 1] for n in numbers]
         ds, element, error = wire.read_head(BytesIO(raw), len(raw))
         if error or element is None or str(ds.file_meta.TransferSyntaxUID) != stored:
             return None
@@ -385,3 +399,63 @@ def _cut_frames(
     file.seek(element.value_at)
     found = list(generate_frames(file, number_of_frames=fmt.number_of_frames))
     return [found[n - 1] for n in numbers]
+
+
+# Explicit VR little endian, as every encapsulated syntax is: Pixel Data, OB (or OW, which
+# some writers give it), undefined length
+_PIXEL_DATA_ENCAPSULATED = (
+    b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff",
+    b"\xe0\x7f\x10\x00OW\x00\x00\xff\xff\xff\xff",
+)
+_ITEM = b"\xfe\xff\x00\xe0"
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0"
+
+
+_TRANSFER_SYNTAX_UID = b"\x02\x00\x10\x00UI"  # in the file meta group, explicit VR LE
+
+
+def _file_syntax(raw: bytes) -> str | None:
+    """The Transfer Syntax UID of a Part-10 object's file meta group, read from its bytes:
+    a row read a moment ago (series_rows.py) may name a syntax the object is no longer in
+    (compressed or recompressed since, the file read being the new one)."""
+    at = raw.find(_TRANSFER_SYNTAX_UID, 132, 132 + 1024)
+    if at < 0:
+        return None
+    length = int.from_bytes(raw[at + 6 : at + 8], "little")
+    return raw[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def _trailing_frames(raw: bytes, count: int) -> list[Buffer] | None:
+    """The frames of encapsulated pixel data that ends the object, found from its item
+    headers alone, without parsing the data set (a viewer's frame request; pydicom's read of
+    the header was a fifth of it). None where this does not apply, for the caller to parse:
+    native pixel data, anything after the pixel data, fragments that are not one per frame.
+    The item headers must tile the rest of the object exactly and end it with the sequence
+    delimiter, so that bytes inside a fragment that look like the Pixel Data tag (the last
+    match is taken) cannot be mistaken for it."""
+    at = max(raw.rfind(header) for header in _PIXEL_DATA_ENCAPSULATED)
+    if at < 0:
+        return None
+    view = memoryview(raw)
+    end = len(raw)
+    pos = at + 12
+    items: list[Buffer] = []
+    while True:
+        if pos + 8 > end:
+            return None
+        tag = raw[pos : pos + 4]
+        length = int.from_bytes(raw[pos + 4 : pos + 8], "little")
+        if tag == _SEQUENCE_END:
+            if length != 0 or pos + 8 != end:
+                return None
+            break
+        if tag != _ITEM or length == 0xFFFFFFFF or pos + 8 + length > end:
+            return None
+        items.append(view[pos + 8 : pos + 8 + length])
+        pos += 8 + length
+    fragments = items[1:]  # after the Basic Offset Table
+    if not fragments:
+        return None
+    if count == 1:
+        return [fragments[0] if len(fragments) == 1 else b"".join(fragments)]
+    return fragments if len(fragments) == count else None

@@ -28,7 +28,7 @@ def uid_in(column: Any, uids: Sequence[str]) -> ColumnElement[bool]:
 
 
 # Built once: constructing and cache-keying the statement cost as much as running it.
-_BY_UID = (
+_JOINED = (
     select(
         *_INSTANCE.c,
         _BLOB.c.tier,
@@ -43,8 +43,9 @@ _BY_UID = (
     .join(_BLOB, _BLOB.c.id == _INSTANCE.c.blob_pk)
     .join(_SERIES, _SERIES.c.id == _INSTANCE.c.series_pk)
     .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
-    .where(_INSTANCE.c.sop_instance_uid == bindparam("sop"))
 )
+_BY_UID = _JOINED.where(_INSTANCE.c.sop_instance_uid == bindparam("sop"))
+_BY_SERIES_UID = _JOINED.where(_SERIES.c.series_instance_uid == bindparam("series"))
 
 
 class Reads(Connections):
@@ -115,25 +116,14 @@ class Reads(Connections):
         joined loads and identity map were a quarter of a frame's time (bench/dicomweb.py)."""
         with self.engine.connect() as conn:
             found = conn.execute(_BY_UID, {"sop": sop_uid}).first()
-        if found is None:
-            return None
-        row = found._mapping
-        study = Study(id=row["study_pk"], study_instance_uid=row["study_instance_uid"])
-        series = Series(
-            id=row["series_pk"],
-            series_instance_uid=row["series_instance_uid"],
-            study_pk=row["study_pk"],
-            study=study,
-        )
-        blob = Blob(
-            id=row["blob_pk"],
-            tier=row["tier"],
-            path=row["path"],
-            kind=row["kind"],
-            size=row["size"],
-            checksum=row["blob_checksum"],
-        )
-        return Instance(**{c.key: row[c] for c in _INSTANCE.c}, series=series, blob=blob)
+        return None if found is None else _transient(found._mapping)
+
+    def instances_by_series_uid(self, series_uid: str) -> list[Instance]:
+        """Every instance of one series as instance_by_uid reads one, in one statement: a
+        viewer then asks each of their frames in a request of its own."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(_BY_SERIES_UID, {"series": series_uid}).all()
+        return [_transient(row._mapping) for row in rows]
 
     def mark_accessed(self, instance_ids: list[int]) -> None:
         """When these instances were last retrieved: a tier policy's `accessed` age."""
@@ -143,3 +133,23 @@ class Reads(Connections):
                 .where(_INSTANCE.c.id.in_(instance_ids))
                 .values(accessed_at=utcnow())
             )
+
+
+def _transient(row: Any) -> Instance:
+    """A joined row as transient mapped objects (never attached to a session)."""
+    study = Study(id=row["study_pk"], study_instance_uid=row["study_instance_uid"])
+    series = Series(
+        id=row["series_pk"],
+        series_instance_uid=row["series_instance_uid"],
+        study_pk=row["study_pk"],
+        study=study,
+    )
+    blob = Blob(
+        id=row["blob_pk"],
+        tier=row["tier"],
+        path=row["path"],
+        kind=row["kind"],
+        size=row["size"],
+        checksum=row["blob_checksum"],
+    )
+    return Instance(**{c.key: row[c] for c in _INSTANCE.c}, series=series, blob=blob)
