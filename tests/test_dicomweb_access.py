@@ -86,6 +86,18 @@ users = {{ VIEWER = "{_sha("viewer-pw")}", ARCHIVIST = "{_sha("token-123")}" }}
     metadata = f"{url}/studies/{ds.StudyInstanceUID}/metadata"
     assert archivist.get(metadata).status_code == 403  # retrieve: not listed
     assert viewer.get(metadata).json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]
+    # frames take a shorter way through the web face (app._frames_first): the same checks
+    frame = (
+        f"{url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/frames/1"
+    )
+    assert nobody.get(frame).status_code == 401
+    assert archivist.get(frame).status_code == 403
+    assert viewer.get(frame).status_code == 200
+    assert viewer.get(frame).status_code == 200  # its series' rows held now: the loop answers
+    crossed = viewer.get(frame, headers={"Origin": "https://viewer.example"})
+    assert crossed.status_code == 200
+    assert crossed.headers["access-control-allow-origin"] == "https://viewer.example"
     # CORS: the configured origin is answered, preflight included
     preflight = nobody.options(
         f"{url}/studies",

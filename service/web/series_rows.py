@@ -39,20 +39,32 @@ class SeriesRows:
         self._keep_series = keep_series
         self._series: OrderedDict[str, tuple[float, dict[str, Instance]]] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading = threading.Lock()
 
     def get(self, series_uid: str, sop_uid: str) -> Instance | None:
         """The row of `sop_uid` if it belongs to `series_uid` as read within keep_seconds
         (the series is read now if it was not); None: not in that series when it was read."""
-        now = time.monotonic()
+        held = self.held(series_uid)
+        if held is not None:
+            return held.get(sop_uid)
+        with self._loading:  # a viewer's 6 connections miss at once: one read, not six
+            held = self.held(series_uid)
+            if held is not None:
+                return held.get(sop_uid)
+            now = time.monotonic()
+            rows = {inst.sop_instance_uid: inst for inst in self._load(series_uid)}
+            with self._lock:
+                self._series[series_uid] = (now, rows)
+                while len(self._series) > self._keep_series:
+                    self._series.popitem(last=False)
+        return rows.get(sop_uid)
+
+    def held(self, series_uid: str) -> dict[str, Instance] | None:
+        """The rows of a series read within keep_seconds, by SOP Instance UID; None when
+        they would have to be read."""
         with self._lock:
             held = self._series.get(series_uid)
-            if held is not None and now - held[0] < self._keep_seconds:
-                self._series.move_to_end(series_uid)
-                return held[1].get(sop_uid)
-        rows = {inst.sop_instance_uid: inst for inst in self._load(series_uid)}
-        with self._lock:
-            self._series[series_uid] = (now, rows)
+            if held is None or time.monotonic() - held[0] >= self._keep_seconds:
+                return None
             self._series.move_to_end(series_uid)
-            while len(self._series) > self._keep_series:
-                self._series.popitem(last=False)
-        return rows.get(sop_uid)
+            return held[1]

@@ -146,6 +146,20 @@ class Wado:
         return dicomjson.metadata(ds, lambda tag: f"{url}/bulkdata/{tag:08X}", pixel_vr)
 
     # --- frames and bulk data --------------------------------------------------------------
+    def frames_at_once(self, request: Request, series: str, sop: str, **_: str) -> bool:
+        """Whether this frame request is answered from a held row with the stored bytes as
+        they are (Domain.held_instance, and an Accept that takes the stored syntax): work
+        small enough for the event loop. Anything else goes to a worker thread."""
+        inst = self.domain.held_instance(series, sop)
+        if inst is None:
+            return False
+        accepted = media.parse_accept(request.headers.get("accept"), media.OCTET)
+        stored = inst.stored_transfer_syntax
+        try:
+            return self._pick(inst, stored, accepted, media.OCTET)[1] == stored
+        except media.NotAcceptable:
+            return False
+
     def frames(
         self, request: Request, study: str, series: str, sop: str, frame_list: str
     ) -> Response:
