@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from compacs.codecs import registry
 from compacs.codecs.base import PixelFormat
-from compacs.service import metrics, query, retrieve, syntaxes, wire
+from compacs.service import metrics, part10_scan, query, retrieve, syntaxes, wire
 from compacs.service.archive_service import ArchiveService
 from compacs.service.compress import source_frames
 from compacs.service.storage.archive import Archive
@@ -257,31 +257,47 @@ class Domain:
             if codec is None:
                 return None
         raw = self.service.read_instance(inst)
-        count = inst.number_of_frames or 1  # as recorded at ingest: none given is one
-        frames = None
-        if codec is None and inst.rows and _file_syntax(raw) == stored:
-            frames = _trailing_frames(raw, count)
-        if frames is not None:
-            bad = [n for n in numbers if not 1 <= n <= count]
-            if bad:
-                raise IndexError(f"frame(s) {bad} out of range: this instance has {count} frame(s)")
-            return [frames[n - 1] for n in numbers]
-        ds, element, error = wire.read_head(BytesIO(raw), len(raw))
-        if error or element is None or str(ds.file_meta.TransferSyntaxUID) != stored:
-            return None
-        fmt = PixelFormat.from_dataset(ds)
-        bad = [n for n in numbers if not 1 <= n <= fmt.number_of_frames]
-        if bad:
-            raise IndexError(
-                f"frame(s) {bad} out of range: this instance has {fmt.number_of_frames} frame(s)"
-            )
-        cut = _cut_frames(raw, element, fmt, numbers)
+        cut, fmt = self._scanned_frames(inst, raw, numbers)
+        if cut is None:  # the bytes read the ordinary way
+            ds, element, error = wire.read_head(BytesIO(raw), len(raw))
+            if error or element is None or str(ds.file_meta.TransferSyntaxUID) != stored:
+                return None
+            fmt = PixelFormat.from_dataset(ds)
+            _check_frames(numbers, fmt.number_of_frames)
+            cut = _cut_frames(raw, element, fmt, numbers)
         if codec is None:
             return cut
+        if fmt is None:  # the frames found from their items, the pixel module not
+            ds, _, _ = wire.read_head(BytesIO(raw), len(raw))
+            fmt = PixelFormat.from_dataset(ds)
         return [
-            np.ascontiguousarray(codec.decode_frame(bytes(f), fmt), fmt.dtype).tobytes()
+            memoryview(np.ascontiguousarray(codec.decode_frame(bytes(f), fmt), fmt.dtype)).cast("B")
             for f in cut
         ]
+
+    @staticmethod
+    def _scanned_frames(
+        inst: Instance, raw: bytes, numbers: list[int]
+    ) -> tuple[list[Buffer] | None, PixelFormat | None]:
+        """The frames (and pixel module) found by part10_scan, where the bytes are in the
+        syntax `inst` names and agree with what its row recorded at ingest; (None, None)
+        for the ordinary parse."""
+        stored = inst.stored_transfer_syntax
+        count = inst.number_of_frames or 1  # as recorded at ingest: none given is one
+        if not inst.rows or part10_scan.file_syntax(raw) != stored:
+            return None, None
+        frames = part10_scan.trailing_frames(raw, count)
+        if frames is None:
+            return None, None
+        _check_frames(numbers, count)
+        fmt = part10_scan.pixel_format(raw)
+        recorded = (inst.rows, inst.columns, inst.bits_stored, count)
+        if (
+            fmt is not None
+            and (fmt.rows, fmt.columns, fmt.bits_stored, fmt.number_of_frames) != recorded
+        ):
+            fmt = None  # the walk and the row disagree: let pydicom read it
+        return [frames[n - 1] for n in numbers], fmt
 
     @staticmethod
     def _stored_frame(ds: Dataset, syntax: str, index: int, count: int) -> bytes:
@@ -413,61 +429,7 @@ def _cut_frames(
     return [found[n - 1] for n in numbers]
 
 
-# Explicit VR little endian, as every encapsulated syntax is: Pixel Data, OB (or OW, which
-# some writers give it), undefined length
-_PIXEL_DATA_ENCAPSULATED = (
-    b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff",
-    b"\xe0\x7f\x10\x00OW\x00\x00\xff\xff\xff\xff",
-)
-_ITEM = b"\xfe\xff\x00\xe0"
-_SEQUENCE_END = b"\xfe\xff\xdd\xe0"
-
-
-_TRANSFER_SYNTAX_UID = b"\x02\x00\x10\x00UI"  # in the file meta group, explicit VR LE
-
-
-def _file_syntax(raw: bytes) -> str | None:
-    """The Transfer Syntax UID of a Part-10 object's file meta group, read from its bytes:
-    a row read a moment ago (series_rows.py) may name a syntax the object is no longer in
-    (compressed or recompressed since, the file read being the new one)."""
-    at = raw.find(_TRANSFER_SYNTAX_UID, 132, 132 + 1024)
-    if at < 0:
-        return None
-    length = int.from_bytes(raw[at + 6 : at + 8], "little")
-    return raw[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace")
-
-
-def _trailing_frames(raw: bytes, count: int) -> list[Buffer] | None:
-    """The frames of encapsulated pixel data that ends the object, found from its item
-    headers alone, without parsing the data set (a viewer's frame request; pydicom's read of
-    the header was a fifth of it). None where this does not apply, for the caller to parse:
-    native pixel data, anything after the pixel data, fragments that are not one per frame.
-    The item headers must tile the rest of the object exactly and end it with the sequence
-    delimiter, so that bytes inside a fragment that look like the Pixel Data tag (the last
-    match is taken) cannot be mistaken for it."""
-    at = max(raw.rfind(header) for header in _PIXEL_DATA_ENCAPSULATED)
-    if at < 0:
-        return None
-    view = memoryview(raw)
-    end = len(raw)
-    pos = at + 12
-    items: list[Buffer] = []
-    while True:
-        if pos + 8 > end:
-            return None
-        tag = raw[pos : pos + 4]
-        length = int.from_bytes(raw[pos + 4 : pos + 8], "little")
-        if tag == _SEQUENCE_END:
-            if length != 0 or pos + 8 != end:
-                return None
-            break
-        if tag != _ITEM or length == 0xFFFFFFFF or pos + 8 + length > end:
-            return None
-        items.append(view[pos + 8 : pos + 8 + length])
-        pos += 8 + length
-    fragments = items[1:]  # after the Basic Offset Table
-    if not fragments:
-        return None
-    if count == 1:
-        return [fragments[0] if len(fragments) == 1 else b"".join(fragments)]
-    return fragments if len(fragments) == count else None
+def _check_frames(numbers: list[int], count: int) -> None:
+    bad = [n for n in numbers if not 1 <= n <= count]
+    if bad:
+        raise IndexError(f"frame(s) {bad} out of range: this instance has {count} frame(s)")

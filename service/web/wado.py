@@ -153,8 +153,11 @@ class Wado:
         inst = self.domain.held_instance(series, sop)
         if inst is None:
             return False
-        accepted = media.parse_accept(request.headers.get("accept"), media.OCTET)
         stored = inst.stored_transfer_syntax
+        header = request.headers.get("accept") or ""
+        if "transfer-syntax=*" not in header and stored not in header:
+            return False  # a decode or a transcode, or an image type: the worker's, surely
+        accepted = media.parse_accept(header, media.OCTET)
         try:
             return self._pick(inst, stored, accepted, media.OCTET)[1] == stored
         except media.NotAcceptable:
