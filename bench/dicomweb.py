@@ -22,14 +22,17 @@ Measured per server, on keep-alive HTTP/1.1 connections, every answer read whole
                  browser's 6 per host), wall from the first request to the last answer;
                  Accept ``multipart/related; type="application/octet-stream";
                  transfer-syntax=*`` (the stored bytes) and ``...; transfer-syntax=
-                 1.2.840.10008.1.2.1`` (uncompressed: the server decodes)
+                 1.2.840.10008.1.2.1`` (uncompressed: the server decodes); measured
+                 ``--rounds`` (3) times with every server up, the servers taking turns
+                 in each round so that the machine's drift (a shared VM's speed moves
+                 by a third within minutes) falls on all alike; the medians reported
 
 A run counts only when every answer is 200 with one part in the expected syntax (uncompressed:
 the right length) and the first and last frames decode to the original pixels; failures are
 reported, not averaged. Nothing asserts a speed. Table to stdout and
 ``bench/results/dicomweb-<stamp>.md``, plot to ``bench/results/dicomweb-<stamp>.png``.
 
-Run: ``.venv/bin/python bench/dicomweb.py [--count 300] [--repeat 5]
+Run: ``.venv/bin/python bench/dicomweb.py [--count 300] [--repeat 5] [--rounds 3]
 [--server other=http://127.0.0.1:8080/dicomweb] [--no-orthanc] [--no-compacs] [--keep]
 [--wait-quiet S]``.
 """
@@ -96,7 +99,8 @@ class Result:
     metadata_warm_ms: float | None = None
     metadata_kb: float | None = None
     first_frame_ms: dict[str, float] = field(default_factory=dict)
-    fps: dict[tuple[str, int], float] = field(default_factory=dict)
+    fps: dict[tuple[str, int], float] = field(default_factory=dict)  # median of rounds
+    rounds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -259,17 +263,33 @@ def measure(
                 res.problems.append(f"first frame ({mode}): {why}")
         res.first_frame_ms[mode] = statistics.median(samples)
 
-    for mode in ACCEPT:
-        for parallel in PARALLEL:
-            if wait_quiet:
-                common.wait_quiet(wait_quiet)
-            progress(f"{server.name}: frames, Accept {mode}, {parallel} connection(s)")
-            rate, problems = fetch_frames(server, s, mode, parallel, res.stored_syntax)
-            if problems:
-                res.problems += [f"frames {mode} x{parallel}: {p}" for p in problems[:5]]
-            else:
-                res.fps[(mode, parallel)] = rate
     return res
+
+
+def frame_rates(
+    pairs: list[tuple[DicomWebServer, Result]], s: Series, rounds: int, wait_quiet: float
+) -> None:
+    """Frames/s of every server, `rounds` times over, the servers taking turns within each
+    round (and each Accept and connection count within a server's turn): a drift of the
+    machine's speed during the run then falls on all of them alike. The median of a
+    server's rounds goes in its Result; every round's figure in `rounds`."""
+    for n in range(rounds):
+        for server, res in pairs:
+            for mode in ACCEPT:
+                for parallel in PARALLEL:
+                    if wait_quiet:
+                        common.wait_quiet(wait_quiet)
+                    progress(
+                        f"round {n + 1}/{rounds} {server.name}: frames, Accept {mode}, "
+                        f"{parallel} connection(s)"
+                    )
+                    rate, problems = fetch_frames(server, s, mode, parallel, res.stored_syntax)
+                    if problems:
+                        res.problems += [f"frames {mode} x{parallel}: {p}" for p in problems[:5]]
+                    else:
+                        res.rounds.setdefault((mode, parallel), []).append(rate)
+    for _, res in pairs:
+        res.fps = {key: statistics.median(rates) for key, rates in res.rounds.items()}
 
 
 def table(results: list[Result], count: int) -> list[str]:
@@ -303,6 +323,25 @@ def table(results: list[Result], count: int) -> list[str]:
         "at once.",
         "",
     ]
+    keys = [(m, p) for m in ACCEPT for p in PARALLEL]
+    lines += ["Frames/s in each round (the servers took turns; the table gives the medians):", ""]
+    for r in results:
+        for m, p in keys:
+            lines.append(
+                f"- {r.name} {m} x{p}: " + " ".join(fmt(v) for v in r.rounds.get((m, p), []))
+            )
+    base = next((r for r in results if r.name == "orthanc"), None)
+    if base is not None:
+        for r in results:
+            if r is base:
+                continue
+            ratios = [
+                f"{m} x{p} {r.fps[(m, p)] / base.fps[(m, p)]:.2f}x"
+                for m, p in keys
+                if base.fps.get((m, p)) and r.fps.get((m, p))
+            ]
+            lines += ["", f"{r.name} / orthanc, medians: " + ", ".join(ratios)]
+    lines.append("")
     for r in results:
         for p in r.problems:
             lines.append(f"- {r.name}: PROBLEM {p}")
@@ -373,6 +412,12 @@ def main() -> int:
         metavar="S",
         help="wait up to S s for a --server to compress what STOW-RS stored",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="frame-rate rounds, the servers taking turns in each; medians reported",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     common.add_wait_quiet(parser)
     args = parser.parse_args()
@@ -390,7 +435,9 @@ def main() -> int:
         progress(f"writing {args.count} CT instances")
         series, files = make_series(tmp, args.count)
         results: list[Result] = []
+        pairs: list[tuple[DicomWebServer, Result]] = []
         versions = []
+        procs: list[peers.ManagedProcess] = []
         if not args.no_orthanc:
             peers.ensure_debian_packages()
             proc = peers.OrthancProcess(
@@ -398,6 +445,7 @@ def main() -> int:
                 ingest_transcoding=JPEG_LS_LOSSLESS,
                 extra_config=orthanc_dicomweb_config(),
             ).start()
+            procs.append(proc)
             plugins = proc.get_json("/plugins/dicom-web")
             versions.append(
                 f"Orthanc {proc.get_json('/system')['Version']}, "
@@ -406,29 +454,40 @@ def main() -> int:
             server = orthanc_server(proc)
             progress(f"storing into orthanc ({server.root})")
             server.store(files)
-            results.append(measure(server, series, args.repeat, 0.0, args.wait_quiet))
-            proc.kill9()
+            res = measure(server, series, args.repeat, 0.0, args.wait_quiet)
+            results.append(res)
+            pairs.append((server, res))
         if not args.no_compacs:
             web_port = peers.free_port()
             node = peers.CompacsProcess(
                 tmp / "compacs" / "data", extra_args=["--web-port", str(web_port)]
             ).start()
-            try:
-                url = f"http://127.0.0.1:{web_port}/dicomweb"
-                server = DicomWebServer("compacs", url, lambda fs, url=url: stow(url, fs))
-                progress(f"storing into compacs ({url}) with STOW-RS")
-                server.store(files)
-                # compacs acknowledges before it compresses: measure the JPEG-LS series, as
-                # Orthanc's (transcoded at ingest), not one changing under the requests
-                wait_compressed(node, len(files), args.settle)
-                results.append(measure(server, series, args.repeat, args.settle, args.wait_quiet))
-            finally:
-                node.stop()
+            procs.append(node)
+            url = f"http://127.0.0.1:{web_port}/dicomweb"
+            server = DicomWebServer("compacs", url, lambda fs, url=url: stow(url, fs))
+            progress(f"storing into compacs ({url}) with STOW-RS")
+            server.store(files)
+            # compacs acknowledges before it compresses: measure the JPEG-LS series, as
+            # Orthanc's (transcoded at ingest), not one changing under the requests
+            wait_compressed(node, len(files), args.settle)
+            res = measure(server, series, args.repeat, args.settle, args.wait_quiet)
+            results.append(res)
+            pairs.append((server, res))
         for label, url in servers:
             server = DicomWebServer(label, url, lambda fs, url=url: stow(url, fs))
             progress(f"storing into {label} ({url}) with STOW-RS")
             server.store(files)
-            results.append(measure(server, series, args.repeat, args.settle, args.wait_quiet))
+            res = measure(server, series, args.repeat, args.settle, args.wait_quiet)
+            results.append(res)
+            pairs.append((server, res))
+        try:
+            frame_rates(pairs, series, args.rounds, args.wait_quiet)
+        finally:
+            for proc in procs:
+                if isinstance(proc, peers.CompacsProcess):
+                    proc.stop()
+                else:
+                    proc.kill9()
         png = common.RESULTS_DIR / f"dicomweb-{stamp}.png"
         common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         plot(results, png)

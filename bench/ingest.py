@@ -6,6 +6,10 @@ Receivers, side by side in one run (pick with --only):
   c  Orthanc 1.10, stored as received (uncompressed)
   d  DCMTK storescp writing the received files (the limit of this machine)
   e  compacs, default rules, 4 storescu associations at once (the files split in 4)
+  f  compacs, default rules, 8 storescu associations at once
+  g  Orthanc, IngestTranscoding JPEG-LS, 4 storescu associations at once
+  h  Orthanc, IngestTranscoding JPEG-LS, 8 storescu associations at once
+``--processes N`` runs every compacs receiver as ``compacs serve --processes N``.
 
 Per receiver: "acked/s" (storescu start until it exits: every C-STORE answered) and
 "stored/s" (storescu start until every object is in its final stored form: for compacs,
@@ -14,7 +18,8 @@ there the two are the same), MB/s of uncompressed input (10^6 bytes), the stored
 (input bytes / bytes on disk) and the peak RSS of the receiver's process tree (the process
 and all its children, summed, sampled every 50 ms).
 
-Run: ``.venv/bin/python bench/ingest.py [--count 500] [--repeat 1] [--only a,b,c,d,e] [--keep]``.
+Run: ``.venv/bin/python bench/ingest.py [--count 500] [--repeat 1] [--only a,b,c,d,e]
+[--processes 1] [--keep]``.
 A benchmark, not a test: nothing here asserts a speed. See bench/README.md.
 """
 
@@ -167,7 +172,7 @@ class CompacsReceiver(Receiver):
         self.associations = associations
         self.processes = 1  # serve --processes
         if associations > 1:
-            self.key = "e"
+            self.key = {4: "e", 8: "f"}.get(associations, "e")
             self.label = f"compacs (JPEG-LS, verified), {associations} assocs"
         self.node: peers.CompacsProcess | None = None
         self._index: Any = None
@@ -277,10 +282,11 @@ class CompacsReceiver(Receiver):
 
 
 class OrthancReceiver(Receiver):
-    def __init__(self, workdir: Path, transcoding: str | None) -> None:
+    def __init__(self, workdir: Path, transcoding: str | None, associations: int = 1) -> None:
         super().__init__(workdir)
         self.transcoding = transcoding
-        self.key = "b" if transcoding else "c"
+        self.associations = associations
+        self.key = {1: "b" if transcoding else "c", 4: "g", 8: "h"}[associations]
         self.label = RECEIVERS[self.key][0]
         self.orthanc: peers.OrthancProcess | None = None
         self._version = ""
@@ -342,6 +348,9 @@ RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
     "c": ("Orthanc, uncompressed", lambda d: OrthancReceiver(d, None)),
     "d": ("DCMTK storescp, raw files", lambda d: StorescpReceiver(d)),
     "e": ("compacs, 4 associations", lambda d: CompacsReceiver(d, 4)),
+    "f": ("compacs, 8 associations", lambda d: CompacsReceiver(d, 8)),
+    "g": ("Orthanc JPEG-LS, 4 associations", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS, 4)),
+    "h": ("Orthanc JPEG-LS, 8 associations", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS, 8)),
 }
 
 
