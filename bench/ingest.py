@@ -9,7 +9,11 @@ Receivers, side by side in one run (pick with --only):
   f  compacs, default rules, 8 storescu associations at once
   g  Orthanc, IngestTranscoding JPEG-LS, 4 storescu associations at once
   h  Orthanc, IngestTranscoding JPEG-LS, 8 storescu associations at once
-``--processes N`` runs every compacs receiver as ``compacs serve --processes N``.
+``--processes 1,2,4`` runs every compacs receiver as ``compacs serve --processes N`` for each N.
+``--postgres [ADMIN_URL]`` puts every index on PostgreSQL (default the machine's,
+postgresql+psycopg://postgres@127.0.0.1:5432/postgres): compacs' ``index_url`` and Orthanc's
+PostgreSQL index plugin (Debian ``orthanc-postgresql``, installed when missing), a new
+database for each run, dropped after it; Orthanc's files stay in its storage folder.
 
 Per receiver: "acked/s" (storescu start until it exits: every C-STORE answered) and
 "stored/s" (storescu start until every object is in its final stored form: for compacs,
@@ -19,7 +23,7 @@ there the two are the same), MB/s of uncompressed input (10^6 bytes), the stored
 and all its children, summed, sampled every 50 ms).
 
 Run: ``.venv/bin/python bench/ingest.py [--count 500] [--repeat 1] [--only a,b,c,d,e]
-[--processes 1] [--keep]``.
+[--processes 1,2,4] [--keep]``. Table and plot (stored/s, CPU ms per image) to bench/results/.
 A benchmark, not a test: nothing here asserts a speed. See bench/README.md.
 """
 
@@ -140,6 +144,11 @@ class Receiver:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.proc: peers.ManagedProcess | None = None
+        self.index_url: str | None = None  # PostgreSQL (--postgres); None: the default
+
+    def on_postgres(self, url: str) -> None:
+        self.index_url = url
+        self.label += ", PostgreSQL"
 
     @property
     def ae(self) -> str:
@@ -195,6 +204,7 @@ class CompacsReceiver(Receiver):
             self.workdir / "data",
             ae_title="COMPACS",
             extra_args=("--processes", str(self.processes)),
+            env={"COMPACS_INDEX_URL": self.index_url} if self.index_url else None,
         )
         self.proc = self.node
         self.node.start()
@@ -212,9 +222,12 @@ class CompacsReceiver(Receiver):
         try:
             from compacs.service.storage.index import Index
 
-            if not db.exists():
+            if self.index_url:
+                self._index = Index.open(self.index_url, check=None)
+            elif not db.exists():
                 raise FileNotFoundError(db)
-            self._index = Index.open(f"sqlite:///{db.resolve()}", check=None)
+            else:
+                self._index = Index.open(f"sqlite:///{db.resolve()}", check=None)
             self._index.stats()
             self.stats_source = "in-process Index.stats() polling, final `compacs stats --json`"
         except Exception as exc:  # noqa: BLE001 - any failure: poll the CLI instead
@@ -297,7 +310,9 @@ class OrthancReceiver(Receiver):
 
     def start(self) -> peers.ManagedProcess:
         self.orthanc = peers.OrthancProcess(
-            self.workdir / "orthanc", ingest_transcoding=self.transcoding
+            self.workdir / "orthanc",
+            ingest_transcoding=self.transcoding,
+            extra_config=orthanc_postgresql_config(self.index_url) if self.index_url else None,
         )
         self.proc = self.orthanc
         self.orthanc.start()
@@ -342,6 +357,7 @@ class StorescpReceiver(Receiver):
         return common.dcmtk_version("storescu")
 
 
+COMPACS_KEYS = ("a", "e", "f")
 RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
     "a": ("compacs, 1 association", lambda d: CompacsReceiver(d, 1)),
     "b": ("Orthanc, IngestTranscoding JPEG-LS", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS)),
@@ -352,6 +368,69 @@ RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
     "g": ("Orthanc JPEG-LS, 4 associations", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS, 4)),
     "h": ("Orthanc JPEG-LS, 8 associations", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS, 8)),
 }
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+PG_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+class Databases:
+    """A fresh database per run on one PostgreSQL server, dropped when the run is over."""
+
+    def __init__(self, admin_url: str) -> None:
+        import sqlalchemy
+
+        self.admin_url = admin_url
+        self.engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.made: list[str] = []
+
+    def new(self, label: str) -> str:
+        name = f"bench_{label}_{len(self.made)}_{os.getpid()}"
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        self.made.append(name)
+        return self.admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+    def drop_all(self) -> None:
+        with self.engine.connect() as conn:
+            for name in self.made:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.made.clear()
+        self.engine.dispose()
+
+
+def ensure_orthanc_postgresql() -> None:
+    """Debian's orthanc-postgresql (Orthanc's PostgreSQL index plugin), installed if missing."""
+    if PG_PLUGIN.exists():
+        return
+    with peers._file_lock(peers.STATE_DIR / "apt.lock"):
+        if not PG_PLUGIN.exists():
+            peers._apt_install(["orthanc-postgresql"])
+    if not PG_PLUGIN.exists():
+        raise peers.PeerError(f"{PG_PLUGIN} missing after apt-get install orthanc-postgresql")
+
+
+def orthanc_postgresql_config(url: str) -> dict[str, Any]:
+    """Orthanc ``extra_config``: its index in the database `url` names (GDCM kept)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    return {
+        "Plugins": [str(p) for p in (peers.GDCM_PLUGIN, PG_PLUGIN) if p.exists()],
+        "PostgreSQL": {
+            "EnableIndex": True,
+            "EnableStorage": False,
+            "Host": u.host or "127.0.0.1",
+            "Port": u.port or 5432,
+            "Database": u.database,
+            "Username": u.username or "postgres",
+            "Password": u.password or "",
+            "Lock": False,
+        },
+    }
 
 
 # --------------------------------------------------------------------------- one run
@@ -429,6 +508,43 @@ def measure(
 # --------------------------------------------------------------------------- report
 
 
+def label(key: str) -> str:
+    """A result's name: its receiver's, and how many compacs processes served it."""
+    receiver, _, processes = key.partition("/")
+    return RECEIVERS[receiver][0] + (f", {processes[:-1]} processes" if processes else "")
+
+
+def plot(results: dict[str, list[Run]], count: int, path: Path, index: str) -> None:
+    """Stored/s and CPU ms per image of each result (medians of its runs), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, runs in results.items() if runs]
+    stored = [median([count / r.stored_s for r in results[k] if r.stored_s]) or 0 for k in keys]
+    cpu = [
+        median([1000 * (r.cpu_main + r.cpu_children) / count for r in results[k]]) or 0
+        for k in keys
+    ]
+    colours = ["tab:blue" if k[0] in "bcgh" else "tab:orange" for k in keys]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    names = [f"({k}) {label(k)}" for k in keys]
+    left.barh(names, stored, color=colours)
+    left.set_xlabel("stored images per second (higher is better)")
+    right.barh(names, cpu, color=colours)
+    right.set_xlabel("CPU ms per image, process and children (lower is better)")
+    right.set_yticks(range(len(keys)), [""] * len(keys))
+    for ax in (left, right):
+        ax.invert_yaxis()
+    fig.suptitle(
+        f"Ingest of {count} CT 512² instances, index {index} (orange: compacs, blue: Orthanc)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def median(values: list[float]) -> float | None:
     vals = [v for v in values if v == v and v > 0]
     return statistics.median(vals) if vals else None
@@ -465,7 +581,7 @@ def table(results: dict[str, list[Run]], count: int, input_bytes: int, repeat: i
         cpu_children = median([1000 * r.cpu_children / count for r in runs]) or 0.0
         cpu = f"{fmt(cpu_main)}" + (f"+{fmt(cpu_children)}" if cpu_children else "")
         row = [
-            f"({key}) {RECEIVERS[key][0]}{' *' if busy_only else ''}",
+            f"({key}) {label(key)}{' *' if busy_only else ''}",
             fmt(acked),
             fmt(stored),
             fmt(acked * mb / count if acked else None),
@@ -503,7 +619,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="a,b,c,d,e", help="receivers to run, e.g. a,d (default all)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folders and logs")
     p.add_argument(
-        "--processes", type=int, default=1, help="compacs serve --processes N (default 1)"
+        "--processes",
+        default="1",
+        help="compacs serve --processes N; a list (1,2,4) runs each compacs receiver with each",
+    )
+    p.add_argument(
+        "--postgres",
+        nargs="?",
+        const=PG_ADMIN_URL,
+        metavar="ADMIN_URL",
+        help=f"every index on PostgreSQL, a new database per run (default {PG_ADMIN_URL})",
     )
     common.add_wait_quiet(p)
     args = p.parse_args(argv)
@@ -513,6 +638,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown receiver(s) {unknown}; choose from {','.join(RECEIVERS)}")
     if args.count < 1 or args.repeat < 1:
         p.error("--count and --repeat must be >= 1")
+    try:
+        args.processes = [int(n) for n in str(args.processes).split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--processes {args.processes!r}: give a count or a list such as 1,2,4")
+    if not args.processes or min(args.processes) < 1:
+        p.error("--processes: counts of 1 or more")
     return args
 
 
@@ -522,8 +653,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not common.dicom_peers_ready("storescu"):
         return 2
 
+    databases = None
+    if args.postgres:
+        ensure_orthanc_postgresql()
+        databases = Databases(args.postgres)
     stamp, tmp = common.make_tmp("ingest")
-    results: dict[str, list[Run]] = {k: [] for k in args.only}
+    plan = [  # (result key, receiver key, compacs processes)
+        (key if n == 1 else f"{key}/{n}p", key, n)
+        for key in args.only
+        for n in (args.processes if key in COMPACS_KEYS else [1])
+    ]
+    results: dict[str, list[Run]] = {k: [] for k, _, _ in plan}
     problems: dict[str, list[str]] = {}
     versions: dict[str, str] = {}
     stats_source = ""
@@ -535,17 +675,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"made {len(files)} CT 512² files, {input_bytes / 1e6:.1f} MB, "
             f"in {time.perf_counter() - t:.1f} s ({tmp / 'input'})"
         )
-        total = len(args.only) * args.repeat
+        total = len(plan) * args.repeat
         step = 0
         for rep in range(args.repeat):  # interleaved: drift hits every receiver alike
-            for key in args.only:
+            for key, receiver, processes in plan:
                 step += 1
-                workdir = tmp / f"{key}-run{rep + 1}"
+                workdir = tmp / f"{key.replace('/', '-')}-run{rep + 1}"
                 logs = workdir / "logs"
                 logs.mkdir(parents=True)
-                rec = RECEIVERS[key][1](workdir)
+                rec = RECEIVERS[receiver][1](workdir)
                 if isinstance(rec, CompacsReceiver):
-                    rec.serve_processes(args.processes)
+                    rec.serve_processes(processes)
+                if databases is not None and not isinstance(rec, StorescpReceiver):
+                    rec.on_postgres(databases.new(key.replace("/", "_")))
                 progress(f"[{step}/{total}] ({key}) {rec.label} ...")
                 try:
                     run, found = measure(rec, files, input_bytes, logs, args.wait_quiet)
@@ -554,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     problems.setdefault(key, []).append(f"run {rep + 1} failed: {exc}")
                     continue
                 results[key].append(run)
-                versions.setdefault(key, rec.version())
+                versions.setdefault(receiver, rec.version())
                 if isinstance(rec, CompacsReceiver):
                     stats_source = rec.stats_source
                 if found:
@@ -584,6 +726,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "- sender: DCMTK storescu -R -nh, TCP_NODELAY=1, one association each "
             "((e): 4 at once); MB = 10^6 bytes of uncompressed input",
             f"- versions: {'; '.join(sorted(set(versions.values())))}",
+            "- index: "
+            + (
+                f"PostgreSQL at {args.postgres.rsplit('@', 1)[-1]}, a new database per run"
+                if args.postgres
+                else "SQLite (compacs' default; Orthanc's own)"
+            ),
         ]
         if stats_source:
             report.append(f'- compacs "stored": pending == 0, read by {stats_source}')
@@ -597,9 +745,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             report += [f"  {line}" for line in lines]
         for key, lines in problems.items():
             print("\n".join(f"({key}) {line}" for line in lines))
+        png = common.RESULTS_DIR / f"ingest-{stamp}.png"
+        common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        plot(results, args.count, png, "PostgreSQL" if args.postgres else "SQLite")
+        report += ["", f"Plot: `{png.relative_to(common.ROOT)}`"]
+        print(f"plot written to {png}")
         common.write_report("ingest", stamp, report)
     finally:
         common.cleanup(tmp, args.keep)
+        if databases is not None:
+            databases.drop_all()
     return 0
 
 
