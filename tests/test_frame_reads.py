@@ -136,3 +136,25 @@ def test_a_row_read_before_compression_never_mislabels_the_new_bytes(tmp_path, s
     (cut,) = domain.stored_frames(fresh, [1], JPEG_LS)
     (expected,) = generate_frames(pydicom.dcmread(BytesIO(obj.raw)).PixelData, number_of_frames=1)
     assert bytes(cut) == expected
+
+
+def test_frames_read_mark_their_instances_accessed_off_the_request(tmp_path, stepped) -> None:
+    """The access marks a frame read leaves (tiers with since = "accessed") are written in
+    a thread of their own when due, and the rest when the web face stops."""
+    service, _ = stepped
+    files = dicomdata.ct_series(tmp_path / "ct", 2)
+    for path in files:
+        assert receive(service, path.read_bytes()) == 0
+    first, second = (pydicom.dcmread(p) for p in files)
+    domain = Domain(service)
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    domain._marked_at -= 60  # the last batch long ago: this read's mark is due now
+    domain.instance(study, series, str(first.SOPInstanceUID))
+    domain.instance(study, series, str(second.SOPInstanceUID))  # within the period: held
+    assert domain._flusher is not None
+    domain._flusher.join(timeout=30)
+    marked = {i.sop_instance_uid for i in service.index.instances() if i.accessed_at}
+    assert str(first.SOPInstanceUID) in marked  # the second too if it came before the write
+    domain.stop()
+    marked = {i.sop_instance_uid for i in service.index.instances() if i.accessed_at}
+    assert marked == {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}

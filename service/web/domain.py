@@ -78,6 +78,7 @@ class Domain:
         self._accessed: set[int] = set()  # retrieved, not yet marked in the index
         self._accessed_lock = threading.Lock()
         self._marked_at = time.monotonic()
+        self._flusher: threading.Thread | None = None
         self._series_rows = SeriesRows(service.index.instances_by_series_uid)
 
     # --- query (QIDO-RS): the C-FIND code path -------------------------------------------
@@ -134,15 +135,25 @@ class Domain:
         """Retrieved instances are marked accessed (tiers with since = "accessed") in
         batches, at most ACCESS_MARK_SECONDS late: a viewer asks one frame per request,
         and one index write each serialised every frame on the index's write lock (the
-        largest cost of a frame in the benchmark). Tiers count in days."""
+        largest cost of a frame in the benchmark). Tiers count in days. The write runs in
+        a thread of its own: a frame may be answered on the web face's event loop, which
+        must not wait for the index's write lock."""
         with self._accessed_lock:
             self._accessed.update(ids)
             if time.monotonic() - self._marked_at < ACCESS_MARK_SECONDS:
                 return
+            self._marked_at = time.monotonic()  # one writer per period
+            self._flusher = threading.Thread(target=self.flush_accessed, name="compacs-accessed")
+            self._flusher.start()
+
+    def stop(self) -> None:
+        """When the web face stops, before the archive service closes: the last marks."""
+        if self._flusher is not None:
+            self._flusher.join(timeout=30)
         self.flush_accessed()
 
     def flush_accessed(self) -> None:
-        """Write the pending access marks (also when the web face stops)."""
+        """Write the pending access marks."""
         with self._accessed_lock:
             batch, self._accessed = self._accessed, set()
             self._marked_at = time.monotonic()

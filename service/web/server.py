@@ -56,4 +56,4 @@ class WebServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
-        self.domain.flush_accessed()
+        self.domain.stop()
