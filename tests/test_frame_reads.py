@@ -93,19 +93,20 @@ def test_series_rows_are_read_once_kept_briefly_and_bounded() -> None:
 
 
 @pytest.fixture
-def stepped(tmp_path):  # noqa: ANN001, ANN201 - (ArchiveService, StepExecutor)
+def stepped(tmp_path):  # noqa: ANN001, ANN201 - (service, steps, domain, first, second)
+    """A service with two CT slices of one series received (compression waits for the
+    test's steps), its web Domain, and the two data sets as sent."""
     service, steps = make_service(tmp_path)
-    yield service, steps
-    service.close()
-
-
-def test_a_row_read_before_compression_never_mislabels_the_new_bytes(tmp_path, stepped) -> None:
-    service, steps = stepped
     files = dicomdata.ct_series(tmp_path / "ct", 2)
     for path in files:
         assert receive(service, path.read_bytes()) == 0
     first, second = (pydicom.dcmread(p) for p in files)
-    domain = Domain(service)
+    yield service, steps, Domain(service), first, second
+    service.close()
+
+
+def test_a_row_read_before_compression_never_mislabels_the_new_bytes(stepped) -> None:
+    service, steps, domain, first, second = stepped
     study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
     rows = {
         str(ds.SOPInstanceUID): domain.instance(study, series, str(ds.SOPInstanceUID))
@@ -138,15 +139,10 @@ def test_a_row_read_before_compression_never_mislabels_the_new_bytes(tmp_path, s
     assert bytes(cut) == expected
 
 
-def test_frames_read_mark_their_instances_accessed_off_the_request(tmp_path, stepped) -> None:
+def test_frames_read_mark_their_instances_accessed_off_the_request(stepped) -> None:
     """The access marks a frame read leaves (tiers with since = "accessed") are written in
     a thread of their own when due, and the rest when the web face stops."""
-    service, _ = stepped
-    files = dicomdata.ct_series(tmp_path / "ct", 2)
-    for path in files:
-        assert receive(service, path.read_bytes()) == 0
-    first, second = (pydicom.dcmread(p) for p in files)
-    domain = Domain(service)
+    service, _, domain, first, second = stepped
     study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
     domain._marked_at -= 60  # the last batch long ago: this read's mark is due now
     domain.instance(study, series, str(first.SOPInstanceUID))
