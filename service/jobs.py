@@ -261,20 +261,22 @@ class Jobs:
             # The claim is still this process' and renewed while it lives, so no other
             # process takes the object over: unless it is tried again here it would stay
             # pending for good (found by the disk-full fault test).
+            retry = self.config.ingest.retry_seconds
             if disk_full(exc):  # the operator's to fix, said in one line: no traceback
                 log.error(
                     "recording a compression result failed, disk full (%s); the object "
                     "stays pending, retrying in %g s",
                     exc.__class__.__name__,
-                    self.config.ingest.retry_seconds,
+                    retry,
                 )
-            else:
-                log.exception(
-                    "recording a compression result failed; the object stays pending, "
-                    "retrying in %g s",
-                    self.config.ingest.retry_seconds,
-                )
-            self._retry_later(claim)
+                self._retry_later(claim)
+                return
+            log.exception("recording a compression result failed: charged as a failed attempt")
+            try:  # retried, then parked after max_attempts, as a failing codec would be
+                self._failed(claim, exc)
+            except Exception:
+                log.exception("charging it failed too; retrying in %g s", retry)
+                self._retry_later(claim)
         finally:
             with self._lock:
                 self._jobs.pop(future, None)

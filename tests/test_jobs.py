@@ -235,6 +235,33 @@ def test_a_result_the_full_index_refused_is_recorded_once_there_is_room(
     assert np.array_equal(pixels(service, inst), pydicom.dcmread(BytesIO(ct)).pixel_array)
 
 
+def test_a_result_the_index_refuses_otherwise_is_charged_and_retried(
+    tmp_path, ct, services, monkeypatch
+) -> None:
+    """Any other refusal to record a result (a bug, a lost connection) is charged as a failed
+    attempt, so that the object is retried and, if it keeps failing, parked: never left
+    pending under a claim nobody works on."""
+    service, steps = make_service(tmp_path)
+    services.append(service)
+    assert receive(service, ct) == 0
+    real = service.index.mark_stored
+    calls = []
+
+    def refuse_once(*args, **kwargs):  # noqa: ANN202 - what the real one returns
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("the index said no")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.index, "mark_stored", refuse_once)
+    steps.run_one()
+    inst = row(service)
+    assert (inst.state, inst.attempts) == ("pending", 1)
+    assert "the index said no" in inst.last_error
+    steps.run_one()  # the retry
+    assert (row(service).state, row(service).attempts) == ("stored", 1)
+
+
 def test_recovery_leaves_a_live_foreign_claim_and_takes_an_expired_one(
     tmp_path, ct, services
 ) -> None:
