@@ -32,7 +32,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from compacs.service import retrieve
 from compacs.service.dimse import bulk_store, internals
 from compacs.service.dimse.bulk_store import bulk_stores
-from compacs.service.dimse.polling import fast_polling, poll_fast
+from compacs.service.dimse.polling import poll_fast
 from compacs.service.dimse.wire_instance import WireInstance
 from compacs.service.retrieve import candidate_syntaxes
 from compacs.service.storage.index import Instance
@@ -271,8 +271,9 @@ def suboperations(
             return failed_suboperation(inst)
         return WireInstance(prepared) if isinstance(prepared, EncodedParts) else prepared
 
+    # no polling switch for event.assoc: with the fast paths it is an accepted association
+    # whose network thread waits on its socket (reactors.py) and sees each response at once
     with (
-        fast_polling(event.assoc) if fast else contextlib.nullcontext(),
         bulk_stores(event.assoc) if fast else contextlib.nullcontext(),
         ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="retrieve") as loader,
     ):
