@@ -121,8 +121,21 @@ def _read(sock: socket.socket, n: int) -> bytes:
 
 
 class RawFindSCU:
-    def __init__(self, host: str, port: int, called: str, calling: str = "RAWFIND") -> None:
-        self.sock = socket.create_connection((host, port), timeout=60)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called: str,
+        calling: str = "RAWFIND",
+        receive_buffer: int | None = None,
+    ) -> None:
+        """`receive_buffer`: a small SO_RCVBUF (set before connecting, so the TCP window
+        follows it) makes the node wait for this reader as a slow viewer would."""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.connect((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(association_request(called, calling.encode()))
         pdu_type, reply = self._read_pdu()
