@@ -1,8 +1,10 @@
-"""JPEG-LS lossless (CharLS through pyjpegls), the best ratio of the standard DICOM codecs.
+"""JPEG-LS lossless (CharLS), the best ratio of the standard DICOM codecs.
 
-pyjpegls is used rather than imagecodecs because `encode_buffer` writes the codestream
-precision (SOF55 P) as BitsStored and no SPIFF header; imagecodecs always writes 16 for
-16-bit data, which costs 2-4% and disagrees with the dataset's BitsStored.
+The codestream is pyjpegls' `encode_buffer`'s: precision (SOF55 P) = BitsStored and no SPIFF
+header; imagecodecs' `jpegls_encode` always writes 16 for 16-bit data, which costs 2-4% and
+disagrees with the dataset's BitsStored. The same CharLS call is made through its C API
+where that may be used (charls_capi.py: the same bytes, faster, without the GIL), and
+through pyjpegls otherwise.
 
 JPEG-LS has no notion of sign: PS3.5 has signed samples coded as their BitsStored-bit two's
 complement pattern, and decoders (pydicom, DCMTK) sign-extend from BitsStored afterwards.
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import charls_capi
 from .base import (
     Codec,
     PixelFormat,
@@ -51,22 +54,32 @@ class JpegLS(Codec):
         )
 
     def encode_frame(self, frame: np.ndarray, fmt: PixelFormat, **params: Any) -> bytes:
-        import jpeg_ls
-
         self.check_params(params)
         ilv = params.get("interleave_mode", DEFAULT_INTERLEAVE)
         data = to_unsigned_bits(frame, fmt)
         if fmt.samples_per_pixel > 1 and ilv == 0:
             data = data.transpose(2, 0, 1)  # ILV 0 takes colour by plane
+        data = np.ascontiguousarray(data)
+        ilv = ilv if fmt.samples_per_pixel > 1 else 0
+        encode = charls_capi.encoder()
+        if encode is not None:
+            return encode(data, fmt.rows, fmt.columns, fmt.samples_per_pixel, fmt.bits_stored, ilv)
+        return self.encode_pyjpegls(data, fmt, ilv)
+
+    @staticmethod
+    def encode_pyjpegls(data: np.ndarray, fmt: PixelFormat, ilv: int) -> bytes:
+        """The plain path (and the reference the C API path is tested against)."""
+        import jpeg_ls
+
         return bytes(
             jpeg_ls.encode_buffer(
-                np.ascontiguousarray(data).tobytes(),
+                data.tobytes(),
                 fmt.rows,
                 fmt.columns,
                 fmt.samples_per_pixel,
                 fmt.bits_stored,
                 lossy_error=0,
-                interleave_mode=ilv if fmt.samples_per_pixel > 1 else 0,
+                interleave_mode=ilv,
             )
         )
 
