@@ -15,11 +15,11 @@ still pynetdicom's, queued after these on the same queue, so order holds:
 Back-pressure: pynetdicom's network thread reads from the socket only when its send queue
 is empty, so a producer that keeps the queue full would never see the peer's C-CANCEL. At
 most ``QUEUE_LIMIT`` runs wait in the queue (the producer waits on the oldest one's
-``done``, set by the network thread once written: no polling), nothing more is queued while the peer has sent
-bytes the network thread has not read yet, and, where the kernel tells (Linux TIOCOUTQ),
-while more than ``MAX_UNACKED`` bytes sent are not yet taken by the peer: a loopback socket
-buffer holds megabytes, thousands of answers a C-CANCEL would arrive too late to stop. A
-slow SCU thus holds the producer back instead of growing memory.
+``done``, set by the network thread once written: no polling), nothing more is queued
+while the peer has sent bytes the network thread has not read yet, and, where the kernel
+tells (Linux TIOCOUTQ), while more than ``MAX_UNACKED`` bytes sent are not yet taken by the
+peer: a loopback socket buffer holds megabytes, thousands of answers a C-CANCEL would arrive
+too late to stop. A slow SCU thus holds the producer back instead of growing memory.
 """
 
 from __future__ import annotations
