@@ -44,8 +44,18 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Arrival:
+    """An object compressed before its acknowledgement (ingest.py): its bytes as received
+    travel to the worker, which writes only the compressed form, at `stored`."""
+
+    raw: bytes
+    calling_ae: str
+    stored: str
+
+
+@dataclass(frozen=True)
 class JobResult:
-    job: Job
+    job: Job | Arrival
     codec: str
     transfer_syntax: str
     received_size: int
@@ -113,10 +123,22 @@ def _warm_up() -> None:
 
 def run_job(job: Job) -> JobResult:
     """Compress one received object and write the result durably (in a worker process)."""
+    return _reporting(_run_job, job)
+
+
+def run_arrival(arrival: Arrival) -> JobResult:
+    """Compress an object not yet acknowledged, from its bytes, and write the result durably
+    (in a worker process)."""
+    return _reporting(_compress_and_write, arrival, arrival.raw)
+
+
+def _reporting(work: Callable[..., JobResult], *args: object) -> JobResult:
+    """`work`'s result; its failure as a JobError, or an OSError (picklable, and the node
+    tells a full disk from other I/O errors)."""
     try:
-        return _run_job(job)
+        return work(*args)
     except OSError:
-        raise  # picklable, and the node tells a full disk from other I/O errors
+        raise
     except BaseException as exc:
         if isinstance(exc, NOT_A_CODEC_FAILURE):
             raise
@@ -130,11 +152,14 @@ def _run_job(job: Job) -> JobResult:
         result = _run_big_job(job, archive)
         if result is not None:
             return result
-    raw = archive.read(claim.blob_path, claim.checksum)
+    return _compress_and_write(job, archive.read(claim.blob_path, claim.checksum))
+
+
+def _compress_and_write(job: Job | Arrival, raw: bytes) -> JobResult:
+    archive: Archive = _worker["archive"]
+    calling_ae = job.calling_ae if isinstance(job, Arrival) else job.claim.calling_ae
     ds = dcmread(BytesIO(raw))
-    rule = rules_mod.select(
-        _worker["rules"], rules_mod.object_attributes(ds, claim.calling_ae or "")
-    )
+    rule = rules_mod.select(_worker["rules"], rules_mod.object_attributes(ds, calling_ae or ""))
     outcome = compress(raw, ds, rule.codecs if rule else ())
     if outcome.codec == "passthrough" and outcome.source_error is None:
         outcome.source_error = undecodable_arrival(ds)

@@ -86,6 +86,7 @@ _INGEST_KEYS: dict[str, tuple[type, float, float]] = {
     "max_attempts": (int, 1, 1000),
     "retry_seconds": (float, 0.01, 86400),
     "lease_seconds": (float, 1, 86400),
+    "compress_before_ack_from": (int, 0, 4096),
 }
 _TIERING_KEYS: dict[str, tuple[type, float, float]] = {
     "every_minutes": (float, 0, 7 * 24 * 60),

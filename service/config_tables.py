@@ -28,6 +28,9 @@ class IngestConfig:
     max_attempts: int  # failed compression attempts before an object is parked
     retry_seconds: float
     lease_seconds: float  # how long a claim on a pending object holds without renewal
+    # Compress before the ack when at least this many senders are active and a worker is
+    # free (ingest.py); 0: never.
+    compress_before_ack_from: int
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,14 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 
-from compacs.codecs import registry
-from compacs.service import metrics
 from compacs.service.compress import Derived
 from compacs.service.compress_worker import (
+    Arrival,
     Job,
     JobError,
     JobResult,
     process_pool,
+    run_arrival,
     run_job,
     undecodable_arrival,
     worker_init,
@@ -52,10 +52,12 @@ from compacs.service.config import NodeConfig
 from compacs.service.storage.archive import DISK_FULL_ERRNOS, Archive, disk_full, new_token
 from compacs.service.storage.index import Claim, Index, NewBlob, lease
 from compacs.service.storage.schema import STATE_PARKED
+from compacs.service.stored_report import flagged, report_stored
 
 # The worker side's names, importable from here as before the split (tests use
 # jobs.process_pool and jobs.worker_init).
 __all__ = [
+    "Arrival",
     "Job",
     "JobError",
     "JobResult",
@@ -68,6 +70,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("compacs.jobs")
+
+# The longest a sender waits for its object's compression before the ack (compress_now):
+# past it the object is stored as received and acknowledged; a 512² CT takes ~15 ms.
+COMPRESS_NOW_SECONDS = 20.0
 
 
 class Jobs:
@@ -105,6 +111,8 @@ class Jobs:
         self._isolation: Executor | None = None
         self._crashed: set[int] = set()
         self._closing = False
+        self._inline = 0  # arrivals being compressed before their ack (compress_now)
+        self._workers = max(1, config.effective_workers)
         self._lock = threading.Lock()
         self.idle = threading.Condition(self._lock)
         self.executor = executor_factory()
@@ -121,6 +129,42 @@ class Jobs:
                 return
             self._in_flight.add((claim.instance_id, claim.version))
         self._dispatch(claim)
+
+    def compress_now(self, arrival: Arrival) -> JobResult | None:
+        """Compress an arrival in a worker while its sender waits for the ack, unless queued
+        jobs are waiting for the workers (a backlog, say the pending objects found at start:
+        the ack would wait behind all of them); its result written at `arrival.stored`, not
+        yet indexed. Arrivals compressed now wait only for one another, one per sender at
+        most. None when there is a backlog or the attempt failed in any way: the caller then
+        stores the object as received and queues it, as for any arrival, and the attempt's
+        file is gone. A worker that dies here breaks the pool as a job's would."""
+        with self._lock:
+            if self._closing or len(self._jobs) >= self._workers:
+                return None
+            self._inline += 1
+        executor = self.executor
+        future: Future | None = None
+        try:
+            future = executor.submit(run_arrival, arrival)
+            return future.result(timeout=COMPRESS_NOW_SECONDS)
+        except Exception as exc:
+            if isinstance(exc, BrokenProcessPool):
+                self._renew_executor(executor)
+            if future is not None and not future.done():  # too slow: its file when it ends
+                future.add_done_callback(lambda _: self.archive.delete(arrival.stored))
+            else:
+                self.archive.delete(arrival.stored)
+            log.warning(
+                "compression before the ack failed (%s: %s); the object is stored as received "
+                "and compressed afterwards",
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        finally:
+            with self._lock:
+                self._inline -= 1
+                self.idle.notify_all()
 
     def _dispatch(self, claim: Claim) -> None:
         """Send an in-flight claim to the shared pool; one whose job killed its worker before
@@ -370,9 +414,6 @@ class Jobs:
                 claim.sop_instance_uid,
             )
             return
-        metrics.count_stored(result.codec, result.modality, result.received_size, result.size)
-        for codec, reason in metrics.fallbacks(result.notes, registry.names()):
-            metrics.CODEC_FALLBACKS.labels(codec, reason).inc()
         if result.source_error:
             flagged(
                 self.index,
@@ -381,43 +422,7 @@ class Jobs:
                 result.source_error,
                 True,
             )
-        ratio = result.received_size / result.size if result.size else 0.0
-        log.info(
-            "stored SOP %s from %s: codec %s, %d -> %d bytes, ratio %.2f%s",
-            claim.sop_instance_uid,
-            claim.calling_ae,
-            result.codec,
-            result.received_size,
-            result.size,
-            ratio,
-            f" ({'; '.join(result.notes)})" if result.notes else "",
-            extra={"peer_ae": claim.calling_ae or "", "sop_instance_uid": claim.sop_instance_uid},
-        )
-        if result.derived:
-            derived = result.derived
-            log.warning(
-                "SOP %s stored LOSSILY as derived SOP %s (codec %s, max |error| %d, bound %d: "
-                "a rule allows it)",
-                derived.source_sop_instance_uid,
-                derived.sop_instance_uid,
-                result.codec,
-                derived.max_error,
-                derived.bound,
-            )
-            self.index.audit(
-                "lossy_derived",
-                sop_uid=derived.sop_instance_uid,
-                calling_ae=claim.calling_ae,
-                detail=f"from {derived.source_sop_instance_uid}, {result.codec}, "
-                f"max |error| {derived.max_error} <= {derived.bound}",
-            )
-        if result.fallbacks:
-            self.index.audit(
-                "codec_fallback",
-                sop_uid=claim.sop_instance_uid,
-                calling_ae=claim.calling_ae,
-                detail="; ".join(result.notes),
-            )
+        report_stored(self.index, result, claim.sop_instance_uid, claim.calling_ae or "")
 
     def claim_abandoned(self, *, own_too: bool = False) -> int:
         """Claim and queue pending instances nobody holds (a process died; or, `own_too`,
@@ -434,7 +439,15 @@ class Jobs:
         """Block until no compression job is in flight (tests, benchmarks, shutdown)."""
         with self._lock:
             return self.idle.wait_for(
-                lambda: not (self._jobs or self._retries or self._suspects or self._isolating),
+                lambda: (
+                    not (
+                        self._jobs
+                        or self._retries
+                        or self._suspects
+                        or self._isolating
+                        or self._inline
+                    )
+                ),
                 timeout,
             )
 
@@ -463,15 +476,3 @@ def _derived_fields(derived: Derived) -> dict:
         "lossy_bound": derived.bound,
         "max_error": derived.max_error,
     }
-
-
-def flagged(index: Index, sop_uid: str, calling_ae: str, defects: str, as_received: bool) -> None:
-    """Tell the administrator of an object kept although non-conformant: log and audit."""
-    log.warning(
-        "non-conformant object from %s kept%s: SOP %s: %s",
-        calling_ae,
-        " as received, not compressed" if as_received else "",
-        sop_uid,
-        defects,
-    )
-    index.audit("nonconformant", sop_uid=sop_uid, calling_ae=calling_ae, detail=defects)

@@ -62,7 +62,9 @@ def make_service(
     tmp_path: Path, config_text: str = "", owner: str = "test-node:1"
 ) -> tuple[ArchiveService, StepExecutor]:
     cfg = tmp_path / "compacs.toml"
-    cfg.write_text("[ingest]\nretry_seconds = 0.01\n" + config_text)
+    # The deferred path these tests step through; compressing before the ack is
+    # tests/test_compress_before_ack.py's.
+    cfg.write_text("[ingest]\nretry_seconds = 0.01\ncompress_before_ack_from = 0\n" + config_text)
     config = load_config(cfg, env={}, overrides={"data_dir": str(tmp_path / "data")})
     config.data_dir.mkdir(parents=True, exist_ok=True)
     index = Index.open(config.effective_index_url, create=True)
