@@ -9,6 +9,8 @@ Receivers, side by side in one run (pick with --only):
   f  compacs, default rules, 8 storescu associations at once
   g  Orthanc, IngestTranscoding JPEG-LS, 4 storescu associations at once
   h  Orthanc, IngestTranscoding JPEG-LS, 8 storescu associations at once
+  i  compacs as e, but every object acknowledged as received and compressed afterwards
+     ([ingest] compress_before_ack_from = 0; e compresses before the ack from 2 senders on)
 ``--processes 1,2,4`` runs every compacs receiver as ``compacs serve --processes N`` for each N.
 ``--postgres [ADMIN_URL]`` puts every index on PostgreSQL (default the machine's,
 postgresql+psycopg://postgres@127.0.0.1:5432/postgres): compacs' ``index_url`` and Orthanc's
@@ -176,13 +178,18 @@ class CompacsReceiver(Receiver):
     key = "a"
     label = "compacs (JPEG-LS, verified), 1 assoc"
 
-    def __init__(self, workdir: Path, associations: int = 1) -> None:
+    def __init__(self, workdir: Path, associations: int = 1, ack_first: bool = False) -> None:
         super().__init__(workdir)
         self.associations = associations
         self.processes = 1  # serve --processes
+        # [ingest] compress_before_ack_from = 0: every object acknowledged as received first
+        self.ack_first = ack_first
         if associations > 1:
             self.key = {4: "e", 8: "f"}.get(associations, "e")
             self.label = f"compacs (JPEG-LS, verified), {associations} assocs"
+        if ack_first:
+            self.key = "i"
+            self.label += ", acknowledged first"
         self.node: peers.CompacsProcess | None = None
         self._index: Any = None
         self.stats_source = "compacs stats CLI"
@@ -200,9 +207,14 @@ class CompacsReceiver(Receiver):
         return "COMPACS"
 
     def start(self) -> peers.ManagedProcess:
+        config = None
+        if self.ack_first:
+            config = self.workdir / "compacs.toml"
+            config.write_text("[ingest]\ncompress_before_ack_from = 0\n")
         self.node = peers.CompacsProcess(
             self.workdir / "data",
             ae_title="COMPACS",
+            config=config,
             extra_args=("--processes", str(self.processes)),
             env={"COMPACS_INDEX_URL": self.index_url} if self.index_url else None,
         )
@@ -357,7 +369,7 @@ class StorescpReceiver(Receiver):
         return common.dcmtk_version("storescu")
 
 
-COMPACS_KEYS = ("a", "e", "f")
+COMPACS_KEYS = ("a", "e", "f", "i")
 RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
     "a": ("compacs, 1 association", lambda d: CompacsReceiver(d, 1)),
     "b": ("Orthanc, IngestTranscoding JPEG-LS", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS)),
@@ -367,6 +379,10 @@ RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
     "f": ("compacs, 8 associations", lambda d: CompacsReceiver(d, 8)),
     "g": ("Orthanc JPEG-LS, 4 associations", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS, 4)),
     "h": ("Orthanc JPEG-LS, 8 associations", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS, 8)),
+    "i": (
+        "compacs, 4 associations, acknowledged first (compress_before_ack_from = 0)",
+        lambda d: CompacsReceiver(d, 4, ack_first=True),
+    ),
 }
 
 

@@ -74,6 +74,7 @@ log = logging.getLogger("compacs.jobs")
 # The longest a sender waits for its object's compression before the ack (compress_now):
 # past it the object is stored as received and acknowledged; a 512² CT takes ~15 ms.
 COMPRESS_NOW_SECONDS = 20.0
+BACKLOG_PER_WORKER = 4  # queued jobs a worker, beyond which arrivals are acknowledged first
 
 
 class Jobs:
@@ -131,15 +132,19 @@ class Jobs:
         self._dispatch(claim)
 
     def compress_now(self, arrival: Arrival) -> JobResult | None:
-        """Compress an arrival in a worker while its sender waits for the ack, unless queued
-        jobs are waiting for the workers (a backlog, say the pending objects found at start:
+        """Compress an arrival in a worker while its sender waits for the ack, unless a
+        backlog of queued jobs waits for the workers (say the pending objects found at start:
         the ack would wait behind all of them); its result written at `arrival.stored`, not
-        yet indexed. Arrivals compressed now wait only for one another, one per sender at
-        most. None when there is a backlog or the attempt failed in any way: the caller then
-        stores the object as received and queues it, as for any arrival, and the attempt's
-        file is gone. A worker that dies here breaks the pool as a job's would."""
+        yet indexed. None when there is a backlog or the attempt failed in any way: the
+        caller then stores the object as received and queues it, as for any arrival, and the
+        attempt's file is gone. A worker that dies here breaks the pool as a job's would.
+
+        The backlog allowed (BACKLOG_PER_WORKER jobs a worker) is not zero on purpose: the
+        first objects of senders that start together are acknowledged first, and would, if
+        any queued job sent the next ones that way too, keep a queue that never drains (an
+        acknowledged-first sender sends faster than the workers compress)."""
         with self._lock:
-            if self._closing or len(self._jobs) >= self._workers:
+            if self._closing or len(self._jobs) >= BACKLOG_PER_WORKER * self._workers:
                 return None
             self._inline += 1
         executor = self.executor
