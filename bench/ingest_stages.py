@@ -71,7 +71,11 @@ def _ingest(stack: Stack) -> bool:
 
 
 def _worker(stack: Stack) -> bool:
-    return _in(stack, ("service/compress_worker.py",), ("run_job", "_run_job"))
+    return _in(
+        stack,
+        ("service/compress_worker.py",),
+        ("run_job", "_run_job", "run_arrival", "_compress_and_write"),
+    )
 
 
 def _leaf_is(stack: Stack, functions: set[str]) -> bool:
@@ -125,7 +129,13 @@ STAGES: list[tuple[str, Callable[[Stack], bool]]] = [
         lambda s: _ingest(s) and _in(s, ("storage/index", "sqlalchemy", "sqlite3", "psycopg")),
     ),
     ("pixel read (worker)", lambda s: _in(s, ("service/pixels.py",), ("source_frames",))),
-    ("read blob (worker)", lambda s: _in(s, ("storage/archive.py",), ("read", "open_checked"))),
+    (
+        "read blob (worker)",
+        lambda s: (
+            _in(s, ("storage/archive.py",), ("read", "open_checked"))
+            or _in(s, ("service/handoff.py",), ("read",))
+        ),
+    ),
     ("parse + validate", lambda s: _ingest(s) or _worker(s)),
     (
         "queue / IPC",

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
-from compacs.service import logs, metrics
+from compacs.service import handoff, logs, metrics
 from compacs.service import rules as rules_mod
 from compacs.service.compress import (
     NOT_A_CODEC_FAILURE,
@@ -48,9 +48,10 @@ class Arrival:
     """An object compressed before its acknowledgement (ingest.py): its bytes as received
     travel to the worker, which writes only the compressed form, at `stored`."""
 
-    raw: bytes
+    raw: bytes  # empty when they come through `handoff` instead
     calling_ae: str
     stored: str
+    handoff: str | None = None  # a shared-memory file holding them (handoff.py)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def run_job(job: Job) -> JobResult:
 def run_arrival(arrival: Arrival) -> JobResult:
     """Compress an object not yet acknowledged, from its bytes, and write the result durably
     (in a worker process)."""
-    return _reporting(_compress_and_write, arrival, arrival.raw)
+    return _reporting(_compress_and_write, arrival, None)
 
 
 def _reporting(work: Callable[..., JobResult], *args: object) -> JobResult:
@@ -155,9 +156,11 @@ def _run_job(job: Job) -> JobResult:
     return _compress_and_write(job, archive.read(claim.blob_path, claim.checksum))
 
 
-def _compress_and_write(job: Job | Arrival, raw: bytes) -> JobResult:
+def _compress_and_write(job: Job | Arrival, raw: bytes | None) -> JobResult:
     archive: Archive = _worker["archive"]
     calling_ae = job.calling_ae if isinstance(job, Arrival) else job.claim.calling_ae
+    if raw is None:  # an arrival's bytes
+        raw = handoff.read(job.handoff) if job.handoff else job.raw
     ds = dcmread(BytesIO(raw))
     rule = rules_mod.select(_worker["rules"], rules_mod.object_attributes(ds, calling_ae or ""))
     outcome = compress(raw, ds, rule.codecs if rule else ())

@@ -42,7 +42,7 @@ from pydicom.uid import UID
 
 from compacs.service import metrics
 from compacs.service.config import NodeConfig
-from compacs.service.jobs import Arrival, Jobs
+from compacs.service.jobs import Jobs
 from compacs.service.storage.archive import (
     Archive,
     checksum,
@@ -294,7 +294,7 @@ class Ingest:
         sop = uid_value(ds, "SOPInstanceUID")
         study, series = uid_value(ds, "StudyInstanceUID"), uid_value(ds, "SeriesInstanceUID")
         stored = self.archive.stored_path(study, series, sop, new_token())
-        result = self.jobs.compress_now(Arrival(raw, calling_ae, stored))
+        result = self.jobs.compress_now(raw, calling_ae, stored)
         if result is None:
             return False
         if result.derived is not None:  # a new instance besides the received one: jobs.py's

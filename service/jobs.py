@@ -36,6 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 
+from compacs.service import handoff
 from compacs.service.compress import Derived
 from compacs.service.compress_worker import (
     Arrival,
@@ -92,7 +93,11 @@ class Jobs:
         self.archive = archive
         self.index = index
         self.owner = owner
+        # Arrivals reach spawned workers through shared memory (handoff.py); an in-process
+        # executor (tests) shares this process' memory already.
+        self._handoff = executor_factory is None
         if executor_factory is None:
+            handoff.sweep_dead()
             executor_factory = process_pool(config, archive)
             isolation_factory = process_pool(config, archive, workers=1)
         else:  # an in-process executor shares this process' globals
@@ -131,11 +136,11 @@ class Jobs:
             self._in_flight.add((claim.instance_id, claim.version))
         self._dispatch(claim)
 
-    def compress_now(self, arrival: Arrival) -> JobResult | None:
+    def compress_now(self, raw: bytes, calling_ae: str, stored: str) -> JobResult | None:
         """Compress an arrival in a worker while its sender waits for the ack, unless a
         backlog of queued jobs waits for the workers (say the pending objects found at start:
-        the ack would wait behind all of them); its result written at `arrival.stored`, not
-        yet indexed. None when there is a backlog or the attempt failed in any way: the
+        the ack would wait behind all of them); its result written at `stored`, not yet
+        indexed. None when there is a backlog or the attempt failed in any way: the
         caller then stores the object as received and queues it, as for any arrival, and the
         attempt's file is gone. A worker that dies here breaks the pool as a job's would.
 
@@ -149,16 +154,19 @@ class Jobs:
             self._inline += 1
         executor = self.executor
         future: Future | None = None
+        shared = handoff.write(raw) if self._handoff else None
+        arrival = Arrival(b"" if shared else raw, calling_ae, stored, shared)
         try:
             future = executor.submit(run_arrival, arrival)
             return future.result(timeout=COMPRESS_NOW_SECONDS)
         except Exception as exc:
             if isinstance(exc, BrokenProcessPool):
                 self._renew_executor(executor)
-            if future is not None and not future.done():  # too slow: its file when it ends
-                future.add_done_callback(lambda _: self.archive.delete(arrival.stored))
+            if future is not None and not future.done():  # too slow: its files when it ends
+                future.add_done_callback(lambda _: self._discard(arrival))
+                shared = None
             else:
-                self.archive.delete(arrival.stored)
+                self.archive.delete(stored)
             log.warning(
                 "compression before the ack failed (%s: %s); the object is stored as received "
                 "and compressed afterwards",
@@ -167,9 +175,14 @@ class Jobs:
             )
             return None
         finally:
+            handoff.remove(shared)
             with self._lock:
                 self._inline -= 1
                 self.idle.notify_all()
+
+    def _discard(self, arrival: Arrival) -> None:
+        self.archive.delete(arrival.stored)
+        handoff.remove(arrival.handoff)
 
     def _dispatch(self, claim: Claim) -> None:
         """Send an in-flight claim to the shared pool; one whose job killed its worker before

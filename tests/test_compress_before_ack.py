@@ -10,6 +10,8 @@ path sends the object down the default one instead of refusing it.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import threading
 from concurrent.futures import Executor, Future
 from io import BytesIO
@@ -25,6 +27,7 @@ from test_durability import freeze_after, start_storescu, successes, thaw
 from test_jobs import StepExecutor, files_on_disk, make_service, pixels, receive, row
 from test_problems import CRASH_CONFIG, CRASH_PLUGIN, attempts, wait_for
 
+from compacs.service import handoff
 from compacs.service import ingest as ingest_module
 from compacs.service import jobs as jobs_module
 from compacs.service.archive_service import ArchiveService
@@ -87,6 +90,7 @@ def test_a_failed_attempt_takes_the_default_path(
     tmp_path: Path, ct: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def failing(arrival):  # noqa: ANN001, ANN202
+        assert arrival.raw == ct and arrival.handoff is None  # in-process: no shared memory
         Path(service.archive.abspath(arrival.stored)).write_bytes(b"half")  # then fails
         raise JobError("the codec failed")
 
@@ -104,20 +108,22 @@ def test_a_failed_attempt_takes_the_default_path(
         service.close()
 
 
-def test_no_free_worker_takes_the_default_path(tmp_path: Path) -> None:
-    """A job in every worker: the next object does not wait behind it for its ack."""
-    first, second = dicomdata.ct_series(tmp_path / "ct", 2)
+def test_a_backlog_takes_the_default_path(tmp_path: Path) -> None:
+    """Jobs queued for the workers (BACKLOG_PER_WORKER a worker): the next object is not
+    made to wait behind them for its ack."""
+    files = dicomdata.ct_series(tmp_path / "ct", jobs_module.BACKLOG_PER_WORKER + 1)
     service, steps = make_service(tmp_path, "[node]\nworkers = 1\n")
     try:
-        assert receive(service, first.read_bytes()) == 0  # its job waits in the one worker
+        for path in files[:-1]:  # their jobs wait: this executor runs them when told
+            assert receive(service, path.read_bytes()) == 0
         service.config.ingest = dataclasses.replace(
             service.config.ingest, compress_before_ack_from=1
         )
-        assert receive(service, second.read_bytes()) == 0  # not compressed now: no worker
-        assert [i.state for i in service.index.instances()] == ["pending", "pending"]
-        steps.run_one()
-        steps.run_one()
-        assert [i.state for i in service.index.instances()] == ["stored", "stored"]
+        assert receive(service, files[-1].read_bytes()) == 0  # not now: a backlog
+        assert {i.state for i in service.index.instances()} == {"pending"}
+        for _ in files:
+            steps.run_one()
+        assert {i.state for i in service.index.instances()} == {"stored"}
     finally:
         service.close()
 
@@ -160,6 +166,28 @@ def test_one_sender_takes_the_default_path(tmp_path: Path, ct: bytes) -> None:
         service.close()
 
 
+def test_handoff_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handoff, "HANDOFF_DIR", tmp_path)
+    path = handoff.write(b"DICM" * 1000)
+    assert path is not None and handoff.read(path) == b"DICM" * 1000
+    handoff.remove(path)
+    handoff.remove(path)  # twice: no error
+    assert not list(tmp_path.iterdir())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"compacs-handoff-{dead.pid}-00").write_bytes(b"x")
+    live = tmp_path / f"compacs-handoff-{os.getpid()}-00"
+    live.write_bytes(b"x")
+    assert handoff.sweep_dead() == 1
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]
+    monkeypatch.setattr(handoff, "HANDOFF_DIR", tmp_path / "missing")
+    assert handoff.write(b"x") is None  # the caller sends the bytes through the pipe
+
+
+def handoff_files(pid: int) -> list[Path]:
+    return list(handoff.HANDOFF_DIR.glob(f"compacs-handoff-{pid}-*"))
+
+
 # --------------------------------------------------------------------------- a real node
 
 
@@ -173,6 +201,7 @@ def test_a_node_stores_bit_exact_before_the_ack(make_node, tmp_path: Path) -> No
     assert stats["pending"] == 0, stats  # every ack came after its compression
     assert node.log_text().count("before the ack") == len(files)
     assert not list((node.data_dir / "archive" / "incoming").glob("*.dcm"))
+    assert handoff_files(node.pid) == []  # each removed once its object was stored
     rows = attempts(node)
     for path in ct:
         sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
@@ -194,6 +223,7 @@ def test_kill9_before_the_ack_loses_no_acknowledged_instance(make_node, tmp_path
     sender = start_storescu(node, files, log)
     try:
         freeze_after([sender], [log], 30)
+        killed = node.pid
         node.kill9()
     finally:
         thaw([sender])
@@ -202,6 +232,7 @@ def test_kill9_before_the_ack_loses_no_acknowledged_instance(make_node, tmp_path
     assert 30 <= len(acknowledged) < 120, len(acknowledged)
     node.start()
     wait_compressed(node, len(acknowledged))
+    assert handoff_files(killed) == []  # what the killed node left, swept at the start
     out = tmp_path / "out"
     assert node.export(out).returncode == 0
     exported = exported_by_sop(out)
