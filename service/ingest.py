@@ -40,7 +40,8 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
-from compacs.service import metrics
+from compacs.codecs import registry
+from compacs.service import metrics, rules
 from compacs.service.config import NodeConfig
 from compacs.service.jobs import Jobs
 from compacs.service.storage.archive import (
@@ -187,6 +188,13 @@ class Ingest:
         self.jobs = jobs
         self._senders: dict[int, float] = {}  # receiving thread -> when it last began one
         self._senders_lock = threading.Lock()
+        # Whether any rule may derive a lossy instance (a bounded-error codec): such objects
+        # take the default path, where jobs.py records the derived instance.
+        self._bounded = any(
+            registry.get(choice.name).error_bound(choice.params)
+            for rule in config.rules
+            for choice in rule.codecs
+        )
 
     def receive(self, raw: bytes | Path, calling_ae: str, sop_class: str, sop_inst: str) -> int:
         """Archive one object (its bytes, or the file a big one was spooled to) and return
@@ -278,6 +286,15 @@ class Ingest:
             and not any(d.kind == PIXELS for d in defects)
         )
 
+    def _may_derive(self, ds: Dataset, calling_ae: str) -> bool:
+        """Whether the rule for this object names a bounded-error codec."""
+        if not self._bounded:
+            return False
+        rule = rules.select(self.config.rules, rules.object_attributes(ds, calling_ae))
+        return rule is not None and any(
+            registry.get(c.name).error_bound(c.params) for c in rule.codecs
+        )
+
     def _store_compressed(
         self,
         raw: bytes,
@@ -291,13 +308,15 @@ class Ingest:
         before the ack: True when done; False when it was not (no worker free, the attempt
         failed, a bounded-error rule, the same SOP Instance indexed meanwhile), leaving
         nothing behind for the default path to trip over."""
+        if self._may_derive(ds, calling_ae):
+            return False
         sop = uid_value(ds, "SOPInstanceUID")
         study, series = uid_value(ds, "StudyInstanceUID"), uid_value(ds, "SeriesInstanceUID")
         stored = self.archive.stored_path(study, series, sop, new_token())
         result = self.jobs.compress_now(raw, calling_ae, stored)
         if result is None:
             return False
-        if result.derived is not None:  # a new instance besides the received one: jobs.py's
+        if result.derived is not None:  # (a rule changed meanwhile) jobs.py records these
             self.archive.delete(stored)
             return False
         found = [d.text for d in defects] + ([result.source_error] if result.source_error else [])

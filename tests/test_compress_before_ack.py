@@ -166,6 +166,26 @@ def test_one_sender_takes_the_default_path(tmp_path: Path, ct: bytes) -> None:
         service.close()
 
 
+def test_a_rule_that_may_derive_a_lossy_instance_takes_the_default_path(tmp_path: Path) -> None:
+    """jobs.py records a bounded-error result as a new, derived instance: never here."""
+    lossy = 'name = "lossy"\nmatch = { Modality = "CT" }\n'
+    lossy += 'codecs = [{ codec = "learned", params = { delta = 2 } }, "jpegls"]\n'
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    service, _ = make_service(tmp_path / "a", f"[[rules]]\n{lossy}")
+    plain, _ = make_service(tmp_path / "b")
+    try:
+        (path,) = dicomdata.ct_series(tmp_path / "ct", 1)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert service.ingest._may_derive(ds, "MODALITY")
+        assert not plain.ingest._may_derive(ds, "MODALITY")
+        ds.Modality = "MR"
+        assert not service.ingest._may_derive(ds, "MODALITY")  # another rule
+    finally:
+        service.close()
+        plain.close()
+
+
 def test_handoff_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handoff, "HANDOFF_DIR", tmp_path)
     path = handoff.write(b"DICM" * 1000)
