@@ -11,6 +11,7 @@ Receivers, side by side in one run (pick with --only):
   h  Orthanc, IngestTranscoding JPEG-LS, 8 storescu associations at once
   i  compacs as e, but every object acknowledged as received and compressed afterwards
      ([ingest] compress_before_ack_from = 0; e compresses before the ack from 2 senders on)
+  j  compacs as e, with one rule sending every object to HTJ2K lossless (verified)
 ``--processes 1,2,4`` runs every compacs receiver as ``compacs serve --processes N`` for each N.
 ``--postgres [ADMIN_URL]`` puts every index on PostgreSQL (default the machine's,
 postgresql+psycopg://postgres@127.0.0.1:5432/postgres): compacs' ``index_url`` and Orthanc's
@@ -178,18 +179,17 @@ class CompacsReceiver(Receiver):
     key = "a"
     label = "compacs (JPEG-LS, verified), 1 assoc"
 
-    def __init__(self, workdir: Path, associations: int = 1, ack_first: bool = False) -> None:
+    def __init__(self, workdir: Path, associations: int = 1, variant: str | None = None) -> None:
         super().__init__(workdir)
         self.associations = associations
         self.processes = 1  # serve --processes
-        # [ingest] compress_before_ack_from = 0: every object acknowledged as received first
-        self.ack_first = ack_first
+        self.variant = variant  # a key of VARIANTS: a config beside the defaults
         if associations > 1:
             self.key = {4: "e", 8: "f"}.get(associations, "e")
             self.label = f"compacs (JPEG-LS, verified), {associations} assocs"
-        if ack_first:
-            self.key = "i"
-            self.label += ", acknowledged first"
+        if variant:
+            self.key, what, _ = VARIANTS[variant]
+            self.label = f"compacs ({what}), {associations} assocs"
         self.node: peers.CompacsProcess | None = None
         self._index: Any = None
         self.stats_source = "compacs stats CLI"
@@ -208,9 +208,9 @@ class CompacsReceiver(Receiver):
 
     def start(self) -> peers.ManagedProcess:
         config = None
-        if self.ack_first:
+        if self.variant:
             config = self.workdir / "compacs.toml"
-            config.write_text("[ingest]\ncompress_before_ack_from = 0\n")
+            config.write_text(VARIANTS[self.variant][2])
         self.node = peers.CompacsProcess(
             self.workdir / "data",
             ae_title="COMPACS",
@@ -369,7 +369,20 @@ class StorescpReceiver(Receiver):
         return common.dcmtk_version("storescu")
 
 
-COMPACS_KEYS = ("a", "e", "f", "i")
+# compacs beside its defaults: key, what the table says, the config file
+VARIANTS = {
+    "ack_first": (
+        "i",
+        "JPEG-LS, verified, acknowledged first",
+        "[ingest]\ncompress_before_ack_from = 0\n",
+    ),
+    "htj2k": (
+        "j",
+        "HTJ2K hot, verified",
+        '[[rules]]\nname = "hot"\nmatch = {}\ncodecs = ["htj2k"]\n',
+    ),
+}
+COMPACS_KEYS = ("a", "e", "f", "i", "j")
 RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
     "a": ("compacs, 1 association", lambda d: CompacsReceiver(d, 1)),
     "b": ("Orthanc, IngestTranscoding JPEG-LS", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS)),
@@ -381,7 +394,11 @@ RECEIVERS: dict[str, tuple[str, Callable[[Path], Receiver]]] = {
     "h": ("Orthanc JPEG-LS, 8 associations", lambda d: OrthancReceiver(d, JPEG_LS_LOSSLESS, 8)),
     "i": (
         "compacs, 4 associations, acknowledged first (compress_before_ack_from = 0)",
-        lambda d: CompacsReceiver(d, 4, ack_first=True),
+        lambda d: CompacsReceiver(d, 4, "ack_first"),
+    ),
+    "j": (
+        "compacs, 4 associations, every object to HTJ2K (a hot-codec rule)",
+        lambda d: CompacsReceiver(d, 4, "htj2k"),
     ),
 }
 
