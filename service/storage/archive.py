@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from compacs.service.storage.blobstore import StoreSpec
 
@@ -40,6 +40,16 @@ _T = TypeVar("_T")
 
 class ChecksumError(IOError):
     """A blob's bytes no longer match the checksum recorded when it was written."""
+
+
+def check_part(where: str, offset: int, length: int, got: int, digest: Any, expected: str) -> None:
+    """Raise ChecksumError unless `got` bytes read at `offset` are the `length` expected and
+    hash (`digest`, a hashlib sha256 fed with them) to the recorded checksum: the one check
+    of a part read for sending, from a folder (Archive) or a bucket (objectstore.py)."""
+    if got != length:
+        raise ChecksumError(f"{where}: {got} bytes at {offset}, expected {length}")
+    if "sha256:" + digest.hexdigest() != expected:
+        raise ChecksumError(f"{where}: checksum mismatch (expected {expected})")
 
 
 def new_token() -> str:
@@ -241,13 +251,10 @@ class Archive:
             while left:
                 n = file.readinto(memoryview(buffer)[: min(CHUNK, left)])
                 if not n:
-                    raise ChecksumError(
-                        f"{relpath}: {length - left} bytes at {offset}, expected {length}"
-                    )
+                    break
                 digest.update(memoryview(buffer)[:n])
                 left -= n
-            if "sha256:" + digest.hexdigest() != expected_checksum:
-                raise ChecksumError(f"{relpath}: checksum mismatch (expected {expected_checksum})")
+            check_part(relpath, offset, length, length - left, digest, expected_checksum)
             file.seek(offset)
             return file
         except BaseException:

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import Any, BinaryIO
 
-from compacs.service.storage.archive import CHUNK, Archive, ChecksumError, checksum
+from compacs.service.storage.archive import CHUNK, Archive, ChecksumError, check_part, checksum
 from compacs.service.storage.blobstore import S3_SCHEME, StoreSpec
 
 FIRST_FETCH = 64 << 10  # a volume's first ranged GET: its prefix, header and group table
@@ -236,14 +236,7 @@ class ObjectStore:
                 digest.update(chunk)
                 file.write(chunk)
                 size += len(chunk)
-            if size != length:
-                raise ChecksumError(
-                    f"{self._where(relpath)}: {size} bytes at {offset}, expected {length}"
-                )
-            if "sha256:" + digest.hexdigest() != expected_checksum:
-                raise ChecksumError(
-                    f"{self._where(relpath)}: checksum mismatch (expected {expected_checksum})"
-                )
+            check_part(self._where(relpath), offset, length, size, digest, expected_checksum)
             file.seek(offset)
             return file
         except BaseException:
