@@ -13,7 +13,6 @@ import dataclasses
 import os
 import subprocess
 import threading
-from concurrent.futures import Executor, Future
 from io import BytesIO
 from pathlib import Path
 
@@ -22,10 +21,11 @@ import numpy as np
 import peers
 import pydicom
 import pytest
-from nodecheck import exported_by_sop, wait_compressed
-from test_durability import freeze_after, start_storescu, successes, thaw
+from nodecheck import exported_by_sop
+from test_durability import check_acknowledged_kept, kill9_mid_ingest
 from test_jobs import StepExecutor, files_on_disk, make_service, pixels, receive, row
 from test_problems import CRASH_CONFIG, CRASH_PLUGIN, attempts, wait_for
+from test_tiering import Inline
 
 from compacs.service import handoff
 from compacs.service import ingest as ingest_module
@@ -36,24 +36,12 @@ from compacs.service.jobs import JobError, Jobs
 BEFORE_ACK = "[ingest]\ncompress_before_ack_from = 1\n"
 
 
-class NowExecutor(Executor):
-    """Runs each job at once, in the submitting thread (a worker always free)."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # noqa: ANN001
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - what a worker would report
-            future.set_exception(exc)
-        return future
-
-
 def now_service(tmp_path: Path, least: int = 1) -> ArchiveService:
     service, _ = make_service(tmp_path)
     config = service.config
     config.ingest = dataclasses.replace(config.ingest, compress_before_ack_from=least)
     service.jobs.executor.shutdown()
-    jobs = Jobs(config, service.archive, service.index, "test-node:1", lambda: NowExecutor())
+    jobs = Jobs(config, service.archive, service.index, "test-node:1", lambda: Inline())
     service.jobs = service.ingest.jobs = jobs
     return service
 
@@ -98,7 +86,7 @@ def test_a_failed_attempt_takes_the_default_path(
     try:
         monkeypatch.setattr(jobs_module, "run_arrival", failing)
         assert receive(service, ct) == 0
-        inst = row(service)  # queued as received, compressed at once by NowExecutor
+        inst = row(service)  # queued as received, compressed at once by Inline
         assert (inst.state, inst.codec) == ("stored", "jpegls")
         assert files_on_disk(service) - {inst.blob.path} <= {
             p for p in files_on_disk(service) if p.startswith("incoming")
@@ -239,29 +227,11 @@ def test_a_node_stores_bit_exact_before_the_ack(make_node, tmp_path: Path) -> No
 def test_kill9_before_the_ack_loses_no_acknowledged_instance(make_node, tmp_path: Path) -> None:
     node = make_node(BEFORE_ACK)
     files = dicomdata.ct_series(tmp_path / "ct", 120)
-    log = tmp_path / "storescu.log"
-    sender = start_storescu(node, files, log)
-    try:
-        freeze_after([sender], [log], 30)
-        killed = node.pid
-        node.kill9()
-    finally:
-        thaw([sender])
-    sender.wait(timeout=120)
-    acknowledged = successes(log)
-    assert 30 <= len(acknowledged) < 120, len(acknowledged)
+    killed = node.pid
+    acknowledged = kill9_mid_ingest(node, files, 30, tmp_path / "storescu.log")
     node.start()
-    wait_compressed(node, len(acknowledged))
+    check_acknowledged_kept(node, acknowledged, tmp_path / "out")
     assert handoff_files(killed) == []  # what the killed node left, swept at the start
-    out = tmp_path / "out"
-    assert node.export(out).returncode == 0
-    exported = exported_by_sop(out)
-    for path in acknowledged:
-        src = pydicom.dcmread(path)
-        assert src.SOPInstanceUID in exported, f"acknowledged {path} lost"
-        got = pydicom.dcmread(exported[src.SOPInstanceUID])
-        assert np.array_equal(got.pixel_array, src.pixel_array)
-    assert node.verify().returncode == 0
 
 
 def test_a_worker_killed_before_the_ack_costs_only_its_object(make_node, tmp_path: Path) -> None:

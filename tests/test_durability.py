@@ -78,24 +78,26 @@ def thaw(senders: Sequence[subprocess.Popen]) -> None:
             sender.send_signal(signal.SIGCONT)
 
 
-def test_kill9_mid_ingest_loses_no_acknowledged_instance(make_node, tmp_path: Path) -> None:
-    node = make_node()
-    files = dicomdata.ct_series(tmp_path / "ct", 200)
-    log = tmp_path / "storescu.log"
+def kill9_mid_ingest(node: peers.CompacsProcess, files: list[Path], at: int, log: Path) -> dict:
+    """Send `files` with storescu, kill -9 the node once `at` are acknowledged (the sender
+    frozen with files left to send), let the sender finish against the dead node; what it
+    saw acknowledged."""
     sender = start_storescu(node, files, log)
     try:
-        freeze_after([sender], [log], 40)
+        freeze_after([sender], [log], at)
         assert sender.poll() is None  # frozen with files left to send
         node.kill9()  # the whole process group: the node and its compression workers
     finally:
         thaw([sender])
     sender.wait(timeout=120)
     acknowledged = successes(log)
-    assert 40 <= len(acknowledged) < 200, len(acknowledged)
+    assert at <= len(acknowledged) < len(files), len(acknowledged)
+    return acknowledged
 
-    node.start()
+
+def check_acknowledged_kept(node: peers.CompacsProcess, acknowledged: dict, out: Path) -> None:
+    """After a restart: every acknowledged instance exported bit-exact, verify clean."""
     stats = wait_compressed(node, len(acknowledged))
-    out = tmp_path / "out"
     res = node.export(out)
     assert res.returncode == 0, res.stderr
     exported = exported_by_sop(out)
@@ -108,6 +110,14 @@ def test_kill9_mid_ingest_loses_no_acknowledged_instance(make_node, tmp_path: Pa
     assert stats["instances"] >= len(acknowledged)
     verify = node.verify()
     assert verify.returncode == 0, verify.stdout
+
+
+def test_kill9_mid_ingest_loses_no_acknowledged_instance(make_node, tmp_path: Path) -> None:
+    node = make_node()
+    files = dicomdata.ct_series(tmp_path / "ct", 200)
+    acknowledged = kill9_mid_ingest(node, files, 40, tmp_path / "storescu.log")
+    node.start()
+    check_acknowledged_kept(node, acknowledged, tmp_path / "out")
 
 
 def test_sigterm_finishes_and_exits_zero(make_node, tmp_path: Path) -> None:
