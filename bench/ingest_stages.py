@@ -387,8 +387,12 @@ def codec_costs(path: Path, count: int = 40) -> dict[str, float]:
     layout = raw_layout(raw, dcmread(BytesIO(raw)))
     costs = {
         "parse (dcmread, pixels not read)": cpu_ms(lambda: dcmread(BytesIO(raw)), count),
-        "encode pyjpegls (the node's)": cpu_ms(
+        "encode CharLS C API (the node's: codecs/charls_capi.py)": cpu_ms(
             lambda: codec.encode_frame(frame, pixel_format), count
+        ),
+        "encode pyjpegls (the same bytes, the plain path)": cpu_ms(
+            lambda: codec.encode_pyjpegls(to_unsigned_bits(frame, pixel_format), pixel_format, 0),
+            count,
         ),
         "encode imagecodecs": cpu_ms(
             lambda: imagecodecs.jpegls_encode(to_unsigned_bits(frame, pixel_format)), count
