@@ -564,9 +564,9 @@ def plot(results: dict[str, list[Run]], count: int, path: Path, index: str) -> N
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     names = [f"({k}) {label(k)}" for k in keys]
     left.barh(names, stored, color=colours)
-    left.set_xlabel("stored images per second (higher is better)")
+    left.set_xlabel("stored images/s (higher is better)")
     right.barh(names, cpu, color=colours)
-    right.set_xlabel("CPU ms per image, process and children (lower is better)")
+    right.set_xlabel("CPU ms per image, all processes\n(lower is better)")
     right.set_yticks(range(len(keys)), [""] * len(keys))
     for ax in (left, right):
         ax.invert_yaxis()
