@@ -87,6 +87,9 @@ def test_a_full_disk_refuses_with_a700_and_keeps_all_it_acknowledged(
             assert len(refused) < len(files)
             assert node.running, node.log_tail()
             assert "disk full" in node.log_text()
+            # three senders at once: objects were compressed before their ack too, and that
+            # path fell back to the acknowledge-first one (hence 0xA700) once the disk was full
+            assert "before the ack" in node.log_text()
 
             filler.unlink()  # space returns: what was refused can be sent again
             again = node.store(refused)
