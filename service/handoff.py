@@ -26,7 +26,9 @@ def write(raw: bytes) -> str | None:
     """A new handoff file holding `raw`, or None when one cannot be written here."""
     path = HANDOFF_DIR / f"{_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
     try:
-        with open(path, "xb") as file:
+        # Patient data in a directory every local user can list: readable by this user only.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "wb") as file:
             file.write(raw)
     except OSError:
         with contextlib.suppress(OSError):

@@ -178,6 +178,7 @@ def test_handoff_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handoff, "HANDOFF_DIR", tmp_path)
     path = handoff.write(b"DICM" * 1000)
     assert path is not None and handoff.read(path) == b"DICM" * 1000
+    assert Path(path).stat().st_mode & 0o777 == 0o600  # patient data: this user only
     handoff.remove(path)
     handoff.remove(path)  # twice: no error
     assert not list(tmp_path.iterdir())
