@@ -38,6 +38,7 @@ _LONG_VRS = frozenset(
 )
 # How encode() writes a target's value: text, a backslash-joined set, or by _element.
 _TEXT, _SET, _OTHER = 0, 1, 2
+_SETS_KEPT = 4096  # distinct set values remembered per query
 
 
 def find_encoded(
@@ -135,6 +136,7 @@ class IdentifierEncoder:
         self._lengths = [struct.pack(fmt, length) for length in range(256)]
         self._length = struct.Struct(fmt).pack
         self._fast: list[tuple[int, bytes, bytes, bytes]] = []
+        self._sets: dict[str, str] = {}  # a set's value as stored -> as answered
         for t in self.targets:
             kind = _OTHER if t.vr not in _TEXT_VRS else _SET if t.multi else _TEXT
             empty = self._header(t.tag, t.vr, 0)
@@ -146,6 +148,7 @@ class IdentifierEncoder:
         parts: list[bytes] = []
         append = parts.append
         lengths = self._lengths
+        sets = self._sets
         non_ascii = False
         for target, (kind, head, pad, empty), value in zip(
             self.targets, self._fast, values, strict=True
@@ -161,7 +164,11 @@ class IdentifierEncoder:
                     if not text.isascii():
                         non_ascii = True
             elif kind == _SET:
-                text = "\\".join(sorted({v for v in str(value).split("\\") if v}))
+                text = sets.get(value)  # a few distinct sets (modalities) in many answers
+                if text is None:
+                    text = "\\".join(sorted({v for v in str(value).split("\\") if v}))
+                    if len(sets) < _SETS_KEPT and isinstance(value, str):
+                        sets[value] = text
             else:
                 if isinstance(value, str) and not value.isascii():
                     non_ascii = True
