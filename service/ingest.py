@@ -73,6 +73,7 @@ from compacs.service.validate import (
     inspect,
     uid_value,
 )
+from compacs.service.wire import STREAM_ABOVE
 
 log = logging.getLogger("compacs.ingest")
 
@@ -267,8 +268,9 @@ class Ingest:
         once ([ingest] compress_before_ack_from; a sender is a thread that began an object
         in the last SENDER_WINDOW seconds), so that the CPU goes further (one durable write
         per object, one index write, no re-read); one sender alone gets its ack sooner
-        from the default path. Never for a big (spooled) object, which workers read from
-        its file, nor for one kept as received."""
+        from the default path. Never for a big object (spooled, or over wire.STREAM_ABOVE
+        where a larger [limits] spool_dataset_bytes keeps it in memory), which workers
+        compress from its file frame by frame, nor for one kept as received."""
         least = self.config.ingest.compress_before_ack_from
         if not least:
             return False
@@ -283,6 +285,7 @@ class Ingest:
         return (
             senders >= least
             and isinstance(received, bytes)
+            and len(received) <= STREAM_ABOVE  # bigger: workers stream it from its file
             and not any(d.kind == PIXELS for d in defects)
         )
 

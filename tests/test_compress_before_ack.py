@@ -131,6 +131,8 @@ def test_only_several_senders_at_once_compress_before_the_ack(
         other.join()
         assert answers == [True]  # a second sender within the window
         assert ingest._compress_now(b"x", [])
+        too_big = bytes(ingest_module.STREAM_ABOVE + 1)  # compressed from its file instead
+        assert not ingest._compress_now(too_big, [])
         clock[0] += ingest_module.SENDER_WINDOW + 0.1
         assert not ingest._compress_now(b"x", [])  # the other went quiet
     finally:
