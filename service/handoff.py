@@ -1,9 +1,9 @@
 """Received bytes handed to a compression worker through a file in shared memory.
 
 Why not through the process pool's pipe: pickled, a 512² CT (0.5 MB) crosses it in 64 KiB
-pieces through the pool's feeder thread, copied four times; py-spy put that at ~4 ms of CPU
-per object (node and worker), a sixth of a verified ingest. Written to a tmpfs file it is
-copied once each way. Nothing here needs to survive a crash: the object is not acknowledged
+pieces through the pool's feeder thread; py-spy put that queue/IPC at 4.3 ms of CPU per
+object (node and worker), a sixth of a verified ingest; written to a tmpfs file it is copied
+once each way (0.6 ms). Nothing here needs to survive a crash: the object is not acknowledged
 until the worker's result is indexed, and a node that dies leaves its files to the sweep
 of the next one (names carry the writer's PID).
 

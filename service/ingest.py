@@ -9,7 +9,8 @@ the compression job.
 
 When several senders store at once, the CPU is the limit rather than each sender's wait, and
 writing every object twice (as received, then compressed), indexing it twice and reading it
-back cost about a fifth of it: then, while a compression worker is free, an object is
+back cost a good part of it (4 associations: 27.1 CPU ms per image that way, 23.6 this way,
+docs/benchmarks.md): then, while no backlog waits for the workers, an object is
 compressed and verified before its ack instead (`[ingest] compress_before_ack_from`), written
 once, compressed, and indexed once, as stored. Invariant 1 holds the same way: the ack
 follows the durable write and the committed row. Anything that goes wrong on that path
